@@ -1,0 +1,45 @@
+"""lightning_relief: drop-in PyTorch Lightning plugins for compressed,
+noise-robust and uncertainty-aware models that ship through Apache TVM.
+
+Public classes are imported lazily (PEP 562): ``import lightning_relief`` stays
+fast, and TVM, brevitas or aihwkit load only when their plugin is used.
+
+>>> from lightning_relief import ClassifierModule, DigitsDataModule
+>>> from lightning_relief.models import LeNet5
+>>> module = ClassifierModule(model=LeNet5(input_size=8))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "ClassifierModule": "lightning_relief.models.classifier",
+    "DigitsDataModule": "lightning_relief.data.digits",
+    "SyntheticDataModule": "lightning_relief.data.synthetic",
+    "SensitivityPruningCallback": "lightning_relief.callbacks.sensitivity_pruning",
+    "TVMExportCallback": "lightning_relief.callbacks.tvm_export",
+    "AnalogNoiseStrategy": "lightning_relief.strategies.analog_noise",
+    "DeepEnsembleStrategy": "lightning_relief.strategies.deep_ensemble",
+    "MomentPropagationWrapper": "lightning_relief.moments.wrapper",
+    "PhotonicSamplerLayer": "lightning_relief.nn.photonic",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'lightning_relief' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

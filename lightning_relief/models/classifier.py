@@ -1,0 +1,135 @@
+"""A LightningModule that trains any ``nn.Module`` as a classifier."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from lightning_relief.models.spec import build_model, model_spec
+from lightning_relief.nn.structure import RestorableStructureMixin
+
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+_SCHEDULERS = ("cosine", "none")
+
+
+class ClassifierModule(RestorableStructureMixin, L.LightningModule):
+    """Cross-entropy training of ``model``; logs accuracy, NLL and 15-bin ECE.
+
+    ``model`` is an ``nn.Module`` or a spec ``{"class_path": ..., "init_args": ...}``.
+    Models from :mod:`lightning_relief.models` (and any class decorated with
+    :func:`~lightning_relief.models.spec.records_init_args`) are stored as a spec
+    in the hyperparameters, so ``ClassifierModule.load_from_checkpoint(path)``
+    rebuilds them; for other models pass ``model=`` to ``load_from_checkpoint``.
+    Structural changes made by our plugins are replayed on load.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_relief import ClassifierModule, DigitsDataModule
+        >>> from lightning_relief.models import LeNet5
+        >>> module = ClassifierModule(LeNet5(input_size=8), lr=1e-2)
+        >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, DigitsDataModule())
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | dict[str, Any] | None = None,
+        num_classes: int = 10,
+        lr: float = 1e-2,
+        weight_decay: float = 5e-4,
+        optimizer: Literal["adam", "adamw", "sgd"] = "adam",
+        momentum: float = 0.9,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+        if scheduler not in _SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {_SCHEDULERS}, got {scheduler!r}")
+        if lr <= 0 or weight_decay < 0 or num_classes < 2 or not 0 <= label_smoothing < 1:
+            raise ValueError(
+                f"bad hyperparameters: lr={lr}, weight_decay={weight_decay}, num_classes={num_classes}, "
+                f"label_smoothing={label_smoothing}"
+            )
+        if model is None:
+            raise TypeError(
+                "ClassifierModule needs `model`; this checkpoint holds no rebuildable model spec, so pass "
+                "model=<an nn.Module of the same architecture> to load_from_checkpoint"
+            )
+        if isinstance(model, dict):
+            model = build_model(model)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or a class_path spec, got {type(model).__name__}")
+        self.save_hyperparameters(ignore=["model"])
+        spec = model_spec(model)
+        if spec is None:  # a recipe's own model class: keep LightningCLI's class_path config
+            given = _given_hyperparameters.get()
+            spec = given.get("model") if isinstance(given, dict) and isinstance(given.get("model"), dict) else None
+        if spec is not None:
+            self.hparams["model"] = spec
+        self.model = model
+        self.num_classes = num_classes
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_ece = MulticlassCalibrationError(num_classes, n_bins=15)
+        self.test_ece = MulticlassCalibrationError(num_classes, n_bins=15)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        nll = F.cross_entropy(logits, y)
+        acc = getattr(self, f"{stage}_acc")
+        ece = getattr(self, f"{stage}_ece")
+        acc(logits, y)
+        ece(logits.softmax(-1), y)
+        self.log(f"{stage}_nll", nll, prog_bar=stage == "val")
+        self.log(f"{stage}_acc", acc, prog_bar=stage == "val")
+        self.log(f"{stage}_ece", ece)
+        return nll
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(-1)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True)
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        max_epochs = self._trainer.max_epochs if self._trainer is not None else None
+        if hp.scheduler == "none" or not max_epochs or max_epochs < 1:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
