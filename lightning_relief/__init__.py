@@ -27,6 +27,15 @@ _EXPORTS: dict[str, str] = {
     "DeepEnsembleStrategy": "lightning_relief.strategies.deep_ensemble",
     "MomentPropagationWrapper": "lightning_relief.moments.wrapper",
     "PhotonicSamplerLayer": "lightning_relief.nn.photonic",
+    "PhotonicLinear": "lightning_relief.nn.photonic",
+    "PhotonicConv2d": "lightning_relief.nn.photonic",
+    "PhotonicNetwork": "lightning_relief.photonic.network",
+    "convert_to_photonic": "lightning_relief.photonic.convert",
+    "AnalogNoiseDDPStrategy": "lightning_relief.noise.distributed",
+    "EnsembleModel": "lightning_relief.uncertainty.ensemble",
+    "BayesianModel": "lightning_relief.bayes.model",
+    "KLDivergenceCallback": "lightning_relief.bayes.kl",
+    "MomentPropagationEvalCallback": "lightning_relief.callbacks.moment_propagation_eval",
 }
 
 __all__ = ["__version__", *_EXPORTS]

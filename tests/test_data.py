@@ -109,3 +109,17 @@ def test_synthetic_data_is_learnable_and_seeded():
     x, y = a.dataset("train").tensors
     assert x.shape[1:] == (3, 4, 4) and y.max() < 10
     assert len(a.dataset("train")) + len(a.dataset("val")) + len(a.dataset("test")) == 64
+
+
+def test_shuffle_order_depends_on_epoch_only_so_resumed_runs_match():
+    dm = DigitsDataModule(seed=4)
+    dm.setup()
+    first, second = dm.train_dataloader(), dm.train_dataloader()
+    orders = []
+    for loader in (first, second):
+        loader.sampler.set_epoch(3)
+        orders.append(torch.cat([y for _, y in loader]))
+    assert torch.equal(orders[0], orders[1])
+    first.sampler.set_epoch(4)
+    assert not torch.equal(torch.cat([y for _, y in first]), orders[0])
+    assert sorted(first.sampler) == list(range(len(dm.dataset("train"))))

@@ -10,12 +10,36 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_relief.data import shifts
 
 OOD_KINDS = ("heldout", "rotate", "noise", "invert")
 _SIZES = (8, 16, 32)
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random order that depends only on ``seed`` and the epoch.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed
+    from a checkpoint sees the same order as an uninterrupted one (a sampler
+    driven by one long-lived generator would restart from the first epoch's).
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -152,14 +176,9 @@ class DigitsDataModule(L.LightningDataModule):
         return self._splits[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-        )
+        dataset = self.dataset(split)
+        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -28,6 +28,11 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
     rebuilds them; for other models pass ``model=`` to ``load_from_checkpoint``.
     Structural changes made by our plugins are replayed on load.
 
+    Models with bayesian-torch layers (see :func:`lightning_relief.bayes.make_bayesian`)
+    train on the negative ELBO per sample: cross-entropy plus ``kl_weight`` times the
+    summed KL divergence divided by the training-set size; ``(out, kl)`` outputs are
+    unwrapped in ``forward``.
+
     Example::
 
         >>> import lightning as L
@@ -49,6 +54,7 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
         momentum: float = 0.9,
         scheduler: Literal["cosine", "none"] = "cosine",
         label_smoothing: float = 0.0,
+        kl_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if optimizer not in _OPTIMIZERS:
@@ -65,6 +71,8 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
                 "ClassifierModule needs `model`; this checkpoint holds no rebuildable model spec, so pass "
                 "model=<an nn.Module of the same architecture> to load_from_checkpoint"
             )
+        if kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
         if isinstance(model, dict):
             model = build_model(model)
         if not isinstance(model, nn.Module):
@@ -85,12 +93,26 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
         self.test_ece = MulticlassCalibrationError(num_classes, n_bins=15)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        out = self.model(x)
+        # bayesian-torch layers may return (out, kl); the KL is recomputed in training_step
+        return out[0] if isinstance(out, tuple) else out
+
+    def _kl_loss(self) -> Tensor | None:
+        """``kl_weight * KL / N`` of bayesian-torch layers in the model (None without them)."""
+        if self.hparams.kl_weight == 0 or not any(callable(getattr(m, "kl_loss", None)) for m in self.model.modules()):
+            return None
+        from lightning_relief.bayes.kl import kl_term, training_set_size
+
+        return kl_term(self.model, training_set_size(self.trainer), self.hparams.kl_weight)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        kl = self._kl_loss()
+        if kl is not None:
+            self.log("train_kl_term", kl, on_step=False, on_epoch=True)
+            loss = loss + kl
         self.train_acc(logits, y)
         self.log("train_loss", loss, prog_bar=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)

@@ -1,0 +1,357 @@
+"""Analog-noise benchmark: naive vs noise-aware training of the digits CNN, checked on aihwkit.
+
+Trains four LeNet-5s on the embedded digits (8 px): naive, constant additive
+noise, the VANT schedule (warm-up then per-sample σ) and PCM-drift-aware
+(PCMNoise over 1 s-10 y). Then measures
+
+(a) our noise sweep: accuracy under additive noise on every conv/linear output
+    and ReLU, σ = 0 ... 1 (robustness = noisy / clean accuracy);
+(b) aihwkit's PCM model (convert_to_analog, PCMLikeNoiseModel, global drift
+    compensation) at 1 h, 1 d, 1 y, next to our PCMNoise at the same times;
+(c) the training-step overhead of noise injection against plain training,
+    timed side by side (interleaved steps, medians).
+
+    .venv/bin/python benchmarks/analog.py            # full run (about 10 min on 2 busy cores)
+    .venv/bin/python benchmarks/analog.py --quick    # smoke run
+
+Writes benchmarks/results/analog.json and analog_*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lightning_relief import AnalogNoiseStrategy, ClassifierModule
+from lightning_relief.data import DigitsDataModule
+from lightning_relief.models import LeNet5
+from lightning_relief.noise import (
+    AdditiveGaussian,
+    Constant,
+    DeploymentTime,
+    LinearWarmup,
+    NoiseInjector,
+    PCMNoise,
+    PerSampleVariance,
+    SequentialSchedule,
+    evaluate_robustness,
+)
+from lightning_relief.noise.pcm import ONE_YEAR
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIGMA_TRAIN = 0.5
+LEVELS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0]
+TIMES = [3600.0, 86400.0, ONE_YEAR]
+SITES = ["outputs", "activations"]  # Walking Noise / VANT: after every conv/linear and every ReLU
+PCM_SITES = ["weights", "outputs"]  # PCM conductances and the tile's output noise
+PCM_OUT_NOISE = 0.06  # aihwkit's default forward.out_noise
+
+
+def strategies(steps_per_epoch: int, epochs: int) -> dict[str, AnalogNoiseStrategy | None]:
+    warmup = max(1, int(0.3 * steps_per_epoch * epochs))
+    vant = SequentialSchedule(
+        [LinearWarmup(SIGMA_TRAIN, warmup_steps=warmup), PerSampleVariance(SIGMA_TRAIN, alpha=0.45, theta=0.33)],
+        milestones=[warmup],
+    )
+    return {
+        "naive": None,
+        "constant": AnalogNoiseStrategy(AdditiveGaussian(), Constant(SIGMA_TRAIN), placement=SITES, log_level=False),
+        "vant": AnalogNoiseStrategy(AdditiveGaussian(), vant, placement=SITES, log_level=False),
+        "pcm_aware": AnalogNoiseStrategy(PCMNoise(out_noise=PCM_OUT_NOISE), DeploymentTime(), placement=PCM_SITES, log_level=False),
+    }
+
+
+def train(name: str, strategy, epochs: int, digits: DigitsDataModule) -> tuple[ClassifierModule, float]:
+    L.seed_everything(0, verbose=False)
+    module = ClassifierModule(LeNet5(input_size=8, dropout=0.0), lr=1e-2)
+    kwargs = {"strategy": strategy} if strategy is not None else {}
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=True, deterministic=True, **kwargs,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, digits)
+    return module.eval(), time.perf_counter() - start
+
+
+def step_overhead(size: int, width: int, steps: int) -> dict[str, dict[str, float]]:
+    """Median time of one optimisation step of LeNet5(size px, width), configurations interleaved step by step."""
+    digits = DigitsDataModule(size=size, seed=0)
+    x_all, y_all = digits.dataset("train").tensors
+    batches = [(x_all[i : i + 64], y_all[i : i + 64]) for i in range(0, len(x_all) - 63, 64)]
+    vant = SequentialSchedule([LinearWarmup(SIGMA_TRAIN, 10), PerSampleVariance(SIGMA_TRAIN, 0.45, 0.33)], [10])
+    configs = {
+        "plain": None,
+        "constant": (AdditiveGaussian(), Constant(SIGMA_TRAIN), SITES),
+        "vant": (AdditiveGaussian(), vant, SITES),
+        "pcm_aware": (PCMNoise(out_noise=PCM_OUT_NOISE), DeploymentTime(), PCM_SITES),
+    }
+    runners = {}
+    for name, spec in configs.items():
+        torch.manual_seed(0)
+        model = LeNet5(input_size=size, width=width, dropout=0.0).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        injector = NoiseInjector(*spec).attach(model) if spec else None
+        runners[name] = (model, optimizer, injector)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    names = list(configs)
+    for i in range(steps + 5):
+        x, y = batches[i % len(batches)]
+        order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
+        for name in order:
+            model, optimizer, injector = runners[name]
+            start = time.perf_counter()
+            if injector is not None:
+                injector.begin_training_step(len(x))
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            if injector is not None:
+                injector.deactivate()
+            loss.backward()
+            if injector is not None:
+                injector.restore_weights()
+            optimizer.step()
+            if i >= 5:  # warm-up steps are not timed
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["plain"])
+    return {
+        name: {"median_ms": 1e3 * statistics.median(t), "overhead_pct": 100 * (statistics.median(t) / base - 1)}
+        for name, t in times.items()
+    }
+
+
+def lightning_overhead(digits: DigitsDataModule, rounds: int, batches: int) -> dict[str, dict[str, float]]:
+    """Wall time of a Lightning fit over the same batches, plain vs the strategy, alternating rounds."""
+    def fit(strategy) -> float:
+        L.seed_everything(0, verbose=False)
+        module = ClassifierModule(LeNet5(input_size=8, dropout=0.0), scheduler="none")
+        kwargs = {"strategy": strategy} if strategy is not None else {}
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
+                            logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            enable_progress_bar=False, **kwargs)
+        start = time.perf_counter()
+        trainer.fit(module, digits)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"plain": [], "constant": [], "pcm_aware": []}
+    for r in range(rounds):
+        for name in (list(times) if r % 2 == 0 else list(reversed(list(times)))):
+            strategy = {
+                "plain": None,
+                "constant": AnalogNoiseStrategy(AdditiveGaussian(), SIGMA_TRAIN, placement=SITES),
+                "pcm_aware": AnalogNoiseStrategy(PCMNoise(out_noise=PCM_OUT_NOISE), DeploymentTime(), placement=PCM_SITES),
+            }[name]
+            times[name].append(fit(strategy))
+    base = statistics.median(times["plain"])
+    return {
+        name: {"median_s": statistics.median(t), "overhead_pct": 100 * (statistics.median(t) / base - 1)}
+        for name, t in times.items()
+    }
+
+
+def plot_sweeps(sweeps: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, result in sweeps.items():
+        ax.plot(result["levels"], [100 * r for r in result["robustness"]], marker="o", label=name)
+    ax.axhline(97, color="grey", linestyle=":", label="97 % goal")
+    ax.axhline(80, color="grey", linestyle="--", label="80 %")
+    ax.set_xlabel("σ of additive noise (every conv/linear output and ReLU)")
+    ax.set_ylabel("noisy / clean accuracy (%)")
+    ax.set_title("Digits LeNet-5 under analog noise")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_drift(drift: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, entry in drift.items():
+        for source, style in (("aihwkit", "-"), ("ours", "--")):
+            if source in entry:
+                ax.plot(entry[source]["levels"], [100 * a for a in entry[source]["accuracy_mean"]], style, marker="o", label=f"{name} ({source})")
+    ax.set_xscale("log")
+    ax.set_xlabel("time since programming (s)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("PCM drift with global compensation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run (few epochs, repeats and steps)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings on a shared machine)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    epochs = args.epochs or (2 if args.quick else 20)
+    repeats = 2 if args.quick else 10
+    aihw_repeats = 1 if args.quick else 5
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=200)
+    digits = DigitsDataModule(batch_size=64, size=8, seed=0)
+    digits.setup()
+    steps_per_epoch = len(digits.train_dataloader())
+
+    models, train_s = {}, {}
+    for name, strategy in strategies(steps_per_epoch, epochs).items():
+        console.print(f"[bold]training {name}[/] ({epochs} epochs)")
+        models[name], train_s[name] = train(name, strategy, epochs, digits)
+
+    sweeps = {}
+    for name, module in models.items():
+        result = evaluate_robustness(module, digits, AdditiveGaussian(), levels=LEVELS, repeats=repeats, placement=SITES, show=False)
+        sweeps[name] = result.to_dict()
+
+    drift: dict[str, dict] = {}
+    aihwkit_error = None
+    for name, module in models.items():
+        ours = evaluate_robustness(module, digits, PCMNoise(), times=TIMES, repeats=repeats, show=False)
+        drift[name] = {"ours": ours.to_dict()}
+    try:
+        from lightning_relief.noise.aihwkit_backend import evaluate_aihwkit
+
+        for name, module in models.items():
+            console.print(f"aihwkit PCM: {name}")
+            drift[name]["aihwkit"] = evaluate_aihwkit(module, digits, times=TIMES, repeats=aihw_repeats).to_dict()
+            drift[name]["aihwkit_ideal_periphery"] = evaluate_aihwkit(module, digits, times=TIMES, repeats=aihw_repeats, ideal_periphery=True).to_dict()
+            drift[name]["aihwkit_unscaled_weights"] = evaluate_aihwkit(
+                module, digits, times=TIMES, repeats=aihw_repeats, weight_scaling_omega=0.0
+            ).to_dict()
+    except ImportError as err:
+        aihwkit_error = str(err)
+        console.print(f"[red]aihwkit unavailable:[/] {err}")
+
+    console.print("timing training steps (interleaved)")
+    overhead = step_overhead(8, 1, steps=60 if args.quick else 300)
+    overhead_32 = step_overhead(32, 2, steps=30 if args.quick else 150)
+    fit_overhead = lightning_overhead(digits, rounds=2 if args.quick else 5, batches=steps_per_epoch)
+
+    # goals
+    naive_rob = sweeps["naive"]["robustness"]
+    hard = [i for i, r in enumerate(naive_rob) if r <= 0.80]
+    goal_sigma = LEVELS[hard[0]] if hard else None
+    goals = {
+        "sigma_where_naive_at_most_80pct": goal_sigma,
+        "robustness_at_that_sigma": {n: (s["robustness"][hard[0]] if hard else None) for n, s in sweeps.items()},
+    }
+    if "aihwkit" in drift["naive"]:
+        goals["aihwkit_1y_minus_clean_points"] = {
+            n: 100 * (d["aihwkit"]["accuracy_mean"][-1] - d["aihwkit"]["clean_accuracy"]) for n, d in drift.items()
+        }
+    goals["step_overhead_pct"] = {n: v["overhead_pct"] for n, v in overhead.items() if n != "plain"}
+    goals["step_overhead_pct_32px_width2"] = {n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain"}
+
+    # tables
+    table = Table(title="(a) robustness = noisy/clean accuracy under additive noise (%)")
+    table.add_column("σ", justify="right")
+    for name in sweeps:
+        table.add_column(name, justify="right")
+    for i, level in enumerate(LEVELS):
+        table.add_row(f"{level:g}", *[f"{100 * sweeps[n]['robustness'][i]:.1f}" for n in sweeps])
+    table.add_row("clean acc", *[f"{100 * sweeps[n]['clean_accuracy']:.2f}" for n in sweeps])
+    console.print(table)
+    table = Table(title="(b) PCM accuracy (%) after drift, global drift compensation "
+                        "(aihw: standard periphery, weights scaled to max 1; ideal: exact MVM; ω=0: raw weights)")
+    table.add_column("model")
+    table.add_column("clean", justify="right")
+    sources = ("ours", "aihwkit", "aihwkit_ideal_periphery", "aihwkit_unscaled_weights")
+    short = {"ours": "ours", "aihwkit": "aihw", "aihwkit_ideal_periphery": "aihw ideal", "aihwkit_unscaled_weights": "aihw ω=0"}
+    for source in sources:
+        for t in ("1 h", "1 d", "1 y"):
+            table.add_column(f"{short[source]} {t}", justify="right")
+    for name, entry in drift.items():
+        cells = [name, f"{100 * entry['ours']['clean_accuracy']:.2f}"]
+        for source in sources:
+            cells += [f"{100 * a:.2f}" for a in entry[source]["accuracy_mean"]] if source in entry else ["-"] * 3
+        table.add_row(*cells)
+    console.print(table)
+    table = Table(title="(c) training-step time, interleaved (median)")
+    table.add_column("config")
+    table.add_column("8 px step ms", justify="right")
+    table.add_column("overhead %", justify="right")
+    table.add_column("32 px w2 step ms", justify="right")
+    table.add_column("overhead %", justify="right")
+    table.add_column("Lightning epoch s", justify="right")
+    table.add_column("overhead %", justify="right")
+    for name, v in overhead.items():
+        f = fit_overhead.get(name)
+        v32 = overhead_32[name]
+        table.add_row(name, f"{v['median_ms']:.3f}", f"{v['overhead_pct']:+.1f}",
+                      f"{v32['median_ms']:.3f}", f"{v32['overhead_pct']:+.1f}",
+                      f"{f['median_s']:.3f}" if f else "-", f"{f['overhead_pct']:+.1f}" if f else "-")
+    console.print(table)
+    console.print(goals)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot_sweeps(sweeps, RESULTS / "analog_noise_sweep.png")
+    plot_drift(drift, RESULTS / "analog_pcm_drift.png")
+    import lightning_relief
+
+    try:
+        import aihwkit
+
+        aihwkit_version = aihwkit.__version__
+    except ImportError:
+        aihwkit_version = None
+    from importlib import metadata
+
+    try:
+        tvm_version = metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError:
+        tvm_version = None
+    payload = {
+        "benchmark": "analog",
+        "quick": args.quick,
+        "machine": {
+            "processor": platform.processor(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+        },
+        "versions": {"torch": torch.__version__, "lightning": L.__version__, "aihwkit": aihwkit_version, "tvm": tvm_version,
+                     "lightning_relief": lightning_relief.__version__},
+        "setup": {"model": "LeNet5(input_size=8, dropout=0)", "data": "digits 8 px", "epochs": epochs,
+                  "sigma_train": SIGMA_TRAIN, "noise_sites": SITES, "pcm_sites": PCM_SITES, "pcm_out_noise": PCM_OUT_NOISE,
+                  "sweep_repeats": repeats, "aihwkit_repeats": aihw_repeats},
+        "train_seconds": train_s,
+        "noise_sweep": sweeps,
+        "pcm_drift": drift,
+        "aihwkit_error": aihwkit_error,
+        "step_overhead": {"lenet5_8px": overhead, "lenet5_32px_width2": overhead_32},
+        "lightning_fit_overhead": fit_overhead,
+        "goals": goals,
+    }
+    out = RESULTS / "analog.json"
+    out.write_text(json.dumps(payload, indent=2))
+    console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Compression benchmark: SensitivityPruningCallback against the usual alternatives, side by side.
+
+On the digits data at 32 px, for LeNet-5 and ResNet-20, at measured TVM latency
+targets of 0.5 and 0.2 of the original (batch 1, untuned ``llvm`` on this CPU):
+
+* ours: ``SensitivityPruningCallback`` (pruning + quantization, Lagrangian search, measured candidates);
+* uniform: the same callback with ``search="uniform"`` (one torch-pruning ratio for every group,
+  the smallest that meets the same latency budget);
+* ModelPruning: Lightning's own callback (unstructured L1 masks, ``amount = 1 - target``);
+* quantization alone: every conv/linear at 8-bit weights and activations (no target: it is what it is).
+
+Every method starts from the same pretrained weights and fine-tunes for the same
+number of epochs. Columns: test accuracy, measured latency ratio, model size,
+search and fine-tune wall time. Writes ``benchmarks/results/compression.json``
+and ``compression.png`` (latency ratio vs test accuracy; our evaluated
+candidates in light colour, the chosen points marked).
+
+    .venv/bin/python benchmarks/compression.py            # full run (about 30-60 min on 2 busy cores)
+    .venv/bin/python benchmarks/compression.py --quick    # LeNet, target 0.5, short training
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelPruning  # noqa: E402
+
+from lightning_relief import ClassifierModule, DigitsDataModule, SensitivityPruningCallback  # noqa: E402
+from lightning_relief.compress import analyze, apply_quantization, quantized_bits  # noqa: E402
+from lightning_relief.compress.latency import LatencyMeter  # noqa: E402
+from lightning_relief.models import LeNet5, ResNet  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def trainer(max_epochs: int, callbacks=(), root: str = "runs/bench_compression") -> L.Trainer:
+    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_model_summary=False, enable_progress_bar=False, deterministic=True,
+                     callbacks=list(callbacks), default_root_dir=root)
+
+
+def model_size_kb(module: torch.nn.Module) -> float:
+    """Bytes to store the weights: quantized conv/linear at their bit width, everything else float32."""
+    bits = quantized_bits(module)
+    total = 0.0
+    for name, param in module.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        if layer in bits and name.endswith(".weight"):
+            total += param.numel() * bits[layer] / 8
+        else:
+            total += param.numel() * 4
+    return total / 1e3
+
+
+def test_acc(module: ClassifierModule, dm: DigitsDataModule) -> float:
+    return float(trainer(1).test(module, dm, verbose=False)[0]["test_acc"])
+
+
+def build(name: str) -> torch.nn.Module:
+    if name == "lenet":
+        return LeNet5(input_size=32)
+    return ResNet(depth=20, width=8)
+
+
+def run_model(name: str, args, meter_cache: Path) -> dict:
+    dm = DigitsDataModule(batch_size=64, size=32, seed=0)
+    dm.setup()
+    L.seed_everything(0, verbose=False)
+    base = ClassifierModule(build(name), lr=args.lr)
+    t = time.perf_counter()
+    trainer(args.pretrain_epochs[name]).fit(base, dm)
+    pretrain_s = time.perf_counter() - t
+    pretrained = copy.deepcopy(base.state_dict())
+    base_acc = test_acc(base, dm)
+    example = dm.dataset("val").tensors[0][:1]
+    meter = LatencyMeter("llvm", cache_dir=meter_cache, repeat=args.repeat, number=args.number)
+    meter.cost_model(analyze(base, example))
+    base_ms = meter.measure(base)
+    print(f"[{name}] pretrained {args.pretrain_epochs[name]} epochs in {pretrain_s:.0f} s: test acc {base_acc:.4f}, "
+          f"latency {base_ms:.3f} ms", flush=True)
+    rows = [{"model": name, "method": "original", "target": 1.0, "test_acc": base_acc, "latency_ms": base_ms,
+             "latency_ratio": 1.0, "size_kb": model_size_kb(base), "params": sum(p.numel() for p in base.parameters()),
+             "search_s": 0.0, "finetune_s": 0.0}]
+    candidates: dict = {}
+
+    def fresh() -> ClassifierModule:
+        module = ClassifierModule(build(name), lr=args.finetune_lr)
+        module.load_state_dict(pretrained)
+        return module
+
+    def finish(method: str, target: float, module: ClassifierModule, search_s: float, fit_s: float, extra=None):
+        ms = meter.measure(module)
+        row = {"model": name, "method": method, "target": target, "test_acc": test_acc(module, dm), "latency_ms": ms,
+               "latency_ratio": ms / base_ms, "size_kb": model_size_kb(module),
+               "params": sum(p.numel() for p in module.parameters()), "search_s": search_s,
+               "finetune_s": fit_s - search_s, **(extra or {})}
+        rows.append(row)
+        print(f"[{name}] {method:<13} target {target:<4} acc {row['test_acc']:.4f} latency x{row['latency_ratio']:.3f} "
+              f"size {row['size_kb']:.1f} kB search {search_s:.0f} s fine-tune {row['finetune_s']:.0f} s", flush=True)
+
+    for target in args.targets:
+        for method, kwargs in (("ours", {}), ("uniform", {"search": "uniform", "methods": ("prune",)})):
+            L.seed_everything(0, verbose=False)
+            module = fresh()
+            cb = SensitivityPruningCallback(target=target, metric="latency", start_epoch=0, calibration_batches=4,
+                                            candidates=args.candidates, cache_dir=str(meter_cache), verbose=False,
+                                            **kwargs)
+            t = time.perf_counter()
+            try:
+                trainer(args.finetune_epochs[name], [cb]).fit(module, dm)
+            except ValueError as err:  # the budget is out of this method's reach
+                print(f"[{name}] {method} target {target}: {err}", flush=True)
+                rows.append({"model": name, "method": method, "target": target, "error": str(err)})
+                continue
+            fit_s = time.perf_counter() - t
+            candidates[f"{method}@{target}"] = [
+                {"measured_ratio": c.measured_cost / cb.original_cost, "val_acc_before_finetune": c.val_acc,
+                 "chosen": c.chosen} for c in cb.evaluated]
+            finish(method, target, module, cb.timings["total_s"], fit_s,
+                   {"candidates": len(cb.evaluated), "callback_latency_ratio": cb.chosen.measured_cost / cb.original_cost,
+                    "policy": cb.policy.to_dict()})
+        # Lightning's unstructured pruning: masks, no structural change
+        L.seed_everything(0, verbose=False)
+        module = fresh()
+        # masks after the first epoch only (a fixed amount every epoch would compound)
+        pruning = ModelPruning("l1_unstructured", amount=1 - target, use_global_unstructured=True,
+                               apply_pruning=lambda epoch: epoch == 0, make_pruning_permanent=True, verbose=0)
+        t = time.perf_counter()
+        trainer(args.finetune_epochs[name], [pruning]).fit(module, dm)
+        fit_s = time.perf_counter() - t
+        zeros = sum(int((p == 0).sum()) for p in module.parameters())
+        finish("ModelPruning", target, module, 0.0, fit_s, {"zero_weights": zeros})
+
+    # quantization alone: 8-bit weights and activations everywhere, same fine-tuning
+    L.seed_everything(0, verbose=False)
+    module = fresh()
+    layers = [info.name for info in analyze(module, example).layers]
+    t = time.perf_counter()
+    calib = [x for x, _ in list(dm.train_dataloader())[:4]]
+    apply_quantization(module, {n: 8 for n in layers}, calib)
+    quant_s = time.perf_counter() - t
+    trainer(args.finetune_epochs[name]).fit(module, dm)
+    finish("quant-8bit", 1.0, module, quant_s, time.perf_counter() - t)
+    return {"rows": rows, "candidates": candidates, "pretrain_s": pretrain_s}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    colors = {"original": "black", "ours": "tab:red", "uniform": "tab:blue", "ModelPruning": "tab:green",
+              "quant-8bit": "tab:purple"}
+    markers = {0.5: "o", 0.2: "s", 1.0: "*"}
+    for ax, name in zip(axes[0], models):
+        for key, cands in results[name]["candidates"].items():
+            method = key.split("@")[0]
+            ax.scatter([c["measured_ratio"] for c in cands], [c["val_acc_before_finetune"] for c in cands],
+                       color=colors[method], alpha=0.25, s=18)
+        for row in results[name]["rows"]:
+            if "error" in row:
+                continue
+            ax.scatter([row["latency_ratio"]], [row["test_acc"]], color=colors[row["method"]],
+                       marker=markers.get(row["target"], "o"), s=70, edgecolors="black",
+                       label=f"{row['method']} @{row['target']:g}")
+        for t in (0.5, 0.2):
+            ax.axvline(t, color="gray", ls="--", lw=0.8)
+        ax.set_title(f"{name}, digits 32 px, TVM llvm batch 1")
+        ax.set_xlabel("measured latency / original")
+        ax.set_ylabel("test accuracy (light: val acc of candidates before fine-tuning)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="LeNet only, target 0.5, short training")
+    parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.2])
+    parser.add_argument("--cache-dir", default="runs/cache/bench_compression")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.lr, args.finetune_lr = 1e-2, 3e-3
+    args.repeat, args.number = 10, 10
+    args.candidates = 3
+    if args.quick:
+        args.models, args.targets = ["lenet"], [0.5]
+        args.pretrain_epochs = {"lenet": 3, "resnet20": 2}
+        args.finetune_epochs = {"lenet": 1, "resnet20": 1}
+        args.candidates = 2
+    else:
+        args.pretrain_epochs = {"lenet": 15, "resnet20": 8}
+        args.finetune_epochs = {"lenet": 5, "resnet20": 3}
+    started = time.perf_counter()
+    import tvm
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "compression_quick" if args.quick else "compression"
+    results: dict = {}
+    for model_name in args.models:
+        results[model_name] = run_model(model_name, args, Path(args.cache_dir))
+        # written after every model, so a long run that is cut short keeps what it measured
+        (RESULTS / f"{name}.json").write_text(json.dumps(payload_of(args, results, started, tvm.__version__), indent=2, default=float))
+    payload = payload_of(args, results, started, tvm.__version__)
+    print_table(results)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float))
+    plot(results, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / (name + '.json')} and {name}.png in {payload['wall_s']:.0f} s")
+    return 0
+
+
+def payload_of(args, results: dict, started: float, tvm_version: str) -> dict:
+    return {
+        "benchmark": "compression", "quick": args.quick, "wall_s": time.perf_counter() - started,
+        "machine": {"processor": platform.processor(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__, "tvm": tvm_version, "torch_threads": args.threads,
+                    "tvm_threads": os.environ.get("TVM_NUM_THREADS"), "python": sys.version.split()[0]},
+        "settings": {"input_px": 32, "latency": "TVM llvm (this CPU), untuned, batch 1, median of 10x10 runs",
+                     "targets": args.targets, "pretrain_epochs": args.pretrain_epochs,
+                     "finetune_epochs": args.finetune_epochs, "candidates_per_round": args.candidates,
+                     "resnet20_width": 8},
+        "results": results,
+    }
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="compression on digits 32 px (latency: TVM llvm, batch 1, untuned)")
+    for col in ("model", "method", "target", "test acc", "Δacc", "latency ×", "size kB", "search s", "fine-tune s"):
+        table.add_column(col, justify="left" if col in ("model", "method") else "right")
+    for name, res in results.items():
+        base = res["rows"][0]["test_acc"]
+        for r in res["rows"]:
+            if "error" in r:
+                table.add_row(name, r["method"], f"{r['target']:g}", "out of reach", "", "", "", "", "")
+                continue
+            table.add_row(name, r["method"], f"{r['target']:g}", f"{r['test_acc']:.4f}", f"{100 * (r['test_acc'] - base):+.1f}",
+                          f"{r['latency_ratio']:.3f}", f"{r['size_kb']:.1f}", f"{r['search_s']:.0f}", f"{r['finetune_s']:.0f}")
+    Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""Uncertainty baselines on the digits with held-out classes as OOD.
+
+Rows: single model, MC dropout (x30), deep ensemble x5 trained vectorized, the
+same ensemble trained sequentially (a loop over members in each step), the same
+members trained as 5 separate fits, and a bayesian-torch BNN (MC x30 and mean
+weights). Columns: accuracy, NLL, ECE (15 bins), Brier, OOD AUROC/AUPR/FPR@95
+(predictive entropy as the score), training seconds per epoch and inference
+latency. Training times are taken side by side in this one run (same process,
+same threads) and compared as ratios.
+
+    python benchmarks/uncertainty.py            # full run (15 epochs)
+    python benchmarks/uncertainty.py --quick    # smoke run (2 epochs, fewer samples)
+
+Writes benchmarks/results/uncertainty.json and reliability diagrams (PNG) next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_relief import ClassifierModule, DeepEnsembleStrategy, DigitsDataModule  # noqa: E402
+from lightning_relief.bayes import BayesianModel, mc_predict, predict_mean  # noqa: E402
+from lightning_relief.models import MLP, LeNet5  # noqa: E402
+from lightning_relief.uncertainty import EnsembleModel, plot_reliability_diagram  # noqa: E402
+from lightning_relief.uncertainty import functional as U  # noqa: E402
+from lightning_relief.uncertainty.sampling import MemberBatchSampler  # noqa: E402
+from lightning_relief.uncertainty.stacking import reinitialize  # noqa: E402
+
+
+class EpochTimer(L.Callback):
+    """Wall and process CPU time of each training epoch (validation is off in these runs).
+
+    On a shared machine other processes stretch wall time unevenly between the
+    runs being compared; the process's CPU time counts only our own work, so the
+    ratios use it (torch runs one thread, see --threads) and wall time is reported
+    beside it.
+    """
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._start = (0.0, 0.0)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.wall.append(time.perf_counter() - self._start[0])
+        self.cpu.append(time.process_time() - self._start[1])
+
+    @staticmethod
+    def _typical(times: list[float]) -> float:
+        # the first epoch pays for warm-up (allocations, caches): leave it out when we can
+        return statistics.median(times[1:] if len(times) > 1 else times)
+
+    def per_epoch(self) -> float:
+        """Median CPU seconds per epoch."""
+        return self._typical(self.cpu)
+
+    def per_epoch_wall(self) -> float:
+        return self._typical(self.wall)
+
+
+def _trainer(epochs: int, timer: EpochTimer, **kwargs: Any) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+        **kwargs,
+    )
+
+
+def _lenet(size: int) -> LeNet5:
+    return LeNet5(input_size=size, dropout=0.25)
+
+
+def _classifier(model: torch.nn.Module, lr: float) -> ClassifierModule:
+    return ClassifierModule(model, lr=lr, optimizer="adam", scheduler="cosine")
+
+
+def _latency_ms(fn: Callable[[Tensor], Tensor], x: Tensor, repeat: int) -> float:
+    """Median CPU milliseconds of one call (see EpochTimer for why CPU time)."""
+    with torch.no_grad():
+        fn(x)
+        times = []
+        for _ in range(repeat):
+            start = time.process_time()
+            fn(x)
+            times.append(time.process_time() - start)
+    return statistics.median(times) * 1e3
+
+
+def _scores(probs_in: Tensor, target: Tensor, probs_out: Tensor) -> dict[str, float]:
+    probs_in, probs_out = probs_in.double(), probs_out.double()
+    score_in, score_out = U.predictive_entropy(probs_in), U.predictive_entropy(probs_out)
+    return {
+        "accuracy": float((probs_in.argmax(-1) == target).double().mean()),
+        "nll": float(U.negative_log_likelihood(probs_in, target)),
+        "ece": float(U.expected_calibration_error(probs_in, target)),
+        "brier": float(U.brier_score(probs_in, target)),
+        "ood_auroc": float(U.ood_auroc(score_in, score_out)),
+        "ood_aupr": float(U.ood_aupr(score_in, score_out)),
+        "fpr95": float(U.fpr_at_95_tpr(score_in, score_out)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 5 MC samples, few repeats")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--members", type=int, default=5)
+    parser.add_argument("--mc-samples", type=int, default=30)
+    parser.add_argument("--size", type=int, default=8, choices=(8, 16, 32), help="digit image size")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings comparable)")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results; a temporary folder with --quick)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs, args.mc_samples = 2, 5
+    if args.out is None:
+        # a smoke run must not overwrite the committed figures
+        args.out = Path(tempfile.mkdtemp(prefix="relief_uncertainty_")) if args.quick else ROOT / "benchmarks" / "results"
+    repeat = 5 if args.quick else 30
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    dm = DigitsDataModule(batch_size=64, size=args.size, seed=0, ood="heldout", heldout_classes=(8, 9))
+    dm.setup()
+    x_test, y_test = dm.dataset("test").tensors
+    x_ood = dm.dataset("ood").tensors[0]
+    x_one, x_batch = x_test[:1], x_test[:64]
+    results: dict[str, dict[str, Any]] = {}
+    probs_for_plot: dict[str, Tensor] = {}
+
+    def record(name: str, predict: Callable[[Tensor], Tensor], train_s: float, note: str, wall_s: float = float("nan")) -> None:
+        with torch.no_grad():
+            p_in, p_out = predict(x_test), predict(x_ood)
+        row = _scores(p_in, y_test, p_out)
+        row["train_s_per_epoch"] = train_s
+        row["train_wall_s_per_epoch"] = wall_s
+        row["latency_ms_batch1"] = _latency_ms(predict, x_one, repeat)
+        row["ms_per_example_batch64"] = _latency_ms(predict, x_batch, max(3, repeat // 3)) / len(x_batch)
+        row["note"] = note
+        results[name] = row
+        probs_for_plot[name] = p_in
+        print(f"  {name}: acc {row['accuracy']:.4f}  nll {row['nll']:.4f}  auroc {row['ood_auroc']:.4f}", flush=True)
+
+    # -- single model, and MC dropout on the same weights
+    print(f"[1/5] single LeNet-5, {args.epochs} epochs", flush=True)
+    L.seed_everything(0, verbose=False)
+    single = _classifier(_lenet(args.size), args.lr)
+    timer = EpochTimer()
+    _trainer(args.epochs, timer).fit(single, dm)
+    single.eval()
+    single_epoch, single_wall = timer.per_epoch(), timer.per_epoch_wall()
+    record("single", lambda x: single(x).softmax(-1), single_epoch, "one LeNet-5", single_wall)
+    record(
+        f"mc_dropout_x{args.mc_samples}",
+        lambda x: mc_predict(single, x, args.mc_samples, mc_dropout=True)[0],
+        single_epoch,
+        "the single model's weights; dropout on at prediction",
+        single_wall,
+    )
+
+    # -- deep ensembles: vectorized and sequential strategy modes
+    ensembles: dict[str, ClassifierModule] = {}
+    epoch_times: dict[str, float] = {}
+    for step, mode in ((2, "vectorized"), (3, "sequential")):
+        print(f"[{step}/5] deep ensemble x{args.members}, {mode}", flush=True)
+        L.seed_everything(0, verbose=False)
+        module = _classifier(_lenet(args.size), args.lr)
+        timer = EpochTimer()
+        _trainer(args.epochs, timer, strategy=DeepEnsembleStrategy(num_members=args.members, mode=mode)).fit(module, dm)
+        module.eval()
+        ensembles[mode] = module
+        epoch_times[mode] = timer.per_epoch()
+        record(f"ensemble_x{args.members}_{mode}", lambda x, m=module: m(x).exp(), epoch_times[mode],
+               f"DeepEnsembleStrategy(mode={mode!r})", timer.per_epoch_wall())
+
+    # -- the same members trained as separate fits, one after another
+    print(f"[4/5] the same {args.members} members as separate fits", flush=True)
+    members, separate, separate_wall = [], 0.0, 0.0
+    train_set = dm.dataset("train")
+    for member in range(args.members):
+        L.seed_everything(0, verbose=False)
+        module = _classifier(_lenet(args.size), args.lr)
+        reinitialize(module, member)  # the strategy's init of member g: reset_parameters under seed + g
+        loader = DataLoader(train_set, batch_sampler=MemberBatchSampler(len(train_set), 64, [member], seed=0))
+        timer = EpochTimer()
+        _trainer(args.epochs, timer).fit(module, train_dataloaders=loader)
+        separate += timer.per_epoch()
+        separate_wall += timer.per_epoch_wall()
+        members.append(module.model.eval())
+    separate_ensemble = EnsembleModel(members).eval()
+    epoch_times["separate"] = separate
+    record(f"ensemble_x{args.members}_separate_fits", separate_ensemble, separate,
+           "plain Trainer.fit per member, summed epoch time; EnsembleModel loop at inference", separate_wall)
+
+    # -- bayesian-torch BNN
+    print("[5/5] bayesian-torch BNN (Reparameterization)", flush=True)
+    L.seed_everything(0, verbose=False)
+    bnn = _classifier(BayesianModel(_lenet(args.size), prior_sigma=1.0, posterior_rho_init=-4.0), args.lr)
+    timer = EpochTimer()
+    _trainer(args.epochs, timer).fit(bnn, dm)
+    bnn.eval()
+    record(f"bnn_mc_x{args.mc_samples}", lambda x: mc_predict(bnn, x, args.mc_samples)[0], timer.per_epoch(),
+           "ELBO (KL / N), Monte-Carlo prediction", timer.per_epoch_wall())
+    record("bnn_mean_weights", lambda x: predict_mean(bnn, x), timer.per_epoch(), "same BNN, posterior means",
+           timer.per_epoch_wall())
+
+    # -- training speed alone on a small MLP, where per-step overhead rather than conv arithmetic dominates
+    speed_epochs = min(args.epochs, 5)
+    print(f"[extra] training speed of {args.members} MLP members, {speed_epochs} epochs each way", flush=True)
+    mlp_times: dict[str, float] = {}
+    for mode in ("single", "vectorized", "sequential", "separate"):
+        runs = args.members if mode == "separate" else 1
+        total = 0.0
+        for member in range(runs):
+            L.seed_everything(0, verbose=False)
+            module = _classifier(MLP(in_features=args.size * args.size, hidden=(128, 64), dropout=0.2), args.lr)
+            timer = EpochTimer()
+            if mode in ("vectorized", "sequential"):
+                _trainer(speed_epochs, timer, strategy=DeepEnsembleStrategy(num_members=args.members, mode=mode),
+                         enable_progress_bar=False).fit(module, dm)
+            else:
+                _trainer(speed_epochs, timer, enable_progress_bar=False).fit(module, dm)
+            total += timer.per_epoch()
+        mlp_times[mode] = total
+
+    # -- ratios, goals, plots, JSON
+    vec, seq, sep = epoch_times["vectorized"], epoch_times["sequential"], epoch_times["separate"]
+    ens = results[f"ensemble_x{args.members}_vectorized"]
+    one = results["single"]
+    ratios = {
+        "train_speedup_vectorized_vs_sequential": seq / vec,
+        "train_speedup_vectorized_vs_separate_fits": sep / vec,
+        "train_time_vectorized_vs_single": vec / single_epoch,
+        "mlp_train_speedup_vectorized_vs_sequential": mlp_times["sequential"] / mlp_times["vectorized"],
+        "mlp_train_speedup_vectorized_vs_separate_fits": mlp_times["separate"] / mlp_times["vectorized"],
+        "mlp_train_time_vectorized_vs_single": mlp_times["vectorized"] / mlp_times["single"],
+    }
+    goals = {
+        "vectorized_at_least_2.5x_faster_than_sequential": ratios["train_speedup_vectorized_vs_sequential"] >= 2.5,
+        "vectorized_at_least_2.5x_faster_than_separate_fits": ratios["train_speedup_vectorized_vs_separate_fits"] >= 2.5,
+        "ensemble_nll_better_than_single": ens["nll"] < one["nll"],
+        "ensemble_ood_auroc_better_than_single": ens["ood_auroc"] > one["ood_auroc"],
+    }
+    plots = {}
+    for name in ("single", f"mc_dropout_x{args.mc_samples}", f"ensemble_x{args.members}_vectorized",
+                 f"bnn_mc_x{args.mc_samples}"):
+        path = args.out / f"uncertainty_reliability_{name.split('_x')[0]}.png"
+        plot_reliability_diagram(probs_for_plot[name], y_test, path, title=name)
+        plots[name] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+    columns = ("accuracy", "nll", "ece", "brier", "ood_auroc", "ood_aupr", "fpr95", "train_s_per_epoch",
+               "train_wall_s_per_epoch", "latency_ms_batch1", "ms_per_example_batch64")
+    width = max(len(n) for n in results) + 2
+    print("\n" + "method".ljust(width) + "".join(c[:12].rjust(13) for c in columns))
+    for name, row in results.items():
+        print(name.ljust(width) + "".join(f"{row[c]:13.4f}" for c in columns))
+    print()
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f}x")
+    for key, value in goals.items():
+        print(f"goal {key}: {'met' if value else 'NOT met'}")
+
+    import tvm  # noqa: F401  (version only)
+
+    payload = {
+        "benchmark": "uncertainty",
+        "command": "python benchmarks/uncertainty.py" + (" --quick" if args.quick else ""),
+        "machine": {
+            "processor": platform.processor(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_1m_at_end": os.getloadavg()[0],
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "tvm": getattr(sys.modules.get("tvm"), "__version__", None),
+            "python": platform.python_version(),
+        },
+        "config": {
+            "data": f"sklearn digits {args.size}px, train classes 0-7, OOD = held-out classes 8 and 9",
+            "test_samples": len(y_test),
+            "ood_samples": len(x_ood),
+            "model": "LeNet5(dropout=0.25), Adam lr %g, cosine, batch 64" % args.lr,
+            "epochs": args.epochs,
+            "members": args.members,
+            "mc_samples": args.mc_samples,
+            "ood_score": "predictive entropy",
+        "timing": "process CPU time (train_s_per_epoch, latency) on one torch thread; wall time beside it",
+            "quick": args.quick,
+        },
+        "results": results,
+        "mlp_train_s_per_epoch": mlp_times,
+        "ratios": ratios,
+        "goals": goals,
+        "reliability_diagrams": plots,
+    }
+    out = args.out / "uncertainty.json"
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

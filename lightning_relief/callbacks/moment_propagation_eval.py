@@ -1,0 +1,187 @@
+"""Evaluate a trained module by moment propagation and log its uncertainty metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_relief.moments.functional import SOFTMAX_METHODS, SoftmaxMethod, softmax_probs
+from lightning_relief.moments.wrapper import MomentPropagationWrapper
+from lightning_relief.uncertainty import functional as U
+
+_STAGES = ("validate", "test")
+_SCORES = ("entropy", "variance")
+
+
+class MomentPropagationEvalCallback(Callback):
+    """Run every validation/test batch once more through moment propagation and log the metrics.
+
+    The module's network (``pl_module.model`` when it exists, else ``pl_module``)
+    is wrapped in a :class:`~lightning_relief.moments.MomentPropagationWrapper`,
+    sharing its weights, at the start of each evaluation epoch; each batch gets
+    the predictive probabilities of the moment-propagated logits (one pass, no
+    sampling). At epoch end it logs ``{prefix}{stage}_acc``, ``_nll``, ``_ece``
+    (15 bins), ``_entropy`` and, with OOD data, ``{prefix}{stage}_ood_auroc``
+    (OOD = positive; score: predictive entropy, or the summed logit variance).
+    OOD data is ``ood_dataloader`` or else the datamodule's ``ood_dataloader()``
+    when it was configured with ``ood=...``.
+
+    Args:
+        stages: when to evaluate: ``"validate"`` (every validation epoch of ``fit``
+            and ``trainer.validate``) and/or ``"test"``.
+        ood_dataloader: batches of out-of-distribution inputs (``x`` or ``(x, y)``).
+        ood_score: ``"entropy"`` or ``"variance"``.
+        prefix: prefix of the logged names.
+        softmax: ``"daunizeau"`` or ``"mean_field"`` (see ``MomentPropagationWrapper``).
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_relief import ClassifierModule, DigitsDataModule
+        >>> from lightning_relief.models import LeNet5
+        >>> from lightning_relief.callbacks.moment_propagation_eval import MomentPropagationEvalCallback
+        >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[MomentPropagationEvalCallback()])
+        >>> module, data = ClassifierModule(LeNet5(input_size=8)), DigitsDataModule(ood="rotate")
+        >>> trainer.fit(module, data)
+        >>> sorted(trainer.test(module, data, verbose=False)[0])[:3]
+        ['mp_test_acc', 'mp_test_ece', 'mp_test_entropy']
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Literal["validate", "test"]] = ("test",),
+        ood_dataloader: DataLoader | None = None,
+        ood_score: Literal["entropy", "variance"] = "entropy",
+        prefix: str = "mp_",
+        softmax: SoftmaxMethod = "daunizeau",
+    ) -> None:
+        super().__init__()
+        stages = (stages,) if isinstance(stages, str) else tuple(stages)
+        bad = [s for s in stages if s not in _STAGES]
+        if bad or not stages:
+            raise ValueError(f"stages must be a non-empty subset of {_STAGES}, got {stages!r}")
+        if ood_score not in _SCORES:
+            raise ValueError(f"ood_score must be one of {_SCORES}, got {ood_score!r}")
+        if softmax not in SOFTMAX_METHODS:
+            raise ValueError(f"softmax must be one of {SOFTMAX_METHODS}, got {softmax!r}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string, got {type(prefix).__name__}")
+        self.stages = stages
+        self.ood_dataloader = ood_dataloader
+        self.ood_score = ood_score
+        self.prefix = prefix
+        self.softmax = softmax
+        self.last_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self._wrapper: MomentPropagationWrapper | None = None
+        self._outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    # ---- collecting ----------------------------------------------------------------------------
+    def _active(self, trainer: L.Trainer, stage: str) -> bool:
+        return stage in self.stages and not trainer.sanity_checking
+
+    def _start(self, pl_module: L.LightningModule) -> None:
+        network = getattr(pl_module, "model", None)
+        network = network if isinstance(network, nn.Module) else pl_module
+        if isinstance(network, MomentPropagationWrapper):
+            network = network.model
+        self._wrapper = MomentPropagationWrapper(network)  # traced per epoch: follows structural changes
+        self._outputs = []
+
+    @torch.no_grad()
+    def _moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        assert self._wrapper is not None
+        mean, var = self._wrapper(x)
+        return mean.float(), var.float()
+
+    def _collect(self, batch: Any) -> None:
+        x, y = batch[0], batch[1]
+        mean, var = self._moments(x)
+        self._outputs.append((softmax_probs(mean, var, method=self.softmax).cpu(), var.sum(-1).cpu(), y.cpu()))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active(trainer, "validate"):
+            self._start(pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active(trainer, "test"):
+            self._start(pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active(trainer, "validate"):
+            self._collect(batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active(trainer, "test"):
+            self._collect(batch)
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def _ood_loader(self, trainer: L.Trainer) -> Any:
+        if self.ood_dataloader is not None:
+            return self.ood_dataloader
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "ood", None) is not None and hasattr(datamodule, "ood_dataloader"):
+            return datamodule.ood_dataloader()
+        return None
+
+    def _score(self, probs: Tensor, variance: Tensor) -> Tensor:
+        return U.predictive_entropy(probs) if self.ood_score == "entropy" else variance
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self._outputs:
+            return
+        probs = torch.cat([o[0] for o in self._outputs])
+        variance = torch.cat([o[1] for o in self._outputs])
+        target = torch.cat([o[2] for o in self._outputs])
+        short = "val" if stage == "validate" else "test"
+        metrics = {
+            "acc": (probs.argmax(-1) == target).float().mean(),
+            "nll": U.negative_log_likelihood(probs, target),
+            "ece": U.expected_calibration_error(probs, target, n_bins=15),
+            "entropy": U.predictive_entropy(probs).mean(),
+        }
+        loader = self._ood_loader(trainer)
+        if loader is not None:
+            scores = []
+            for batch in loader:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                mean, var = self._moments(x.to(pl_module.device))
+                scores.append(self._score(softmax_probs(mean, var, method=self.softmax), var.sum(-1)).cpu())
+            metrics["ood_auroc"] = U.ood_auroc(self._score(probs, variance), torch.cat(scores))
+        named = {f"{self.prefix}{short}_{k}": float(v) for k, v in metrics.items()}
+        for name, value in named.items():
+            pl_module.log(name, value, sync_dist=True)
+        self.last_metrics = named
+        self.history.append({"epoch": float(trainer.current_epoch), **named})
+        self._outputs, self._wrapper = [], None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active(trainer, "validate"):
+            self._finish(trainer, pl_module, "validate")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active(trainer, "test"):
+            self._finish(trainer, pl_module, "test")
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stages": list(self.stages),
+            "ood_score": self.ood_score,
+            "prefix": self.prefix,
+            "softmax": self.softmax,
+            "last_metrics": dict(self.last_metrics),
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))
+        self.history = [dict(h) for h in state_dict.get("history", [])]

@@ -1,0 +1,177 @@
+"""Compile the trained model with TVM at the end of fit, verify it, save it, time it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_relief.deploy.targets import TargetLike, resolve_target
+from lightning_relief.deploy.tuning import TuningConfig
+
+_EXPORT_ON = ("fit_end", "best")
+
+
+class TVMExportCallback(L.Callback):
+    """At the end of ``fit``, compile the model for ``target``, check it against PyTorch, save it.
+
+    The model is deep-copied in eval mode first: a failed export (unsupported
+    operator, parity failure) raises an error and leaves the trained module and
+    its checkpoints untouched; the artifact folder is only replaced once the new
+    artifact is complete. Brevitas-quantized models are lowered to integer
+    arithmetic (:func:`~lightning_relief.deploy.lower_quantized`) before export.
+
+    Args:
+        target: TVM target (``"llvm"``: this CPU; a dict or ``"llvm -mtriple=..."`` string).
+        dirpath: artifact folder (default ``<log dir>/tvm_export``).
+        example_input_shape: input shape to compile for, e.g. ``(1, 1, 8, 8)``; default:
+            the shape of the first validation batch.
+        verify: compare with PyTorch on a real validation batch (max abs error, top-1
+            agreement); a failure raises :class:`~lightning_relief.deploy.ParityError`
+            naming the first diverging layer.
+        atol, rtol, min_top1_agreement: parity tolerances.
+        tuning: ``None`` (untuned), a :class:`~lightning_relief.deploy.TuningConfig`,
+            or an int trial budget; tuned code has the example's fixed batch size.
+        export_on: ``"fit_end"`` (the final weights) or ``"best"`` (the best checkpoint
+            of the ``ModelCheckpoint`` callback).
+        measure: time the artifact with TVM's time evaluator and log ``tvm_latency_ms``.
+        repeat, number: time evaluator settings.
+
+    Example (``tests/test_tvm_export.py`` runs the same)::
+
+        import lightning as L
+        from lightning_relief import ClassifierModule, DigitsDataModule, TVMExportCallback
+        from lightning_relief.models import LeNet5
+
+        export = TVMExportCallback(target="llvm", dirpath="artifacts/lenet", example_input_shape=(1, 1, 8, 8))
+        trainer = L.Trainer(max_epochs=1, callbacks=[export])
+        trainer.fit(ClassifierModule(LeNet5(input_size=8)), DigitsDataModule())
+        print(export.last_export)   # latency_ms, max_abs_error, top1_agreement, dirpath
+        # later, without PyTorch: lightning_relief.deploy.load_compiled("artifacts/lenet")(x)
+    """
+
+    def __init__(
+        self,
+        target: TargetLike = "llvm",
+        dirpath: str | os.PathLike | None = None,
+        example_input_shape: Sequence[int] | None = None,
+        verify: bool = True,
+        atol: float = 1e-4,
+        rtol: float = 1e-4,
+        min_top1_agreement: float = 0.99,
+        tuning: TuningConfig | int | dict | None = None,
+        export_on: Literal["fit_end", "best"] = "fit_end",
+        measure: bool = True,
+        repeat: int = 10,
+        number: int = 10,
+    ) -> None:
+        super().__init__()
+        try:
+            resolve_target(target)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"TVMExportCallback: target {target!r} is invalid: {err}") from err
+        if example_input_shape is not None:
+            shape = tuple(example_input_shape)
+            if not shape or not all(isinstance(d, int) and d >= 1 for d in shape):
+                raise ValueError(f"example_input_shape must be positive ints, got {example_input_shape!r}")
+            example_input_shape = shape
+        if export_on not in _EXPORT_ON:
+            raise ValueError(f"export_on must be one of {_EXPORT_ON}, got {export_on!r}")
+        if atol < 0 or rtol < 0 or not 0 <= min_top1_agreement <= 1:
+            raise ValueError(f"bad tolerances: atol={atol}, rtol={rtol}, min_top1_agreement={min_top1_agreement}")
+        if repeat < 1 or number < 1:
+            raise ValueError(f"repeat and number must be >= 1, got repeat={repeat}, number={number}")
+        self.target = target
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.example_input_shape = example_input_shape
+        self.verify = verify
+        self.atol, self.rtol, self.min_top1_agreement = atol, rtol, min_top1_agreement
+        self.tuning = TuningConfig.coerce(tuning)
+        self.export_on = export_on
+        self.measure = measure
+        self.repeat, self.number = repeat, number
+        self.last_export: dict[str, Any] = {}
+
+    # -- Lightning hooks -------------------------------------------------------
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.export(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_export": dict(self.last_export)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_export = dict(state_dict.get("last_export", {}))
+
+    # -- the work ----------------------------------------------------------------
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Compile, verify, save and time; returns (and keeps) a summary dict."""
+        from lightning_relief.deploy.export import export_model
+
+        checkpoint = self._checkpoint_path(trainer)
+        model = self._source_model(pl_module, checkpoint)
+        batch = self._real_batch(trainer)
+        if self.example_input_shape is not None:
+            example = torch.randn(self.example_input_shape, generator=torch.Generator().manual_seed(0))
+        elif batch is not None:
+            example = batch
+        else:
+            raise ValueError("TVMExportCallback: example_input_shape is None and the trainer has no validation or training data")
+        dirpath = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "tvm_export"
+        rank_zero_info(f"TVM export: compiling for {resolve_target(self.target)} ({'tuned' if self.tuning else 'untuned'})")
+        summary = export_model(
+            model, example, dirpath, self.target, self.tuning,
+            verify_batch=(batch if batch is not None else example) if self.verify else None,
+            atol=self.atol, rtol=self.rtol, min_top1_agreement=self.min_top1_agreement,
+            measure=self.measure, repeat=self.repeat, number=self.number, source_checkpoint=checkpoint,
+        )
+        self.last_export = summary
+        metrics = {f"tvm_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if trainer.loggers and metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info("TVM export: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        return summary
+
+    def _checkpoint_path(self, trainer: L.Trainer) -> Path | None:
+        callback = trainer.checkpoint_callback
+        path = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if self.export_on == "best" and not path:
+            raise ValueError("TVMExportCallback(export_on='best') needs a ModelCheckpoint that saved a best checkpoint")
+        return Path(path) if path else None
+
+    def _source_model(self, pl_module: L.LightningModule, checkpoint: Path | None) -> nn.Module:
+        from lightning_relief.deploy.frontend import frozen_copy
+
+        model = frozen_copy(pl_module)
+        if self.export_on == "best" and checkpoint is not None:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            if hasattr(model, "on_load_checkpoint"):
+                model.on_load_checkpoint(state)  # replays structural steps the checkpoint recorded
+            model.load_state_dict(state["state_dict"])
+            model.eval()
+        return model
+
+    @staticmethod
+    def _real_batch(trainer: L.Trainer) -> Tensor | None:
+        loaders: list[Any] = []
+        for getter in (lambda: trainer.val_dataloaders, lambda: trainer.datamodule.val_dataloader(), lambda: trainer.train_dataloader):
+            try:
+                value = getter()
+            except Exception:  # no datamodule / loader of that kind
+                continue
+            if value is not None:
+                loaders.extend(value if isinstance(value, (list, tuple)) else [value])
+        for loader in loaders:
+            for batch in loader:
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                if isinstance(x, Tensor):
+                    return x.detach().cpu()
+                break
+        return None

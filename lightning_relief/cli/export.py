@@ -1,0 +1,117 @@
+"""``relief export --ckpt PATH --target T --out DIR``: a checkpoint → a TVM artifact.
+
+Loads the checkpoint with its LightningModule class (``ClassifierModule`` unless
+``--module-class`` names another), compiles it for the target, checks parity
+on a real batch (the checkpoint's datamodule, rebuilt from its saved
+hyperparameters with ``--data``; else random inputs), saves the artifact and
+prints its latency. The checkpoint file is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_relief.cli.errors import fail
+
+_DEFAULT_MODULE = "lightning_relief.models.classifier.ClassifierModule"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relief export", description="Compile a checkpoint for a target with Apache TVM.")
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint to export")
+    p.add_argument("--target", default="llvm", help='TVM target: "llvm" (this CPU), a JSON dict, or "llvm -mtriple=... -mcpu=..."')
+    p.add_argument("--out", required=True, help="artifact folder (model.so, params.npz, metadata.json)")
+    p.add_argument("--module-class", default=_DEFAULT_MODULE, help="LightningModule class path to load the checkpoint with")
+    p.add_argument("--input-shape", default=None, help="compile for this input shape, e.g. 1,1,8,8 (default: from the data or model)")
+    p.add_argument("--data", default=None, help="datamodule class path, rebuilt from the checkpoint's hyperparameters, for a real parity batch (e.g. lightning_relief.DigitsDataModule)")
+    p.add_argument("--tuning-trials", type=int, default=0, help="MetaSchedule trials (0: untuned code)")
+    p.add_argument("--tuning-dir", default=None, help="tuning database folder, reused across runs (default .relief_cache/tuning)")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--min-top1", type=float, default=0.99, help="minimum top-1 agreement with PyTorch")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--number", type=int, default=10)
+    return p
+
+
+def _import(path: str, option: str) -> Any:
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        fail(f"cannot import {path!r}: {err}", key=option)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        fail(f"--input-shape must be comma-separated integers, got {text!r}", key="input-shape")
+    if not shape or min(shape) < 1:
+        fail(f"--input-shape must be positive integers, got {text!r}", key="input-shape")
+    return shape
+
+
+def _data_batch(data_class: str, checkpoint: dict[str, Any]) -> Any:
+    cls = _import(data_class, "data")
+    hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+    try:
+        dm = cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+        dm.setup("validate")
+        batch = next(iter(dm.val_dataloader()))
+    except Exception as err:  # any datamodule error: report it as one line
+        fail(f"cannot build {data_class} from the checkpoint's hyperparameters: {err}", key="data")
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(list(argv))
+    import torch
+
+    from lightning_relief.deploy import DeployError, TuningConfig, resolve_target
+    from lightning_relief.deploy.export import export_model
+    from lightning_relief.deploy.quantized import default_example_input
+
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_file():
+        fail("checkpoint file not found", source=str(ckpt))
+    try:
+        resolve_target(args.target)
+    except (ValueError, TypeError) as err:
+        fail(str(err), key="target")
+    if args.tuning_trials < 0:
+        fail(f"--tuning-trials must be >= 0, got {args.tuning_trials}", key="tuning-trials")
+    module_class = _import(args.module_class, "module-class")
+    try:
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        module = module_class.load_from_checkpoint(ckpt, map_location="cpu")
+    except Exception as err:  # corrupt file, wrong class, missing hyperparameters
+        fail(f"cannot load the checkpoint with {args.module_class}: {type(err).__name__}: {err}", source=str(ckpt))
+    module.eval()
+    batch = _data_batch(args.data, checkpoint) if args.data else None
+    if args.input_shape:
+        example = torch.randn(_shape(args.input_shape), generator=torch.Generator().manual_seed(0))
+    elif batch is not None:
+        example = batch
+    else:
+        try:
+            example = torch.randn_like(default_example_input(getattr(module, "model", module)))
+        except ValueError as err:
+            fail(str(err) + " (use --input-shape)", key="input-shape")
+    verify = None if args.no_verify else (batch if batch is not None else torch.randn((16, *example.shape[1:]), generator=torch.Generator().manual_seed(1)))
+    tuning = TuningConfig(trials=args.tuning_trials, work_dir=args.tuning_dir) if args.tuning_trials else None
+    try:
+        summary = export_model(
+            module, example, args.out, args.target, tuning, verify_batch=verify, atol=args.atol, rtol=args.rtol,
+            min_top1_agreement=args.min_top1, repeat=args.repeat, number=args.number, source_checkpoint=ckpt,
+        )
+    except (DeployError, ValueError) as err:
+        fail(str(err), source=str(ckpt))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

@@ -1,0 +1,103 @@
+"""Measured latency for the search, through the deploy package (TVM).
+
+Layers are priced with :class:`lightning_relief.deploy.LayerLatencyTable` (each
+layer compiled alone, cached on disk); whole candidates are compiled and timed
+with :func:`lightning_relief.deploy.measure_latency`, quantized ones after
+:func:`lightning_relief.deploy.lower_quantized` turned their brevitas layers
+into integer arithmetic, which is what an export ships.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_relief.compress.cost import LatencyCostModel
+from lightning_relief.compress.policy import FLOAT_BITS
+from lightning_relief.compress.units import LayerInfo, ModelUnits
+
+
+
+def check_target(target: Any) -> None:
+    """Fail early, naming the target, if TVM cannot build for it."""
+    from lightning_relief.deploy import resolve_target
+
+    try:
+        resolve_target(target)
+    except Exception as err:  # TVM raises its own error types
+        raise ValueError(f"target_device {target!r} is not a valid TVM target: {err}") from err
+
+
+def table_bits(bits: int) -> int | None:
+    """Bits to time a layer at: ``None`` for float; every integer width is stored and computed as
+    int8 on CPUs (no narrower arithmetic), so 2/4/8 bits share one measurement."""
+    if bits >= FLOAT_BITS:
+        return None
+    if bits > 8:
+        raise ValueError(f"integer layers store at most 8 bits, got {bits}")
+    return 8
+
+
+class _Forward(nn.Module):
+    """Just the module's ``forward``: what gets exported (no metrics, no trainer)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+
+class LatencyMeter:
+    """Per-layer table and whole-model measurement on one target, sharing a cache folder."""
+
+    def __init__(self, target: Any = "llvm", cache_dir: str | Path | None = None, batch: int = 1,
+                 tuning_trials: int = 0, repeat: int = 10, number: int = 10) -> None:
+        from lightning_relief.deploy import LayerLatencyTable, TuningConfig
+
+        self.target = target
+        self.batch = batch
+        self.repeat, self.number = repeat, number
+        root = Path(cache_dir) if cache_dir is not None else None
+        self.tuning = TuningConfig(trials=tuning_trials, work_dir=(root / "tuning") if root else None) if tuning_trials else None
+        self.cache_dir = root / "latency" if root else None
+        self.table = LayerLatencyTable(target, cache_dir=(root / "layers") if root else None, tuning=self.tuning,
+                                       batch=batch, repeat=repeat, number=number)
+        self.example_shape: tuple[int, ...] | None = None
+        self.measured: list[float] = []
+
+    def layer_ms(self, info: LayerInfo, cin: int, cout: int, bits: int) -> float:
+        groups = info.groups
+        if groups > 1 and groups == info.in_channels:  # depthwise stays depthwise when pruned
+            groups, cin = cout, cout
+        if info.kind == "linear":
+            rows = info.in_hw[0]
+            return rows * self.table.latency_ms("linear", cin, cout, bits=table_bits(bits), bias=info.bias)
+        return self.table.latency_ms("conv2d", cin, cout, info.kernel, info.stride, info.padding, groups,
+                                     input_size=info.in_hw, bits=table_bits(bits), bias=info.bias)
+
+    def cost_model(self, units: ModelUnits, module: nn.Module | None = None) -> LatencyCostModel:
+        self.example_shape = (self.batch, *units.example_inputs.shape[1:])
+        return LatencyCostModel(self.layer_ms)
+
+    def measure(self, module: nn.Module) -> float:
+        """Median latency (ms) of the whole model, integer-lowered if it has quantized layers."""
+        from lightning_relief.deploy import lower_quantized, measure_latency
+        from lightning_relief.compress.quantize import quantized_bits
+
+        if self.example_shape is None:
+            raise RuntimeError("call cost_model(units) first: it fixes the input shape")
+        param = next(module.parameters())
+        example = torch.zeros(self.example_shape, dtype=param.dtype)
+        model: nn.Module = _Forward(copy.deepcopy(module).cpu().eval())
+        if quantized_bits(model):
+            model = lower_quantized(model, example)
+        result = measure_latency(model, example, self.target, repeat=self.repeat, number=self.number,
+                                 cache_dir=self.cache_dir, tuning=self.tuning)
+        self.measured.append(result.median_ms)
+        return result.median_ms

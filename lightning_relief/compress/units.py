@@ -1,0 +1,171 @@
+"""What in a model can be compressed: prunable channel groups and quantizable layers.
+
+Pruning works on torch-pruning's dependency groups: channels that must be
+removed together (a residual sum couples the channels of every branch that
+feeds it; a concatenation maps channels to slices). Quantization works per
+``nn.Conv2d`` / ``nn.Linear`` layer. :func:`analyze` traces the model once and
+describes both, with the shapes the cost model needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class LayerInfo:
+    """A conv/linear layer as the cost model sees it (channels before compression)."""
+
+    name: str
+    kind: str  # "conv2d" | "linear"
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    groups: int = 1
+    in_hw: tuple[int, int] = (1, 1)
+    out_hw: tuple[int, int] = (1, 1)
+    bias: bool = True
+    # the groups whose pruning shrinks this layer's output / input channels
+    out_group: int | None = None
+    in_group: int | None = None
+
+
+@dataclass
+class PruneGroup:
+    """Channels removed together; ``root`` names the conv/linear whose outputs index them."""
+
+    root: str
+    channels: int
+    out_layers: list[str] = field(default_factory=list)
+    in_layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelUnits:
+    layers: list[LayerInfo]
+    groups: list[PruneGroup]
+    graph: tp.DependencyGraph
+    example_inputs: Tensor
+
+    def layer(self, name: str) -> LayerInfo:
+        for info in self.layers:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+    def group(self, root: str) -> PruneGroup:
+        for g in self.groups:
+            if g.root == root:
+                return g
+        raise KeyError(root)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _layer_shapes(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[list[int], list[int]]]:
+    """Input and output shapes of every conv/linear, in execution order."""
+    shapes: dict[str, tuple[list[int], list[int]]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            def hook(mod, inputs, output, name=name):
+                shapes.setdefault(name, (list(inputs[0].shape), list(output.shape)))
+            hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def build_graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
+    was_training = model.training
+    model.eval()  # dropout must not randomise the trace; BN statistics must not move
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def analyze(model: nn.Module, example_inputs: Tensor, ignored_layers: Sequence[str] = ()) -> ModelUnits:
+    """Trace ``model`` and list its layers and prunable groups.
+
+    The last conv/linear executed (the classifier) never loses output channels;
+    ``ignored_layers`` (module names) are neither pruned nor quantized.
+    """
+    named = dict(model.named_modules())
+    unknown = [n for n in ignored_layers if n not in named]
+    if unknown:
+        raise ValueError(f"ignored_layers names no module of the model: {unknown}")
+    shapes = _layer_shapes(model, example_inputs)
+    if not shapes:
+        raise ValueError("the model has no nn.Conv2d or nn.Linear layer reached by forward()")
+    layers: list[LayerInfo] = []
+    for name, (in_shape, out_shape) in shapes.items():
+        module = named[name]
+        if isinstance(module, nn.Conv2d):
+            layers.append(LayerInfo(
+                name, "conv2d", module.in_channels, module.out_channels, _pair(module.kernel_size),
+                _pair(module.stride), _pair(module.padding), module.groups,
+                (in_shape[-2], in_shape[-1]), (out_shape[-2], out_shape[-1]), module.bias is not None,
+            ))
+        else:
+            rows = 1
+            for d in out_shape[1:-1]:
+                rows *= d
+            layers.append(LayerInfo(name, "linear", module.in_features, module.out_features,
+                                    in_hw=(rows, 1), out_hw=(rows, 1), bias=module.bias is not None))
+    by_name = {info.name: info for info in layers}
+    classifier = layers[-1].name
+    graph = build_graph(model, example_inputs)
+    ignored_modules = [named[n] for n in (*ignored_layers, classifier)]
+    module_names = {m: n for n, m in model.named_modules()}
+    groups: list[PruneGroup] = []
+    for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=PRUNABLE_TYPES):
+        root_module = group[0].dep.target.module
+        root = module_names[root_module]
+        pg = PruneGroup(root=root, channels=len(group[0].idxs))
+        for item in group:
+            module = item.dep.target.module
+            if not isinstance(module, PRUNABLE_TYPES) or module not in module_names:
+                continue
+            name = module_names[module]
+            if name not in by_name:
+                continue
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                pg.out_layers.append(name)
+            elif graph.is_in_channel_pruning_fn(item.dep.handler):
+                pg.in_layers.append(name)
+        if pg.channels < 2:
+            continue
+        index = len(groups)
+        for name in pg.out_layers:
+            by_name[name].out_group = index
+        for name in pg.in_layers:
+            by_name[name].in_group = index
+        groups.append(pg)
+    return ModelUnits(layers=layers, groups=groups, graph=graph, example_inputs=example_inputs)
+
+
+def pruning_group(units: ModelUnits, model: nn.Module, root: str, idxs: Sequence[int]):
+    """torch-pruning's group that removes ``idxs`` of ``root``'s output channels."""
+    module = dict(model.named_modules())[root]
+    pruner = units.graph.get_pruner_of_module(module)
+    return units.graph.get_pruning_group(module, pruner.prune_out_channels, list(idxs))

@@ -1,0 +1,71 @@
+"""Deployment through Apache TVM: compile, measure, lower quantized models, export.
+
+Public API (other plugins build on these names):
+
+* :func:`compile_for_target` ``(model, example_inputs, target="llvm", tuning=None, ...) -> CompiledModel``:
+  ``torch.export`` → Relax → ``tvm.compile``; tuple outputs (mean, variance) and
+  ensembles compile like any model; dynamic batch when untuned.
+* :class:`CompiledModel` (call it on numpy or torch inputs; ``save(dir)``) and
+  :func:`load_compiled` ``(dir)``, which needs neither PyTorch nor the model code.
+* :func:`measure_latency` ``(model_or_compiled, example_inputs, target="llvm", repeat=10, number=10,
+  cache_dir=None, tuning=None, *, cache=True, remote=None) -> LatencyResult``
+  (``median_ms``, ``iqr_ms``, ``std_ms``, ``repeat``, ``number``, ``cached``), cached on disk.
+* :class:`LayerLatencyTable` ``(target="llvm", cache_dir=None, tuning=None, batch=1)`` with
+  ``latency_ms(kind, in_channels, out_channels, kernel_size=1, stride=1, padding=0, groups=1,
+  input_size=1, bits=None)``: one conv2d/linear layer compiled alone, cached (the cost
+  model of ``SensitivityPruningCallback``).
+* :class:`TuningConfig` ``(trials=64, trials_per_task=None, work_dir=None, weight_prepack=True)``:
+  MetaSchedule tuning with a database reused across layers, runs and exports.
+* :func:`lower_quantized` ``(model, example_inputs=None) -> nn.Module``: brevitas layers →
+  int8 weights, int32 accumulation, requantization, in plain tensor ops.
+* :func:`check_parity` and :class:`RemoteDevice` / :func:`local_rpc_server` (TVM RPC).
+
+Names load lazily, so ``from lightning_relief.deploy import load_compiled`` on a
+deployment host does not import PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "compile_for_target": "lightning_relief.deploy.compile",
+    "build_graph": "lightning_relief.deploy.compile",
+    "CompiledModel": "lightning_relief.deploy.artifact",
+    "load_compiled": "lightning_relief.deploy.artifact",
+    "measure_latency": "lightning_relief.deploy.latency",
+    "LatencyResult": "lightning_relief.deploy.latency",
+    "LayerLatencyTable": "lightning_relief.deploy.layer_table",
+    "LayerSpec": "lightning_relief.deploy.layer_table",
+    "TuningConfig": "lightning_relief.deploy.tuning",
+    "lower_quantized": "lightning_relief.deploy.quantized",
+    "IntegerConv2d": "lightning_relief.deploy.quantized",
+    "IntegerLinear": "lightning_relief.deploy.quantized",
+    "FakeQuantize": "lightning_relief.deploy.quantized",
+    "check_parity": "lightning_relief.deploy.parity",
+    "ParityReport": "lightning_relief.deploy.parity",
+    "RemoteDevice": "lightning_relief.deploy.rpc",
+    "local_rpc_server": "lightning_relief.deploy.rpc",
+    "to_relax": "lightning_relief.deploy.frontend",
+    "resolve_target": "lightning_relief.deploy.targets",
+    "host_target_dict": "lightning_relief.deploy.targets",
+    "DeployError": "lightning_relief.deploy.errors",
+    "UnsupportedOperatorError": "lightning_relief.deploy.errors",
+    "ParityError": "lightning_relief.deploy.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'lightning_relief.deploy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

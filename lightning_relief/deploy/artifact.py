@@ -1,0 +1,198 @@
+"""A compiled model: run it, time it, save it, load it back without PyTorch.
+
+This module imports numpy and TVM only, so a deployment host needs neither
+PyTorch nor the model's Python code: ``load_compiled(dir)(x)`` is enough.
+
+An artifact folder holds ``model.so`` (the compiled library), ``params.npz``
+(the weights, in the order ``main`` takes them) and ``metadata.json`` (input
+and output names/shapes/dtypes, target, graph hash, tuning, source checkpoint
+hash, package versions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+LIBRARY = "model.so"
+PARAMS = "params.npz"
+METADATA = "metadata.json"
+
+
+def _to_numpy(x: Any) -> tuple[np.ndarray, bool]:
+    """(array, came_from_torch) without importing torch."""
+    if type(x).__module__.startswith("torch"):
+        return x.detach().cpu().numpy(), True
+    return np.asarray(x), False
+
+
+def _flatten(value: Any) -> list[np.ndarray]:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
+        return [a for v in value for a in _flatten(v)]
+    return [value.numpy()]
+
+
+class CompiledModel:
+    """A TVM-compiled model; call it like the PyTorch model it came from.
+
+    Inputs are numpy arrays or torch tensors (outputs are of the same kind);
+    a model with several outputs returns a tuple. ``metadata`` describes it.
+
+    >>> import torch
+    >>> from lightning_relief.deploy import compile_for_target, load_compiled
+    >>> compiled = compile_for_target(torch.nn.Linear(4, 2), torch.zeros(1, 4))
+    >>> compiled(torch.ones(3, 4)).shape
+    torch.Size([3, 2])
+    """
+
+    def __init__(self, library: Any, params: list[np.ndarray], metadata: dict[str, Any], device: Any = None) -> None:
+        self.library = library  # a relax Executable, or a loaded runtime.Module
+        self.params = [np.ascontiguousarray(p) for p in params]
+        self.metadata = dict(metadata)
+        self._device = device
+        self._vm: relax.VirtualMachine | None = None
+        self._device_params: list[Any] | None = None
+        self._library_path: Path | None = None
+        self.compile_options: dict[str, Any] = {}
+
+    # -- running ---------------------------------------------------------------
+    @property
+    def device(self) -> Any:
+        if self._device is None:
+            from lightning_relief.deploy.targets import device_for
+
+            self._device = device_for(self.metadata["target"])
+        return self._device
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.library, self.device)
+        return self._vm
+
+    def device_params(self) -> list[Any]:
+        """The parameters on the device, pre-packed for tuned kernels where needed."""
+        if self._device_params is None:
+            params = [tvm.runtime.tensor(p, self.device) for p in self.params]
+            if self.metadata.get("transform_params"):
+                params = list(self.vm["main_transform_params"](params))
+            self._device_params = params
+        return self._device_params
+
+    def check_inputs(self, arrays: list[np.ndarray]) -> None:
+        specs = self.metadata["inputs"]
+        if len(arrays) != len(specs):
+            raise ValueError(f"expected {len(specs)} input(s) ({', '.join(s['name'] for s in specs)}), got {len(arrays)}")
+        for array, spec in zip(arrays, specs):
+            want = spec["shape"]
+            ok = len(array.shape) == len(want) and all(w is None or w == g for w, g in zip(want, array.shape))
+            if not ok or str(array.dtype) != spec["dtype"]:
+                shown = ["batch" if w is None else w for w in want]
+                raise ValueError(
+                    f"input {spec['name']!r}: expected shape {shown} dtype {spec['dtype']}, got {list(array.shape)} {array.dtype}"
+                )
+
+    def run(self, *inputs: Any) -> list[np.ndarray]:
+        """Run on the inputs; returns the flat list of outputs as numpy arrays."""
+        arrays = [np.ascontiguousarray(_to_numpy(x)[0]) for x in inputs]
+        self.check_inputs(arrays)
+        args = [tvm.runtime.tensor(a, self.device) for a in arrays]
+        return _flatten(self.vm["main"](*args, *self.device_params()))
+
+    def run_batched(self, *inputs: Any) -> list[np.ndarray]:
+        """Like :meth:`run` for any batch size, also when compiled for a fixed batch
+        (tuned code): the batch is split into chunks, the last one padded and trimmed."""
+        arrays = [np.ascontiguousarray(_to_numpy(x)[0]) for x in inputs]
+        fixed = self.metadata["inputs"][0]["shape"][0] if arrays and arrays[0].ndim else None
+        n = arrays[0].shape[0] if arrays and arrays[0].ndim else None
+        if self.metadata.get("dynamic_batch") or fixed is None or n is None or n == fixed:
+            return self.run(*arrays)
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, n, fixed):
+            chunk = [a[start : start + fixed] for a in arrays]
+            short = fixed - chunk[0].shape[0]
+            if short:
+                chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
+            parts.append(self.run(*chunk))
+        return [np.concatenate([p[i] for p in parts])[:n] for i in range(len(parts[0]))]
+
+    def __call__(self, *inputs: Any) -> Any:
+        outputs = self.run(*inputs)
+        if inputs and _to_numpy(inputs[0])[1]:
+            import torch
+
+            outputs = [torch.from_numpy(o) for o in outputs]
+        return outputs[0] if self.metadata.get("single_output", len(outputs) == 1) else tuple(outputs)
+
+    def time(self, *inputs: Any, repeat: int = 10, number: int = 10, min_repeat_ms: int = 0) -> list[float]:
+        """Per-run latencies (seconds) from TVM's time evaluator: ``repeat`` means of ``number`` runs."""
+        arrays = [np.ascontiguousarray(_to_numpy(x)[0]) for x in inputs]
+        self.check_inputs(arrays)
+        args = [tvm.runtime.tensor(a, self.device) for a in arrays]
+        self.vm.set_input("main", *args, *self.device_params())
+        timer = self.vm.time_evaluator("invoke_stateful", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        return [float(t) for t in timer("main").results]
+
+    # -- saving ----------------------------------------------------------------
+    def export_library(self, path: str | os.PathLike, cross_compiler: Any = None) -> Path:
+        """Write the compiled library alone (a shared object, or ``.tar`` for RPC upload)."""
+        path = Path(path)
+        if self._library_path is not None and not hasattr(self.library, "export_library"):
+            shutil.copyfile(self._library_path, path)
+        elif cross_compiler is not None:
+            self.library.export_library(str(path), fcompile=cross_compiler)
+        else:
+            self.library.export_library(str(path))
+        return path
+
+    def save(self, dirpath: str | os.PathLike) -> Path:
+        """Write ``model.so``, ``params.npz`` and ``metadata.json`` to ``dirpath`` (atomically)."""
+        target = Path(dirpath)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            if self._library_path is not None:
+                shutil.copyfile(self._library_path, staging / LIBRARY)
+            else:
+                self.library.export_library(str(staging / LIBRARY))
+            np.savez(staging / PARAMS, **{f"p{i:04d}": p for i, p in enumerate(self.params)})
+            (staging / METADATA).write_text(json.dumps(self.metadata, indent=2, default=str))
+            if target.exists():  # replace an older artifact only once the new one is complete
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+                staging.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{s['name']}{['batch' if d is None else d for d in s['shape']]}" for s in self.metadata["inputs"])
+        return f"CompiledModel({ins} -> {len(self.metadata['outputs'])} output(s), target={self.metadata.get('target')})"
+
+
+def load_compiled(dirpath: str | os.PathLike, device: Any = None) -> CompiledModel:
+    """Load an artifact written by :meth:`CompiledModel.save`; needs TVM and numpy only."""
+    directory = Path(dirpath)
+    missing = [name for name in (LIBRARY, PARAMS, METADATA) if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a compiled-model folder: missing {', '.join(missing)}")
+    metadata = json.loads((directory / METADATA).read_text())
+    with np.load(directory / PARAMS) as archive:
+        params = [archive[k] for k in sorted(archive.files)]
+    library = tvm.runtime.load_module(str(directory / LIBRARY))
+    compiled = CompiledModel(library, params, metadata, device)
+    compiled._library_path = directory / LIBRARY
+    return compiled

@@ -1,0 +1,189 @@
+"""PyTorch → Relax: ``torch.export`` then TVM's ExportedProgram importer.
+
+The model is deep-copied and put in eval mode first, so export never changes
+the caller's model. Operators the importer cannot convert are found *before*
+conversion and reported with the module that uses them. Integer arithmetic
+written with plain tensor ops (see :mod:`lightning_relief.deploy.quantized`)
+is rewritten so that conv/matmul take int8 operands and accumulate in int32.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import tvm
+from torch import Tensor, nn
+from tvm import relax
+
+from lightning_relief.deploy.errors import DeployError, UnsupportedOperatorError
+
+BATCH_DIM = "batch"
+_MAX_BATCH = 1 << 16
+
+
+@dataclass
+class RelaxGraph:
+    """A model imported into Relax, parameters detached (``main(*inputs, *params)``)."""
+
+    mod: tvm.IRModule
+    params: list[np.ndarray]
+    inputs: list[dict[str, Any]]  # name, shape (None = dynamic batch), dtype
+    outputs: list[dict[str, Any]]
+    single_output: bool
+    dynamic_batch: bool
+    graph_hash: str = ""
+    param_names: list[str] = field(default_factory=list)
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
+    """A tensor, array or sequence of them → a tuple of CPU tensors."""
+    if isinstance(example_inputs, (Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, Sequence) or not example_inputs:
+        raise TypeError(f"example_inputs must be a tensor or a non-empty sequence of tensors, got {type(example_inputs).__name__}")
+    out = []
+    for i, x in enumerate(example_inputs):
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"example_inputs[{i}] must be a tensor or array, got {type(x).__name__}")
+        out.append(x.detach().cpu())
+    return tuple(out)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode without gradients; the original is not touched."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    trainer = model.__dict__.get("_trainer")
+    if trainer is not None:  # a LightningModule: do not copy the Trainer with it
+        model.__dict__["_trainer"] = None
+    try:
+        clone = copy.deepcopy(model)
+    finally:
+        if trainer is not None:
+            model.__dict__["_trainer"] = trainer
+    clone.eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+def _trace_inputs(inputs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[tuple[Tensor, ...], bool]:
+    if not dynamic_batch:
+        return inputs, False
+    sizes = {x.shape[0] if x.dim() else None for x in inputs}
+    if len(sizes) != 1 or None in sizes:
+        return inputs, False  # no shared leading batch dimension
+    if next(iter(sizes)) == 1:  # torch.export specialises size-1 dims: trace with two rows
+        inputs = tuple(torch.cat([x, x]) for x in inputs)
+    return inputs, True
+
+
+def export_program(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[torch.export.ExportedProgram, bool]:
+    """``torch.export`` with a dynamic batch dimension where the model allows one."""
+    traced, dynamic = _trace_inputs(inputs, dynamic_batch)
+    if dynamic:
+        batch = torch.export.Dim(BATCH_DIM, min=1, max=_MAX_BATCH)
+        try:
+            ep = torch.export.export(model, traced, dynamic_shapes=tuple({0: batch} for _ in traced), strict=False)
+            return ep, True
+        except Exception as err:  # the model fixes its batch size somewhere: export it static
+            warnings.warn(f"exporting with a fixed batch size {inputs[0].shape[0]}: {str(err).splitlines()[0]}", stacklevel=3)
+    try:
+        return torch.export.export(model, inputs, strict=False), False
+    except Exception as err:
+        raise DeployError(f"torch.export failed for {type(model).__name__}: {str(err).splitlines()[0]}") from err
+
+
+def _module_of(node: torch.fx.Node) -> tuple[str, str | None]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top level>", None
+    path, type_name = list(stack.values())[-1]
+    path = str(path) or "<top level>"
+    type_name = getattr(type_name, "__name__", None) or str(type_name).rsplit(".", 1)[-1].rstrip("'>")
+    return path, type_name
+
+
+def check_supported(ep: torch.export.ExportedProgram, custom_convert_map: dict[str, Callable] | None = None) -> None:
+    """Raise :class:`UnsupportedOperatorError` naming the first unconvertible operator and its module."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    known = set(ExportedProgramImporter().create_convert_map()) | set(custom_convert_map or {})
+    missing: list[tuple[str, str, str | None]] = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if name not in known:
+            missing.append((name, *_module_of(node)))
+    if missing:
+        op, path, type_name = missing[0]
+        others = sorted({f"'{m[0]}' in '{m[1]}'" for m in missing[1:] if (m[0], m[1]) != (op, path)})
+        raise UnsupportedOperatorError(op, path, type_name, others)
+
+
+def _spec_of(tensor_type: Any, name: str) -> dict[str, Any]:
+    # symbolic dimensions (the dynamic batch) are recorded as None
+    shape = [int(d.value) if type(d).__name__ == "IntImm" else None for d in tensor_type.shape.values]
+    return {"name": name, "shape": shape, "dtype": str(tensor_type.dtype)}
+
+
+def graph_hash(mod: tvm.IRModule) -> str:
+    """Hash of the graph's structure and shapes (not of the weight values)."""
+    return hashlib.sha256(mod.script(show_meta=False).encode()).hexdigest()[:24]
+
+
+def to_relax(
+    model: nn.Module,
+    example_inputs: Any,
+    dynamic_batch: bool = True,
+    custom_convert_map: dict[str, Callable] | None = None,
+    integer_rewrite: bool = True,
+) -> RelaxGraph:
+    """Import ``model`` (a frozen copy of it) into Relax with parameters detached."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    inputs = as_input_tuple(example_inputs)
+    clone = frozen_copy(model)
+    with torch.no_grad():
+        ep, dynamic = export_program(clone, inputs, dynamic_batch)
+    ep = ep.run_decompositions()
+    check_supported(ep, custom_convert_map)
+    try:
+        mod = from_exported_program(
+            ep, keep_params_as_input=True, custom_convert_map=custom_convert_map, run_ep_decomposition=False
+        )
+    except Exception as err:
+        raise DeployError(f"TVM could not import {type(model).__name__}: {str(err).splitlines()[-1]}") from err
+    if integer_rewrite:
+        from lightning_relief.deploy.int_rewrite import IntegerOperands
+
+        mod = IntegerOperands()(mod)
+    mod, params = relax.frontend.detach_params(mod)
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    ins = [_spec_of(p.ty, p.name) for p in func.params[:num_input]]
+    ret = func.ret_ty
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    outs = [_spec_of(f, f"output{i}") for i, f in enumerate(fields)]
+    out_spec = ep.call_spec.out_spec
+    single = out_spec is not None and out_spec.is_leaf()
+    return RelaxGraph(
+        mod=mod,
+        params=[p.numpy() for p in params.get("main", [])],
+        inputs=ins,
+        outputs=outs,
+        single_output=bool(single),
+        dynamic_batch=dynamic,
+        graph_hash=graph_hash(mod),
+        param_names=[p.name for p in func.params[num_input:]],
+    )

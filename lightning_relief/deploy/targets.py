@@ -1,0 +1,123 @@
+"""Target descriptions: strings, dicts and ``tvm.target.Target`` in one canonical form.
+
+TVM 0.27 refuses the old ``"llvm -mcpu=..."`` strings; we still accept them (and
+dicts, and Target objects) and turn them into a dict-built Target. ``"llvm"``
+and ``"native"`` mean *this* CPU: the host's ``mcpu`` and core count, because
+plain ``llvm`` generates generic x86-64 code without the vector units that
+tuned schedules need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from typing import Any, Union
+
+import tvm
+
+TargetLike = Union[str, dict, "tvm.target.Target"]
+
+_HOST_ALIASES = ("llvm", "native", "cpu")
+
+
+def host_target_dict() -> dict[str, Any]:
+    """The dict of this machine's CPU: ``{"kind": "llvm", "mcpu": ..., "num-cores": ...}``."""
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": os.cpu_count() or 1}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in dict(value).items()}
+    if hasattr(value, "__iter__"):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _parse_string(text: str) -> dict[str, Any]:
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"target {text!r} is not valid JSON: {err}") from err
+    parts = shlex.split(text)
+    if not parts:
+        raise ValueError("target must not be empty")
+    if parts[0] in _HOST_ALIASES and len(parts) == 1:
+        return host_target_dict()
+    spec: dict[str, Any] = {"kind": parts[0]}
+    for part in parts[1:]:
+        if not part.startswith("-") or "=" not in part:
+            raise ValueError(f"target {text!r}: option {part!r} is not of the form -key=value")
+        key, _, value = part.lstrip("-").partition("=")
+        spec[key] = int(value) if value.isdigit() else value
+    return spec
+
+
+def target_dict(target: TargetLike) -> dict[str, Any]:
+    """A plain, JSON-able dict describing ``target``."""
+    if isinstance(target, tvm.target.Target):
+        return {str(k): _plain(v) for k, v in dict(target.export()).items()}
+    if isinstance(target, dict):
+        if "kind" not in target:
+            raise ValueError(f"a target dict needs 'kind', got keys {sorted(target)}")
+        return dict(target)
+    if isinstance(target, str):
+        return _parse_string(target)
+    raise TypeError(f"target must be a string, dict or tvm.target.Target, got {type(target).__name__}")
+
+
+def resolve_target(target: TargetLike) -> tvm.target.Target:
+    """A ``tvm.target.Target`` for ``target`` (errors name the bad target)."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    spec = target_dict(target)
+    try:
+        return tvm.target.Target(spec)
+    except Exception as err:  # TVM raises its own error types
+        raise ValueError(f"target {target!r} is not a valid TVM target: {str(err).splitlines()[-1]}") from err
+
+
+def with_num_cores(target: tvm.target.Target) -> tvm.target.Target:
+    """MetaSchedule needs ``num-cores`` on CPU targets: fill it in from this machine if absent."""
+    spec = target_dict(target)
+    if spec.get("kind") == "llvm" and "num-cores" not in spec:
+        spec["num-cores"] = os.cpu_count() or 1
+        return tvm.target.Target(spec)
+    return target
+
+
+def target_key(target: TargetLike) -> str:
+    """A stable string for cache keys: the target's attributes, sorted."""
+    spec = target_dict(resolve_target(target))
+    spec.pop("tag", None)
+    spec.pop("keys", None)
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def is_cpu(target: TargetLike) -> bool:
+    return target_dict(resolve_target(target)).get("kind") in ("llvm", "c")
+
+
+def device_for(target: TargetLike, session: Any = None) -> "tvm.runtime.Device":
+    """The device that runs code built for ``target``: local, or on an RPC ``session``."""
+    kind = target_dict(resolve_target(target)).get("kind", "llvm")
+    owner = session if session is not None else tvm
+    if kind in ("llvm", "c"):
+        return owner.cpu(0)
+    if kind in ("cuda", "nvptx"):
+        return owner.cuda(0)
+    if kind == "rocm":
+        return owner.rocm(0)
+    if kind == "vulkan":
+        return owner.vulkan(0)
+    if kind == "opencl":
+        return owner.cl(0)
+    if kind == "metal":
+        return owner.metal(0)
+    raise ValueError(f"no device known for target kind {kind!r}")

@@ -1,0 +1,457 @@
+"""Moment-propagation rules: each maps an input's per-unit mean and variance to the output's.
+
+Every unit is treated as an independent Gaussian (Brach, Sick & Dürr 2020), so a
+rule only needs the elementwise ``mean`` and ``var`` of its input. Rules are plain
+tensor code without data-dependent Python branches, so a network built from them
+traces with ``torch.export`` into one graph.
+
+``var`` may be ``None`` in :func:`dropout_moments` (a deterministic input); every
+other rule needs a tensor (zeros for a deterministic input).
+
+Example::
+
+    >>> import torch
+    >>> from lightning_relief.moments import functional as MF
+    >>> mean, var = MF.relu_moments(torch.tensor([0.0]), torch.tensor([1.0]))
+    >>> round(mean.item(), 4), round(var.item(), 4)  # E[max(Z, 0)] = 1/sqrt(2 pi)
+    (0.3989, 0.3408)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "adaptive_avg_pool_moments",
+    "avg_pool_moments",
+    "batch_norm_moments",
+    "conv_moments",
+    "gaussian_conv_moments",
+    "gaussian_linear_moments",
+    "linear_moments",
+    "dropout_moments",
+    "gaussian_weight_moments",
+    "leaky_relu_moments",
+    "max_moments",
+    "max_pool_moments",
+    "mean_moments",
+    "product_moments",
+    "relu_moments",
+    "sigmoid_moments",
+    "softmax_log_probs",
+    "softmax_probs",
+    "tanh_moments",
+    "weight_moments",
+]
+
+SoftmaxMethod = Literal["daunizeau", "mean_field", "logit_samples"]
+SOFTMAX_METHODS = ("daunizeau", "mean_field", "logit_samples")
+LOGIT_SAMPLES = 256  # fixed draws of the "logit_samples" softmax (antithetic pairs)
+_rule = np.polynomial.hermite.hermgauss(24)
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# Daunizeau (arXiv 1703.00091): E[sigmoid(x)] ~ sigmoid(mu / sqrt(1 + a v)), a = 3 / pi^2.
+# Unlike the probit form Phi(mu / sqrt(1/lambda + v)) it is exact at v = 0.
+_SIGMOID_A = 3.0 / math.pi**2
+# Gauss-Hermite rule for E[f(x)], x ~ N(m, v): sum_i w_i f(m + sqrt(2 v) t_i), weights / sqrt(pi)
+_GH_NODES, _GH_WEIGHTS = (
+    [float(t) for t in _rule[0]],
+    [float(w) / math.sqrt(math.pi) for w in _rule[1]],
+)
+# beyond |alpha| = 10, Phi is exactly 0 or 1 and std * phi < 1e-22 * std: clamping changes
+# nothing there and bounds the cancellation in the variance (see _rectified)
+_ALPHA_MAX = 10.0
+
+
+def _cdf(x: Tensor) -> Tensor:
+    # erf, not ndtr/erfc: erf is in every export/TVM operator set
+    return 0.5 * (1.0 + torch.erf(x * _SQRT_HALF))
+
+
+def _pdf(x: Tensor) -> Tensor:
+    return _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
+
+
+def _std(var: Tensor) -> Tensor:
+    # a strictly positive std so that mean / std is +-inf-free after clamping, also at var = 0
+    return var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+
+
+def _rectified(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``E[relu(x)]``, ``Var[relu(x)]`` and ``P(x > 0)`` for ``x ~ N(mean, var)``."""
+    std = _std(var)
+    alpha = (mean / std).clamp(-_ALPHA_MAX, _ALPHA_MAX)
+    p, pdf = _cdf(alpha), _pdf(alpha)
+    out_mean = mean * p + std * pdf
+    # Var = var * g(alpha) with g = (a^2 + 1) P + a phi - (a P + phi)^2, i.e. E[y^2] - E[y]^2 in
+    # units of var: the cancellation is bounded by (a^2 + 1) * eps because |a| <= 10, so a mean
+    # far above its std costs no precision (E[y^2] - E[y]^2 in absolute units would lose it all)
+    t = alpha * p + pdf
+    g = (alpha * alpha + 1.0) * p + alpha * pdf - t * t
+    return out_mean, var * g.clamp_min(0.0), p
+
+
+def relu_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact mean and variance of ``relu(x)``, ``x ~ N(mean, var)``."""
+    out_mean, out_var, _ = _rectified(mean, var)
+    return out_mean, out_var
+
+
+def leaky_relu_moments(mean: Tensor, var: Tensor, negative_slope: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Exact moments of ``leaky_relu(x) = a x + (1 - a) relu(x)``.
+
+    ``Cov(x, relu(x)) = var * P(x > 0)`` (Stein's lemma) gives the cross term.
+    """
+    a = negative_slope
+    r_mean, r_var, p = _rectified(mean, var)
+    out_mean = a * mean + (1.0 - a) * r_mean
+    out_var = a * a * var + (1.0 - a) ** 2 * r_var + 2.0 * a * (1.0 - a) * var * p
+    return out_mean, out_var.clamp_min(0.0)
+
+
+def _logsumexp(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    # torch.logsumexp exports as aten.amax, which TVM's Relax frontend lacks; max(dim) it has
+    top = x.max(dim=dim, keepdim=True)[0].detach()
+    out = (x - top).exp().sum(dim=dim, keepdim=True).log() + top
+    return out if keepdim else out.squeeze(dim)
+
+
+def _gaussian_expectation(fn: Callable[[Tensor], Tensor], mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance of ``fn(x)``, ``x ~ N(mean, var)``, by Gauss-Hermite quadrature."""
+    nodes = torch.tensor(_GH_NODES, dtype=mean.dtype, device=mean.device)
+    weights = torch.tensor(_GH_WEIGHTS, dtype=mean.dtype, device=mean.device)
+    values = fn(mean.unsqueeze(-1) + (2.0 * var).sqrt().unsqueeze(-1) * nodes)
+    out_mean = (values * weights).sum(-1)
+    # the centred form: non-negative, and exactly 0 at var = 0
+    centred = values - out_mean.unsqueeze(-1)
+    return out_mean, (centred * centred * weights).sum(-1)
+
+
+def sigmoid_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Moments of ``sigmoid(x)`` by 24-point Gauss-Hermite quadrature (exact at ``var = 0``).
+
+    The closed forms (probit, Daunizeau) get the mean within about 0.02 but the
+    variance of a saturated unit wrong by orders of magnitude; sigmoid is smooth,
+    so quadrature is accurate to ~1e-4 at the cost of 24 evaluations per unit.
+    """
+    return _gaussian_expectation(torch.sigmoid, mean, var)
+
+
+def tanh_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Moments of ``tanh(x)`` by Gauss-Hermite quadrature (see :func:`sigmoid_moments`)."""
+    return _gaussian_expectation(torch.tanh, mean, var)
+
+
+def dropout_moments(mean: Tensor, var: Tensor | None, p: float) -> tuple[Tensor, Tensor]:
+    """Inverted dropout with rate ``p``: ``mean`` is kept, ``var' = (var + p mean^2) / (1 - p)``.
+
+    ``var=None`` stands for a deterministic input. ``p = 0`` returns the input unchanged.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate p must be in [0, 1), got {p}")
+    if var is None:
+        var = torch.zeros_like(mean)
+    if p == 0.0:
+        return mean, var
+    return mean, (var + p * mean * mean) / (1.0 - p)
+
+
+def weight_moments(
+    op: Callable[..., Tensor], mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor | None, *args, **kwargs
+) -> tuple[Tensor, Tensor]:
+    """A layer linear in its input with fixed weights (``F.linear``, ``F.conv2d``, ...).
+
+    ``mean' = op(mean, W, b)``, ``var' = op(var, W * W)``; ``args``/``kwargs`` are the
+    op's remaining arguments (stride, padding, ...).
+    """
+    out_mean = op(mean, weight, bias, *args, **kwargs)
+    out_var = op(var, weight * weight, None, *args, **kwargs)
+    return out_mean, out_var
+
+
+def gaussian_weight_moments(
+    op: Callable[..., Tensor],
+    mean: Tensor,
+    var: Tensor,
+    weight_mean: Tensor,
+    weight_var: Tensor,
+    bias_mean: Tensor | None,
+    bias_var: Tensor | None,
+    *args,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """A layer with independent Gaussian weights ``N(weight_mean, weight_var)``.
+
+    ``var' = sum[(mu^2 + v)(mw^2 + vw) - mu^2 mw^2] + vb``, computed as
+    ``op(v, mw^2 + vw) + op(mu^2, vw) + vb``, which has no cancellation.
+    """
+    out_mean = op(mean, weight_mean, bias_mean, *args, **kwargs)
+    out_var = op(var, weight_mean * weight_mean + weight_var, None, *args, **kwargs)
+    out_var = out_var + op(mean * mean, weight_var, None, *args, **kwargs)
+    if bias_var is not None:
+        shape = [1, -1] + [1] * (out_var.dim() - 2) if out_var.dim() > 2 else [-1]
+        out_var = out_var + bias_var.reshape(shape)
+    return out_mean, out_var
+
+
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def linear_moments(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``F.linear`` with fixed weights: ``mean' = W mean + b``, ``var' = (W * W) var``."""
+    return weight_moments(F.linear, mean, var, weight, bias)
+
+
+def conv_moments(
+    mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+    dilation: Any = 1, groups: int = 1,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``F.conv1d/2d/3d`` (chosen by ``weight.dim()``) with fixed weights."""
+    return weight_moments(_CONV[weight.dim()], mean, var, weight, bias, stride, padding, dilation, groups)
+
+
+def gaussian_linear_moments(
+    mean: Tensor, var: Tensor, weight_mean: Tensor, weight_var: Tensor, bias_mean: Tensor | None = None,
+    bias_var: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """A linear layer with independent Gaussian weights (see :func:`gaussian_weight_moments`)."""
+    return gaussian_weight_moments(F.linear, mean, var, weight_mean, weight_var, bias_mean, bias_var)
+
+
+def gaussian_conv_moments(
+    mean: Tensor, var: Tensor, weight_mean: Tensor, weight_var: Tensor, bias_mean: Tensor | None = None,
+    bias_var: Tensor | None = None, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """A convolution with independent Gaussian weights (see :func:`gaussian_weight_moments`)."""
+    op = _CONV[weight_mean.dim()]
+    return gaussian_weight_moments(op, mean, var, weight_mean, weight_var, bias_mean, bias_var, stride, padding, dilation, groups)
+
+
+def batch_norm_moments(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Batch norm in eval mode: a per-channel affine map ``y = scale x + shift`` (channels on dim 1)."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = [1, -1] + [1] * (mean.dim() - 2)
+    scale, shift = scale.reshape(shape), shift.reshape(shape)
+    return mean * scale + shift, var * (scale * scale)
+
+
+def max_moments(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> tuple[Tensor, Tensor]:
+    """Moments of ``max(x1, x2)`` for independent Gaussians (Clark 1961), in a stable form.
+
+    With ``h`` the input of larger mean and ``l`` the other, ``max = h + relu(l - h)``
+    and ``d = l - h ~ N(mu_l - mu_h, v1 + v2)``:
+    ``E = mu_h + E[relu(d)]``, ``Var = v_h + Var[relu(d)] - 2 v_h P(d > 0)``
+    (``Cov(h, relu(d)) = -v_h P(d > 0)`` by Stein's lemma). Taking ``h`` as the base
+    keeps the correction small, so very large or very different means lose no precision.
+    """
+    first = mean1 >= mean2
+    mean_h, var_h = torch.where(first, mean1, mean2), torch.where(first, var1, var2)
+    mean_l, var_l = torch.where(first, mean2, mean1), torch.where(first, var2, var1)
+    r_mean, r_var, p = _rectified(mean_l - mean_h, var1 + var2)
+    return mean_h + r_mean, (var_h + r_var - 2.0 * var_h * p).clamp_min(0.0)
+
+
+def _window_slices(x: Tensor, dims: int, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> list[Tensor]:
+    """The ``prod(kernel)`` strided views whose elementwise reduction is the pooling."""
+    sizes = x.shape[-dims:]
+    out = [(sizes[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(dims)]
+    views = [x]
+    for i in range(dims):
+        lead = (slice(None),) * (x.dim() - dims + i)
+        span = stride[i] * (out[i] - 1) + 1
+        views = [
+            v[lead + (slice(k * dilation[i], k * dilation[i] + span, stride[i]),)]
+            for v in views
+            for k in range(kernel[i])
+        ]
+    return views
+
+
+def _tuple(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+
+def max_pool_moments(
+    mean: Tensor,
+    var: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    dims: int = 2,
+) -> tuple[Tensor, Tensor]:
+    """Max pooling as a chain of pairwise :func:`max_moments` over each window.
+
+    Each intermediate maximum is re-approximated by a Gaussian, so windows of more
+    than two units are an approximation. Padding units are certain and very negative.
+    """
+    kernel = _tuple(kernel_size, dims)
+    step = _tuple(stride if stride is not None and stride != [] else kernel, dims)
+    pad = _tuple(padding, dims)
+    dil = _tuple(dilation, dims)
+    if any(pad):
+        flat = [p for p in reversed(pad) for _ in (0, 1)]
+        # finite, so that mean * P(...) stays 0 instead of -inf * 0 = nan; its square is still finite
+        low = -1e15 if mean.dtype != torch.float16 else -6e4
+        mean = F.pad(mean, flat, value=low)
+        var = F.pad(var, flat, value=0.0)
+    means = _window_slices(mean, dims, kernel, step, dil)
+    variances = _window_slices(var, dims, kernel, step, dil)
+    out_mean, out_var = means[0], variances[0]
+    for m, v in zip(means[1:], variances[1:]):
+        out_mean, out_var = max_moments(out_mean, out_var, m, v)
+    return out_mean, out_var
+
+
+def avg_pool_moments(
+    mean: Tensor,
+    var: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+    dims: int = 2,
+) -> tuple[Tensor, Tensor]:
+    """Average pooling over ``m`` units: ``var' = sum(var) / m^2``.
+
+    (The TensorFlow reference divides by ``m^3``.) Padding, ``ceil_mode`` and
+    ``count_include_pad`` change the divisor per position; it is recovered from
+    pooling a tensor of ones, so every PyTorch option is matched.
+    """
+    kernel = _tuple(kernel_size, dims)
+    step = _tuple(stride if stride is not None and stride != [] else kernel, dims)
+    pool = F.avg_pool2d if dims == 2 else F.avg_pool1d
+    options = dict(kernel_size=kernel, stride=step, padding=padding, ceil_mode=ceil_mode)
+    if dims == 2:
+        out_mean = pool(mean, count_include_pad=count_include_pad, divisor_override=divisor_override, **options)
+    elif divisor_override is None:
+        out_mean = pool(mean, count_include_pad=count_include_pad, **options)
+    else:
+        raise ValueError(f"avg_pool1d has no divisor_override, got {divisor_override}")
+    plain = divisor_override is None and not ceil_mode and (not any(_tuple(padding, dims)) or count_include_pad)
+    if plain:
+        # the divisor is the window size everywhere: avg(var) / m = sum(var) / m^2
+        return out_mean, pool(var, **options) / math.prod(kernel)
+    if dims != 2:
+        raise ValueError("avg_pool1d with ceil_mode or count_include_pad=False is not supported")
+    ones = torch.ones_like(var[:1, :1])
+    total = pool(var, divisor_override=1, **options)
+    count = pool(ones, divisor_override=1, **options)
+    inv_divisor = pool(ones, count_include_pad=count_include_pad, divisor_override=divisor_override, **options) / count
+    return out_mean, total * inv_divisor * inv_divisor
+
+
+def adaptive_avg_pool_moments(mean: Tensor, var: Tensor, output_size: int | Sequence[int | None], dims: int = 2) -> tuple[Tensor, Tensor]:
+    """Adaptive average pooling where every output averages an equal, non-overlapping block.
+
+    This holds when each input size is a multiple of its output size (global
+    pooling always); other sizes have unequal overlapping windows and raise.
+    """
+    sizes = mean.shape[-dims:]
+    target = _tuple(output_size, dims) if output_size is not None else sizes
+    target = tuple(s if t is None else t for s, t in zip(sizes, target))
+    if any(s % t for s, t in zip(sizes, target)):
+        raise ValueError(
+            f"adaptive average pooling from {tuple(sizes)} to {target} has unequal windows; "
+            "moment propagation needs input sizes that are multiples of the output size"
+        )
+    kernel = tuple(s // t for s, t in zip(sizes, target))
+    return avg_pool_moments(mean, var, kernel, kernel, dims=dims)
+
+
+def mean_moments(mean: Tensor, var: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> tuple[Tensor, Tensor]:
+    """``x.mean(dim)``: the mean of ``n`` independent units has variance ``sum(var) / n^2``."""
+    if dim is None:
+        out_mean = mean.mean()
+        return out_mean, var.mean() / mean.numel()
+    out_mean = mean.mean(dim, keepdim=keepdim)
+    n = mean.numel() // max(out_mean.numel(), 1)
+    return out_mean, var.mean(dim, keepdim=keepdim) / n
+
+
+def product_moments(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact moments of the product of two independent variables."""
+    out_mean = mean1 * mean2
+    return out_mean, var1 * var2 + var1 * mean2 * mean2 + var2 * mean1 * mean1
+
+
+def softmax_log_probs(mean: Tensor, var: Tensor, dim: int = -1, method: SoftmaxMethod = "daunizeau") -> Tensor:
+    """Log of the expected softmax of independent Gaussian logits.
+
+    ``method="daunizeau"`` (arXiv 1703.00091): ``softmax_k(x) = 1 / (1 + sum_{l != k} exp(x_l - x_k))``
+    is rewritten with the sigmoids ``s(x_k - x_l)``; each is replaced by its
+    expectation under ``x_k - x_l ~ N(mu_k - mu_l, v_k + v_l)``, i.e. ``s(z_kl)`` with
+    ``z_kl = (mu_k - mu_l) / sqrt(1 + a (v_k + v_l))``, ``a = 3 / pi^2``. That gives
+    ``p_k = 1 / sum_l exp(-z_kl)`` (``z_kk = 0``), computed with a log-sum-exp.
+
+    ``method="mean_field"`` (Lu, Ie & Sha 2020, their ``mf0``): ``softmax(mu / sqrt(1 + pi v / 8))``,
+    each logit shrunk by its own variance. One softmax instead of ``C^2`` pairs; on
+    the digits benchmark its NLL is closer to MC dropout's.
+
+    ``method="logit_samples"``: the average softmax over 256 fixed draws (antithetic
+    pairs) of the logits from ``N(mean, var)``: Monte-Carlo over the C logits only,
+    after the one analytic pass through the network. Deterministic (the draws are
+    a constant), exportable, and as accurate as the logit moments themselves.
+
+    All are normalised to sum to one and are exactly ``log_softmax`` at ``var = 0``.
+    """
+    if method == "mean_field":
+        return torch.log_softmax(mean * torch.rsqrt(1.0 + (math.pi / 8.0) * var), dim=dim)
+    if method == "logit_samples":
+        return _logit_sample_log_probs(mean, var, dim)
+    if method != "daunizeau":
+        raise ValueError(f"method must be one of {SOFTMAX_METHODS}, got {method!r}")
+    mean = mean.movedim(dim, -1)
+    var = var.movedim(dim, -1)
+    diff = mean.unsqueeze(-1) - mean.unsqueeze(-2)  # [..., k, l] = mu_k - mu_l
+    spread = var.unsqueeze(-1) + var.unsqueeze(-2)
+    z = diff * torch.rsqrt(1.0 + _SIGMOID_A * spread)
+    log_p = -_logsumexp(-z, dim=-1)
+    log_p = log_p - _logsumexp(log_p, dim=-1, keepdim=True)
+    return log_p.movedim(-1, dim)
+
+
+@functools.lru_cache(maxsize=8)
+def _logit_draws(num_classes: int) -> np.ndarray:
+    # numpy, not torch.randn: under torch.export a torch draw would become a random op in the graph;
+    # and the cache holds an array, not a tensor, which would be a fake tensor if made while exporting
+    half = np.random.default_rng(0).standard_normal((LOGIT_SAMPLES // 2, num_classes)).astype(np.float32)
+    draws = np.concatenate([half, -half])  # antithetic: the draws average to exactly zero
+    draws.flags.writeable = False
+    return draws
+
+
+def _logit_sample_log_probs(mean: Tensor, var: Tensor, dim: int) -> Tensor:
+    mean, var = mean.movedim(dim, -1), var.movedim(dim, -1)
+    draws = torch.tensor(_logit_draws(mean.shape[-1]), dtype=mean.dtype, device=mean.device)
+    logits = mean.unsqueeze(-2) + var.sqrt().unsqueeze(-2) * draws  # [..., K, C]
+    log_p = _logsumexp(torch.log_softmax(logits, dim=-1), dim=-2) - math.log(LOGIT_SAMPLES)
+    return log_p.movedim(-1, dim)
+
+
+def softmax_probs(mean: Tensor, var: Tensor, dim: int = -1, method: SoftmaxMethod = "daunizeau") -> Tensor:
+    """Expected class probabilities of Gaussian logits: ``softmax_log_probs(...).exp()``."""
+    return softmax_log_probs(mean, var, dim, method).exp()

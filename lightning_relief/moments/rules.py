@@ -1,0 +1,546 @@
+"""Which rule handles which operation of a traced network, and how it is emitted.
+
+The converter (:mod:`lightning_relief.moments.convert`) walks a ``torch.fx`` graph;
+for every node that touches a random value it looks up a handler here by module
+type, function or method name. A handler emits the moment computation into the
+new graph through a :class:`RuleContext` and returns the result as
+:class:`Moments` (a mean node and a variance node) or as a plain value.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from lightning_relief.moments import functional as MF
+
+
+@dataclass(frozen=True)
+class Moments:
+    """A random value in the graph being built: its mean and variance nodes."""
+
+    mean: fx.Node
+    var: fx.Node
+
+
+class UnsupportedOperationError(NotImplementedError):
+    """An operation that moment propagation has no rule for (the message names it and where it is)."""
+
+
+class RuleContext:
+    """What a handler may do: emit nodes into the new graph and reach the model's modules."""
+
+    def __init__(self, graph: fx.Graph, model: nn.Module, module_prefix: str) -> None:
+        self.graph = graph
+        self.model = model
+        self._prefix = module_prefix
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
+        return self.graph.call_function(fn, tuple(args), kwargs)
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
+        return self.graph.call_method(name, tuple(args), kwargs)
+
+    def pair(self, node: fx.Node) -> Moments:
+        """Split a node that returns ``(mean, var)``."""
+        return Moments(self.call(operator.getitem, node, 0), self.call(operator.getitem, node, 1))
+
+    def rule(self, fn: Callable[..., tuple[Tensor, Tensor]], *args: Any, **kwargs: Any) -> Moments:
+        return self.pair(self.call(fn, *args, **kwargs))
+
+    def attr(self, path: str) -> fx.Node:
+        """A ``get_attr`` node for a module or tensor of the model, looked up at call time."""
+        return self.graph.get_attr(f"{self._prefix}{path}")
+
+    def moments(self, value: Any) -> Moments:
+        """``value`` as moments; a plain tensor gets zero variance."""
+        if isinstance(value, Moments):
+            return value
+        if isinstance(value, (int, float)):
+            raise TypeError("a Python number cannot be turned into moments")
+        return Moments(value, self.call(torch.zeros_like, value))
+
+
+Handler = Callable[..., Any]  # (ctx, node, module_or_None, args, kwargs) -> value
+
+
+def _arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _input(ctx: RuleContext, args: Sequence[Any], kwargs: dict[str, Any], name: str = "input") -> Moments:
+    return ctx.moments(_arg(args, kwargs, 0, name))
+
+
+def _require_plain(value: Any, what: str) -> None:
+    if isinstance(value, Moments) or (isinstance(value, (tuple, list)) and any(isinstance(v, Moments) for v in value)):
+        raise UnsupportedOperationError(f"{what} must not be random")
+
+
+# ---- dropout -----------------------------------------------------------------------------------
+
+
+def _dropout(ctx: RuleContext, x: Any, p: float) -> Moments:
+    if isinstance(x, Moments):
+        return ctx.rule(MF.dropout_moments, x.mean, x.var, float(p))
+    return ctx.rule(MF.dropout_moments, x, None, float(p))
+
+
+def _dropout_module(ctx, node, module, args, kwargs):
+    # Dropout1d/2d/3d drop whole channels: the per-unit moments are the same, their correlation is ignored
+    return _dropout(ctx, args[0], module.p)
+
+
+def _dropout_function(ctx, node, module, args, kwargs):
+    # the traced ``training`` flag is ignored on purpose: MC dropout samples at test time
+    return _dropout(ctx, _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "p", 0.5))
+
+
+def _torch_dropout(ctx, node, module, args, kwargs):
+    return _dropout(ctx, args[0], _arg(args, kwargs, 1, "p"))
+
+
+# ---- layers linear in their input -------------------------------------------------------------
+
+
+def _conv_input(ctx: RuleContext, module: nn.Module, x: Moments) -> tuple[Moments, Any]:
+    """Apply a non-zero ``padding_mode`` explicitly; returns the input and the conv padding to use."""
+    if getattr(module, "padding_mode", "zeros") == "zeros":
+        return x, module.padding
+    pad = list(module._reversed_padding_repeated_twice)
+    mean = ctx.call(F.pad, x.mean, pad, mode=module.padding_mode)
+    var = ctx.call(F.pad, x.var, pad, mode=module.padding_mode)
+    return Moments(mean, var), 0
+
+
+def _name(target: Any) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+def _linear_module(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    bias = ctx.attr(f"{node.target}.bias") if module.bias is not None else None
+    return ctx.rule(MF.linear_moments, x.mean, x.var, ctx.attr(f"{node.target}.weight"), bias)
+
+
+def _conv_module(ctx, node, module, args, kwargs):
+    x, padding = _conv_input(ctx, module, ctx.moments(args[0]))
+    bias = ctx.attr(f"{node.target}.bias") if module.bias is not None else None
+    weight = ctx.attr(f"{node.target}.weight")
+    return ctx.rule(MF.conv_moments, x.mean, x.var, weight, bias, module.stride, padding, module.dilation, module.groups)
+
+
+def _weight_function(rule: Callable[..., tuple[Tensor, Tensor]]) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = _input(ctx, args, kwargs)
+        weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+        _require_plain(weight, f"the weight of {_name(node.target)}")
+        _require_plain(bias, f"the bias of {_name(node.target)}")
+        rest = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
+        return ctx.rule(rule, x.mean, x.var, weight, bias, *args[3:], **rest)
+
+    return handler
+
+
+def _batch_norm_module(ctx, node, module, args, kwargs):
+    if module.running_mean is None or module.running_var is None:
+        raise UnsupportedOperationError(
+            f"{type(module).__name__} without running statistics (track_running_stats=False) normalises "
+            "by batch statistics, which has no per-unit rule"
+        )
+    x = ctx.moments(args[0])
+    attr = lambda name: ctx.attr(f"{node.target}.{name}") if getattr(module, name) is not None else None  # noqa: E731
+    return ctx.rule(
+        MF.batch_norm_moments, x.mean, x.var, attr("running_mean"), attr("running_var"), attr("weight"), attr("bias"), module.eps
+    )
+
+
+def _batch_norm_function(ctx, node, module, args, kwargs):
+    x = _input(ctx, args, kwargs)
+    running_mean, running_var = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
+    if running_mean is None or running_var is None:
+        raise UnsupportedOperationError("F.batch_norm without running statistics has no per-unit rule")
+    weight, bias = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+    eps = _arg(args, kwargs, 7, "eps", 1e-5)
+    return ctx.rule(MF.batch_norm_moments, x.mean, x.var, running_mean, running_var, weight, bias, eps)
+
+
+# ---- Gaussian-weight layers (bayesian-torch) --------------------------------------------------
+
+
+def _softplus_square(rho: Tensor) -> Tensor:
+    # bayesian-torch: sigma = log1p(exp(rho))
+    sigma = torch.log1p(torch.exp(rho))
+    return sigma * sigma
+
+
+def _bayesian_layer(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    path = node.target
+    weight_name = "mu_weight" if hasattr(module, "mu_weight") else "mu_kernel"
+    weight_mean = ctx.attr(f"{path}.{weight_name}")
+    weight_var = ctx.call(_softplus_square, ctx.attr(f"{path}.{weight_name.replace('mu_', 'rho_')}"))
+    has_bias = getattr(module, "mu_bias", None) is not None
+    bias_mean = ctx.attr(f"{path}.mu_bias") if has_bias else None
+    bias_var = ctx.call(_softplus_square, ctx.attr(f"{path}.rho_bias")) if has_bias else None
+    if hasattr(module, "mu_weight"):
+        out = ctx.rule(MF.gaussian_linear_moments, x.mean, x.var, weight_mean, weight_var, bias_mean, bias_var)
+    else:
+        out = ctx.rule(
+            MF.gaussian_conv_moments, x.mean, x.var, weight_mean, weight_var, bias_mean, bias_var,
+            module.stride, module.padding, module.dilation, module.groups,
+        )  # fmt: skip
+    returns_kl = _arg(args, kwargs, 1, "return_kl", True) and not getattr(module, "dnn_to_bnn_flag", False)
+    if returns_kl:
+        # the layer returns (out, kl); the KL is deterministic and is usually dropped from the graph
+        return (out, ctx.method("kl_loss", ctx.attr(path)))
+    return out
+
+
+# ---- activations ------------------------------------------------------------------------------
+
+
+def _unary(rule: Callable[..., tuple[Tensor, Tensor]]) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = _input(ctx, args, kwargs)
+        return ctx.rule(rule, x.mean, x.var)
+
+    return handler
+
+
+def _leaky_relu_module(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    return ctx.rule(MF.leaky_relu_moments, x.mean, x.var, float(module.negative_slope))
+
+
+def _leaky_relu_function(ctx, node, module, args, kwargs):
+    x = _input(ctx, args, kwargs)
+    return ctx.rule(MF.leaky_relu_moments, x.mean, x.var, float(_arg(args, kwargs, 1, "negative_slope", 0.01)))
+
+
+def _identity(ctx, node, module, args, kwargs):
+    return args[0]
+
+
+# ---- pooling ----------------------------------------------------------------------------------
+
+
+def _max_pool_module(dims: int) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        if module.ceil_mode or module.return_indices:
+            raise UnsupportedOperationError(f"{type(module).__name__} with ceil_mode or return_indices")
+        x = ctx.moments(args[0])
+        return ctx.rule(
+            MF.max_pool_moments, x.mean, x.var, module.kernel_size, module.stride, module.padding, module.dilation, dims=dims
+        )
+
+    return handler
+
+
+def _max_pool_function(dims: int) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = _input(ctx, args, kwargs)
+        names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+        bound = {name: _arg(args, kwargs, i, name) for i, name in enumerate(names)}
+        if bound["ceil_mode"] or bound["return_indices"]:
+            raise UnsupportedOperationError(f"max_pool{dims}d with ceil_mode or return_indices")
+        return ctx.rule(
+            MF.max_pool_moments, x.mean, x.var, bound["kernel_size"], bound["stride"], bound["padding"] or 0,
+            bound["dilation"] or 1, dims=dims,
+        )  # fmt: skip
+
+    return handler
+
+
+def _avg_pool_module(dims: int) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = ctx.moments(args[0])
+        return ctx.rule(
+            MF.avg_pool_moments, x.mean, x.var, module.kernel_size, module.stride, module.padding, module.ceil_mode,
+            module.count_include_pad, getattr(module, "divisor_override", None), dims=dims,
+        )  # fmt: skip
+
+    return handler
+
+
+def _avg_pool_function(dims: int) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = _input(ctx, args, kwargs)
+        names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+        defaults = (None, None, None, 0, False, True, None)
+        bound = {name: _arg(args, kwargs, i, name, d) for i, (name, d) in enumerate(zip(names, defaults))}
+        del bound["input"]
+        return ctx.rule(MF.avg_pool_moments, x.mean, x.var, dims=dims, **bound)
+
+    return handler
+
+
+def _adaptive_avg_pool_module(dims: int) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = ctx.moments(args[0])
+        return ctx.rule(MF.adaptive_avg_pool_moments, x.mean, x.var, module.output_size, dims=dims)
+
+    return handler
+
+
+def _adaptive_avg_pool_function(dims: int) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = _input(ctx, args, kwargs)
+        return ctx.rule(MF.adaptive_avg_pool_moments, x.mean, x.var, _arg(args, kwargs, 1, "output_size"), dims=dims)
+
+    return handler
+
+
+# ---- shape operations: the same op on mean and variance ---------------------------------------
+
+
+def _both_function(fn: Callable[..., Any]) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = ctx.moments(args[0])
+        _require_plain(list(args[1:]) + list(kwargs.values()), f"the arguments of {getattr(fn, '__name__', fn)}")
+        return Moments(ctx.call(fn, x.mean, *args[1:], **kwargs), ctx.call(fn, x.var, *args[1:], **kwargs))
+
+    return handler
+
+
+def _both_method(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    _require_plain(list(args[1:]) + list(kwargs.values()), f"the arguments of .{node.target}()")
+    return Moments(ctx.method(node.target, x.mean, *args[1:], **kwargs), ctx.method(node.target, x.var, *args[1:], **kwargs))
+
+
+def _both_module(ctx, node, module, args, kwargs):
+    # Flatten / Unflatten: stateless shape modules, called on both
+    x = ctx.moments(args[0])
+    target = ctx.attr(node.target)
+    return Moments(ctx.graph.call_function(_call, (target, x.mean)), ctx.graph.call_function(_call, (target, x.var)))
+
+
+def _call(module: nn.Module, x: Tensor) -> Tensor:
+    return module(x)
+
+
+def _of_mean_function(ctx, node, module, args, kwargs):
+    # shape queries (x.shape, x.size(), x.dim()) are deterministic: ask the mean
+    return ctx.call(node.target, args[0].mean, *args[1:], **kwargs)
+
+
+def _of_mean_method(ctx, node, module, args, kwargs):
+    return ctx.method(node.target, args[0].mean, *args[1:], **kwargs)
+
+
+def _getitem(ctx, node, module, args, kwargs):
+    container, index = args
+    if isinstance(container, (tuple, list)):  # a layer's (out, kl) tuple, resolved while building
+        return container[index]
+    _require_plain(index, "a tensor index")
+    return Moments(ctx.call(operator.getitem, container.mean, index), ctx.call(operator.getitem, container.var, index))
+
+
+def _concatenate(fn: Callable[..., Tensor]) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        parts = [ctx.moments(v) for v in _arg(args, kwargs, 0, "tensors")]
+        rest = {k: v for k, v in kwargs.items() if k != "tensors"}
+        means = ctx.call(fn, [p.mean for p in parts], *args[1:], **rest)
+        return Moments(means, ctx.call(fn, [p.var for p in parts], *args[1:], **rest))
+
+    return handler
+
+
+# ---- arithmetic -------------------------------------------------------------------------------
+
+
+def _add(sign: float) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        a, b = args[0], args[1]
+        if kwargs.get("alpha", 1) != 1:
+            raise UnsupportedOperationError("add/sub with alpha != 1")
+        op = operator.add if sign > 0 else operator.sub
+        if isinstance(a, Moments) and isinstance(b, Moments):
+            # independence assumed: the variances add (a residual branch is in truth correlated with its input)
+            return Moments(ctx.call(op, a.mean, b.mean), ctx.call(operator.add, a.var, b.var))
+        if isinstance(a, Moments):
+            return Moments(ctx.call(op, a.mean, b), a.var)
+        return Moments(ctx.call(op, a, b.mean), b.var)
+
+    return handler
+
+
+def _mul(ctx, node, module, args, kwargs):
+    a, b = args[0], args[1]
+    if isinstance(a, Moments) and isinstance(b, Moments):
+        return ctx.rule(MF.product_moments, a.mean, a.var, b.mean, b.var)
+    x, c = (a, b) if isinstance(a, Moments) else (b, a)
+    return Moments(ctx.call(operator.mul, x.mean, c), ctx.call(operator.mul, x.var, ctx.call(operator.mul, c, c)))
+
+
+def _div(ctx, node, module, args, kwargs):
+    a, b = args[0], args[1]
+    if isinstance(b, Moments):
+        raise UnsupportedOperationError("division by a random value")
+    return Moments(ctx.call(operator.truediv, a.mean, b), ctx.call(operator.truediv, a.var, ctx.call(operator.mul, b, b)))
+
+
+def _neg(ctx, node, module, args, kwargs):
+    return Moments(ctx.call(operator.neg, args[0].mean), args[0].var)
+
+
+def _mean(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    dim, keepdim = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "keepdim", False)
+    if kwargs.get("dtype") is not None:
+        raise UnsupportedOperationError("mean with dtype")
+    return ctx.rule(MF.mean_moments, x.mean, x.var, dim, keepdim)
+
+
+def _sum(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    dim, keepdim = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "keepdim", False)
+    if dim is None:
+        return Moments(ctx.call(torch.sum, x.mean), ctx.call(torch.sum, x.var))
+    return Moments(ctx.call(torch.sum, x.mean, dim, keepdim), ctx.call(torch.sum, x.var, dim, keepdim))
+
+
+# ---- registries -------------------------------------------------------------------------------
+
+_SHAPE_FUNCTIONS = (
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+    torch.movedim, torch.narrow, torch.clone,
+)  # fmt: skip
+_SHAPE_METHODS = (
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
+    "movedim", "narrow", "clone", "expand", "expand_as", "view_as", "reshape_as",
+)  # fmt: skip
+
+MODULE_RULES: dict[type, Handler] = {
+    nn.Dropout: _dropout_module,
+    nn.Dropout1d: _dropout_module,
+    nn.Dropout2d: _dropout_module,
+    nn.Dropout3d: _dropout_module,
+    nn.Linear: _linear_module,
+    nn.Conv1d: _conv_module,
+    nn.Conv2d: _conv_module,
+    nn.Conv3d: _conv_module,
+    nn.BatchNorm1d: _batch_norm_module,
+    nn.BatchNorm2d: _batch_norm_module,
+    nn.BatchNorm3d: _batch_norm_module,
+    nn.ReLU: _unary(MF.relu_moments),
+    nn.LeakyReLU: _leaky_relu_module,
+    nn.Sigmoid: _unary(MF.sigmoid_moments),
+    nn.Tanh: _unary(MF.tanh_moments),
+    nn.Identity: _identity,
+    nn.MaxPool1d: _max_pool_module(1),
+    nn.MaxPool2d: _max_pool_module(2),
+    nn.AvgPool1d: _avg_pool_module(1),
+    nn.AvgPool2d: _avg_pool_module(2),
+    nn.AdaptiveAvgPool1d: _adaptive_avg_pool_module(1),
+    nn.AdaptiveAvgPool2d: _adaptive_avg_pool_module(2),
+    nn.Flatten: _both_module,
+    nn.Unflatten: _both_module,
+}
+
+FUNCTION_RULES: dict[Any, Handler] = {
+    F.dropout: _dropout_function,
+    F.dropout1d: _dropout_function,
+    F.dropout2d: _dropout_function,
+    F.dropout3d: _dropout_function,
+    torch.dropout: _torch_dropout,
+    F.linear: _weight_function(MF.linear_moments),
+    F.conv1d: _weight_function(MF.conv_moments),
+    F.conv2d: _weight_function(MF.conv_moments),
+    F.conv3d: _weight_function(MF.conv_moments),
+    F.batch_norm: _batch_norm_function,
+    F.relu: _unary(MF.relu_moments),
+    torch.relu: _unary(MF.relu_moments),
+    F.leaky_relu: _leaky_relu_function,
+    torch.sigmoid: _unary(MF.sigmoid_moments),
+    F.sigmoid: _unary(MF.sigmoid_moments),
+    torch.tanh: _unary(MF.tanh_moments),
+    F.tanh: _unary(MF.tanh_moments),
+    F.max_pool1d: _max_pool_function(1),
+    F.max_pool2d: _max_pool_function(2),
+    F.avg_pool1d: _avg_pool_function(1),
+    F.avg_pool2d: _avg_pool_function(2),
+    F.adaptive_avg_pool1d: _adaptive_avg_pool_function(1),
+    F.adaptive_avg_pool2d: _adaptive_avg_pool_function(2),
+    torch.cat: _concatenate(torch.cat),
+    torch.stack: _concatenate(torch.stack),
+    operator.getitem: _getitem,
+    operator.add: _add(1.0),
+    operator.iadd: _add(1.0),
+    torch.add: _add(1.0),
+    operator.sub: _add(-1.0),
+    operator.isub: _add(-1.0),
+    torch.sub: _add(-1.0),
+    operator.mul: _mul,
+    operator.imul: _mul,
+    torch.mul: _mul,
+    operator.truediv: _div,
+    torch.div: _div,
+    operator.neg: _neg,
+    torch.neg: _neg,
+    torch.mean: _mean,
+    torch.sum: _sum,
+    builtins.getattr: _of_mean_function,
+    **{fn: _both_function(fn) for fn in _SHAPE_FUNCTIONS},
+}
+
+METHOD_RULES: dict[str, Handler] = {
+    "relu": _unary(MF.relu_moments),
+    "relu_": _unary(MF.relu_moments),
+    "sigmoid": _unary(MF.sigmoid_moments),
+    "tanh": _unary(MF.tanh_moments),
+    "add": _add(1.0),
+    "add_": _add(1.0),
+    "sub": _add(-1.0),
+    "mul": _mul,
+    "div": _div,
+    "neg": _neg,
+    "mean": _mean,
+    "sum": _sum,
+    "size": _of_mean_method,
+    "dim": _of_mean_method,
+    "numel": _of_mean_method,
+    **{name: _both_method for name in _SHAPE_METHODS},
+}
+
+# operations that make a deterministic input random: handled even when no input is random
+# (alpha dropout has no rule: listing it makes it an error instead of a silent identity)
+STOCHASTIC_FUNCTIONS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout, F.alpha_dropout, F.feature_alpha_dropout,
+}  # fmt: skip
+STOCHASTIC_MODULES: tuple[type, ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)  # fmt: skip
+
+
+def bayesian_layer_types() -> tuple[type, ...]:
+    """bayesian-torch's Gaussian-weight layers (reparameterization and flipout share the posterior)."""
+    try:
+        from bayesian_torch.layers import flipout_layers as flip
+        from bayesian_torch.layers import variational_layers as var
+    except ImportError:  # optional: without bayesian-torch there are no such layers to meet
+        return ()
+    return (
+        var.LinearReparameterization, var.Conv1dReparameterization, var.Conv2dReparameterization,
+        var.Conv3dReparameterization, flip.LinearFlipout, flip.Conv1dFlipout, flip.Conv2dFlipout, flip.Conv3dFlipout,
+    )  # fmt: skip
+
+
+def module_rule(module: nn.Module) -> Handler | None:
+    """The handler for a leaf module, by its most specific registered class."""
+    for cls in type(module).__mro__:
+        if cls in MODULE_RULES:
+            return MODULE_RULES[cls]
+    if isinstance(module, bayesian_layer_types()):
+        return _bayesian_layer
+    return None

@@ -1,0 +1,153 @@
+"""``MomentPropagationWrapper``: one analytic pass instead of Monte-Carlo sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from lightning_relief.models.spec import model_spec
+from lightning_relief.moments import functional as MF
+from lightning_relief.moments.convert import Output, build_moment_graph
+
+_OUTPUTS = ("moments", "probs", "log_probs")
+
+
+class MomentPropagationWrapper(nn.Module):
+    """Propagate each activation's mean and variance through a network with dropout or Gaussian weights.
+
+    The network is traced with ``torch.fx`` (so ``F.dropout``, ``F.relu``,
+    ``torch.flatten`` and ``+`` in a ``forward`` are found, not only modules) and
+    rebuilt as a graph that carries, per unit, a mean and a variance under the
+    assumption that units are independent Gaussians (Brach et al. 2020). Dropout
+    is modelled as it acts in MC dropout (active at test time, whatever the
+    ``training`` flag); batch norm uses its running statistics. Layers before the
+    first random operation run unchanged, once.
+
+    Supported: ``Linear``, ``Conv1d/2d/3d`` (and ``F.linear``/``F.conv*d``),
+    ``BatchNorm1d/2d/3d`` (eval), ``ReLU``, ``LeakyReLU``, ``Sigmoid``, ``Tanh``,
+    ``Dropout`` (also ``1d/2d/3d`` and functional), ``MaxPool1d/2d``,
+    ``AvgPool1d/2d``, ``AdaptiveAvgPool1d/2d`` (integer ratios), ``Flatten``,
+    reshapes, ``+``/``-``/``*``/``/``, ``mean``/``sum``, ``cat``, and bayesian-torch's
+    ``LinearReparameterization``/``Conv*dReparameterization`` and flipout layers
+    (weights ``N(mu, log1p(exp(rho))^2)``; their ``(out, kl)`` output is handled).
+    Anything else raises :class:`~lightning_relief.moments.UnsupportedOperationError`
+    naming the operation, its module path, node and source line.
+
+    **Extension protocol.** A module that defines
+    ``propagate_moments(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]``
+    is not traced into: the wrapper calls that method with its input's moments
+    (zero variance for a deterministic input) and uses the result. Its body must be
+    plain tensor code (no branches on tensor values) to stay exportable. The
+    wrapper itself implements the protocol, so wrapped networks nest.
+
+    Args:
+        model: the trained network (shared, not copied; it is put in eval mode).
+        output: what ``forward`` returns: ``"moments"`` the logits' ``(mean, var)``;
+            ``"probs"`` class probabilities by a softmax approximation (``softmax``);
+            ``"log_probs"`` their logarithm, which can stand in for logits (e.g. as the
+            model of a ``ClassifierModule`` for test/predict: its softmax gives the
+            probabilities, its cross-entropy their NLL).
+        leaf_types: extra module classes not to trace into (they need a rule or
+            ``propagate_moments``).
+        softmax: the approximation of the expected softmax: ``"daunizeau"`` (pairwise
+            sigmoids) or ``"mean_field"`` (each logit scaled by ``1/sqrt(1 + pi v/8)``);
+            see :func:`~lightning_relief.moments.functional.softmax_log_probs`.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_relief.models import MLP
+        >>> from lightning_relief import MomentPropagationWrapper
+        >>> wrapper = MomentPropagationWrapper(MLP(in_features=64, dropout=0.2))
+        >>> mean, var = wrapper(torch.randn(4, 1, 8, 8))
+        >>> mean.shape, bool((var > 0).all())
+        (torch.Size([4, 10]), True)
+        >>> probs = wrapper.predict_proba(torch.randn(4, 1, 8, 8))  # Daunizeau's softmax approximation
+        >>> torch.allclose(probs.sum(-1), torch.ones(4))
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output: Output = "moments",
+        leaf_types: Sequence[type] = (),
+        softmax: MF.SoftmaxMethod = "daunizeau",
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if output not in _OUTPUTS:
+            raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
+        if softmax not in MF.SOFTMAX_METHODS:
+            raise ValueError(f"softmax must be one of {MF.SOFTMAX_METHODS}, got {softmax!r}")
+        bad = [t for t in leaf_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
+        if bad:
+            raise TypeError(f"leaf_types must be nn.Module subclasses, got {bad}")
+        self.model = model.eval()
+        self.output = output
+        self.leaf_types = tuple(leaf_types)
+        self.softmax = softmax
+        # constants created inside the traced forward: buffers so that .to() moves them, not saved
+        self.constants = nn.Module()
+        self._graphs: dict[tuple[bool, str], fx.GraphModule] = {}
+        self._graph(random_input=False, output=output)  # trace now: unsupported operations fail here
+        spec = model_spec(model)
+        if spec is not None:  # lets ClassifierModule.load_from_checkpoint rebuild the wrapper
+            self.init_args = {"model": spec, "output": output, "softmax": softmax}
+
+    def _graph(self, random_input: bool, output: Output) -> fx.GraphModule:
+        key = (random_input, output)
+        if key not in self._graphs:
+            graph, constants = build_moment_graph(
+                self.model, random_input=random_input, output=output, leaf_types=self.leaf_types, softmax=self.softmax
+            )
+            for name, value in constants.items():
+                if not hasattr(self.constants, name):
+                    self.constants.register_buffer(name, value, persistent=False)
+            graph.constants = self.constants
+            self._graphs[key] = graph
+        return self._graphs[key]
+
+    @property
+    def code(self) -> str:
+        """The Python source of the generated ``forward`` (for inspection)."""
+        return self._graph(False, self.output).code
+
+    def forward(self, x: Tensor) -> Any:
+        """``(mean, var)`` of the logits, or probabilities / log-probabilities (see ``output``)."""
+        return self._graph(False, self.output)(x)
+
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the logits for a deterministic input."""
+        return self._graph(False, "moments")(x)
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """Predictive class probabilities (the ``softmax`` approximation)."""
+        return self._graph(False, "probs")(x)
+
+    def propagate_moments(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """The protocol: moments of the logits for a Gaussian input ``N(mean, var)``."""
+        return self._graph(True, "moments")(mean, var)
+
+    def probs_from_moments(self, mean: Tensor, var: Tensor) -> Tensor:
+        """Class probabilities from logit moments (the wrapper's ``softmax`` approximation)."""
+        return MF.softmax_probs(mean, var, method=self.softmax)
+
+    def train(self, mode: bool = True) -> MomentPropagationWrapper:
+        # the wrapped layers always run in eval mode: batch norm must use its running statistics,
+        # and dropout is modelled analytically rather than sampled
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_graphs"] = {}  # derived from the model; rebuilt on first use
+        return state
+
+    def extra_repr(self) -> str:
+        return f"output={self.output!r}, softmax={self.softmax!r}"

@@ -1,0 +1,238 @@
+"""The reusable core of noise-aware training: hooks and weight perturbation on a model.
+
+:class:`NoiseInjector` knows nothing about Lightning. It attaches forward hooks
+(output/activation noise) and perturbs weights in place for the span of one
+step, and it can be driven by any loop: the Lightning strategies in
+:mod:`lightning_relief.strategies.analog_noise` and
+:mod:`lightning_relief.noise.distributed` use it, and so can plain PyTorch.
+
+Weight noise is applied by overwriting the weights with a noisy copy before the
+forward pass and writing the saved clean values back after the backward pass
+(aihwkit's semantics: the forward and the input gradient see the noisy
+weights, the weight gradient updates the clean ones). The copy is bit-exact.
+
+Noise draws are a pure function of ``(seed, rank, step)``: the noise
+generator is re-seeded each step, so a resumed run draws the same noise and
+every data-parallel rank draws its own. Schedule draws (per-sample σ, random
+walk, deployment times) use one generator shared by all ranks whose state is
+part of :meth:`NoiseInjector.state_dict`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_relief.noise.models import NoiseModel
+from lightning_relief.noise.placement import Placement, as_placements
+from lightning_relief.noise.schedules import Constant, Schedule
+
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, rank, step) over seed space
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return ((seed * _MIX) ^ (rank * 0xBF58476D1CE4E5B9) ^ (step * 0x94D049BB133111EB)) % (2**63 - 1)
+
+
+class NoiseInjector:
+    """Injects ``noise`` at ``placement``, at the level ``schedule`` gives for each step.
+
+    Example (plain PyTorch)::
+
+        >>> import torch
+        >>> from lightning_relief.models import MLP
+        >>> from lightning_relief.noise import AdditiveGaussian, Constant, NoiseInjector
+        >>> model = MLP()
+        >>> injector = NoiseInjector(AdditiveGaussian(), Constant(0.1), "outputs").attach(model)
+        >>> x = torch.randn(8, 1, 8, 8)
+        >>> with injector.step(batch_size=8):
+        ...     noisy = model(x)
+        >>> clean = model(x)  # outside a step: no noise
+        >>> injector.detach()
+    """
+
+    def __init__(
+        self,
+        noise: NoiseModel,
+        schedule: Schedule | float | None = None,
+        placement: Placement | str | Sequence[Placement | str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(noise, NoiseModel):
+            raise TypeError(f"noise must be a NoiseModel (e.g. AdditiveGaussian()), got {type(noise).__name__}")
+        if schedule is None:
+            if noise.default_level is None:
+                raise ValueError(f"a time-based noise model ({type(noise).__name__}) needs a schedule, e.g. DeploymentTime()")
+            schedule = Constant(noise.default_level)
+        elif isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
+            schedule = Constant(float(schedule))
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule or a number, got {type(schedule).__name__}")
+        if schedule.kind is not None and schedule.kind != noise.level_kind:
+            raise ValueError(
+                f"schedule {type(schedule).__name__} gives a {schedule.kind} level but {type(noise).__name__} "
+                f"needs a {noise.level_kind} level"
+            )
+        placements = as_placements(placement, noise.default_sites)
+        for p in placements:
+            if p.site not in noise.supported_sites:
+                raise ValueError(f"{type(noise).__name__} supports sites {noise.supported_sites}, got placement site {p.site!r}")
+        if int(seed) != seed:
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.noise = noise
+        self.schedule = schedule
+        self.placements = placements
+        self.seed = int(seed)
+        self.rank = 0
+        self.steps_done = 0  # training steps taken; the next step's index
+        self.current_level: Tensor | None = None
+        self.schedule_generator = torch.Generator().manual_seed(self.seed)
+        self._noise_generator: torch.Generator | None = None
+        self._eval_generator: torch.Generator | None = None
+        self._handles: list[Any] = []
+        self._weights: list[tuple[str, nn.Module, nn.Parameter]] = []
+        self._saved: list[tuple[nn.Parameter, Tensor]] = []
+        self._level: Tensor | None = None  # set while a step is active
+        self._step_generator: torch.Generator | None = None
+        self.selected: dict[str, list[str]] = {}
+
+    # -- attaching
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles or self._weights)
+
+    def attach(self, model: nn.Module, rank: int = 0, device: torch.device | str | None = None) -> NoiseInjector:
+        """Register the hooks on ``model`` (idempotent: re-attaching detaches first)."""
+        self.detach()
+        self.rank = int(rank)
+        if device is None:
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        device = torch.device(device)
+        self._noise_generator = torch.Generator(device=device)
+        self._eval_generator = torch.Generator(device=device).manual_seed(step_seed(self.seed, self.rank, -1))
+        self.selected = {}
+        seen: set[int] = set()
+        for placement in self.placements:
+            names = []
+            for name, module in placement.select(model):
+                names.append(name)
+                if placement.site == "weights":
+                    param = module.weight
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        self._weights.append((name, module, param))
+                else:
+                    self._handles.append(module.register_forward_hook(self._make_hook(placement.site)))
+            self.selected[placement.site] = self.selected.get(placement.site, []) + names
+        if not any(self.selected.values()):
+            self.detach()
+            raise ValueError(f"placement {self.placements} selects no module of {type(model).__name__}")
+        return self
+
+    def detach(self) -> None:
+        """Remove all hooks and restore any perturbed weights."""
+        self.restore_weights()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._weights = []
+        self._level = None
+
+    def _make_hook(self, site: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self._level is None or not isinstance(output, Tensor):
+                return None
+            return self.noise.apply(output, self._level, self._step_generator, site, module, args)
+
+        return hook
+
+    # -- a step
+    def next_level(self, batch_size: int) -> Tensor:
+        """The schedule's level for the next training step (advances the schedule's RNG)."""
+        return self.schedule.level(self.steps_done, batch_size, self.schedule_generator)
+
+    def begin(self, level: Tensor, generator: torch.Generator) -> None:
+        """Turn noise on at ``level``: perturb the weights and arm the hooks."""
+        self.end()
+        self._step_generator = generator
+        self._level = level
+        if self._weights:
+            weight_level = level.reshape(-1)[0] if level.dim() else level  # one weight draw per batch
+            with torch.no_grad():
+                clean = [param.detach().clone() for _, _, param in self._weights]
+                noisy = self.noise.apply_weights(clean, weight_level, generator, [m for _, m, _ in self._weights])
+                for (_, _, param), value, saved in zip(self._weights, noisy, clean):
+                    self._saved.append((param, saved))
+                    param.copy_(value)
+
+    def deactivate(self) -> None:
+        """Stop output/activation noise (weights stay perturbed until :meth:`restore_weights`)."""
+        self._level = None
+
+    def restore_weights(self) -> None:
+        with torch.no_grad():
+            for param, clean in self._saved:
+                param.copy_(clean)
+        self._saved = []
+
+    def end(self) -> None:
+        self.deactivate()
+        self.restore_weights()
+
+    def begin_training_step(self, batch_size: int) -> Tensor:
+        """Draw this step's level, seed the noise and turn it on; returns the level."""
+        if self._noise_generator is None:
+            raise RuntimeError("NoiseInjector.attach(model) must be called before a step")
+        level = self.next_level(batch_size)
+        self._noise_generator.manual_seed(step_seed(self.seed, self.rank, self.steps_done))
+        self.current_level = level
+        self.steps_done += 1
+        self.begin(level, self._noise_generator)
+        return level
+
+    def begin_eval_step(self, level: float | Tensor | None = None) -> Tensor:
+        """Turn noise on for an evaluation step at ``level`` (default: the last training level's mean)."""
+        if self._eval_generator is None:
+            raise RuntimeError("NoiseInjector.attach(model) must be called before a step")
+        if level is None:
+            if self.current_level is None:
+                level = self.schedule.level(self.steps_done, 1, torch.Generator().manual_seed(self.seed))
+            else:
+                level = self.current_level
+            level = level.float().mean()
+        level = torch.as_tensor(level, dtype=torch.float32)
+        self.begin(level, self._eval_generator)
+        return level
+
+    @contextlib.contextmanager
+    def step(self, batch_size: int = 1) -> Iterator[Tensor]:
+        """A training step (plain PyTorch): noise on inside, weights restored on exit.
+
+        Run the backward pass inside the block so gradients see the noisy weights.
+        """
+        level = self.begin_training_step(batch_size)
+        try:
+            yield level
+        finally:
+            self.end()
+
+    # -- checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps_done": self.steps_done,
+            "schedule": self.schedule.state_dict(),
+            "schedule_rng": self.schedule_generator.get_state(),
+            "current_level": None if self.current_level is None else self.current_level.detach().cpu(),
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_done = int(state["steps_done"])
+        self.schedule.load_state_dict(state.get("schedule", {}))
+        self.schedule_generator.set_state(state["schedule_rng"])
+        self.current_level = state.get("current_level")

@@ -1,0 +1,188 @@
+"""Gaussian noise models of analog compute (Walking Noise, aihwkit-style weight noise).
+
+A noise model turns a clean tensor into a noisy one at a given *level*. The
+level comes from a schedule (:mod:`lightning_relief.noise.schedules`) and is a
+0-d tensor (one level for the batch) or a ``(batch,)`` tensor (one level per
+sample). Where the noise lands (weights, activations or layer outputs) is the
+placement's business (:mod:`lightning_relief.noise.placement`); a model only
+says which sites it supports.
+
+All sampling goes through an explicit ``torch.Generator`` so that training
+with noise is reproducible and resumes exactly from a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+SITES = ("weights", "activations", "outputs")
+
+
+def _check_sigma(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def broadcast_level(level: Tensor, like: Tensor) -> Tensor:
+    """Shape a 0-d or per-sample ``(B,)`` level so it broadcasts over ``like``."""
+    level = level.to(device=like.device, dtype=like.dtype)
+    if level.dim() == 0:
+        return level
+    if level.dim() != 1 or like.dim() == 0 or level.shape[0] != like.shape[0]:
+        raise ValueError(f"a per-sample level of shape {tuple(level.shape)} does not fit a tensor of shape {tuple(like.shape)}")
+    return level.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class NoiseModel:
+    """Base class. ``apply`` returns a noisy copy of ``x`` (never modifies it).
+
+    ``level_kind`` names what the schedule's level means: ``"value"`` (a σ or a
+    scale factor) or ``"time"`` (seconds since programming, for drift models).
+    """
+
+    level_kind: ClassVar[str] = "value"
+    supported_sites: ClassVar[tuple[str, ...]] = SITES
+    default_sites: ClassVar[tuple[str, ...]] = ("outputs",)
+    default_level: ClassVar[float | None] = 0.1  # the level when no schedule is given
+
+    def apply(
+        self,
+        x: Tensor,
+        level: Tensor,
+        generator: torch.Generator | None = None,
+        site: str = "outputs",
+        module: nn.Module | None = None,
+        inputs: tuple[Tensor, ...] = (),
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def apply_weights(
+        self,
+        weights: list[Tensor],
+        level: Tensor,
+        generator: torch.Generator | None = None,
+        modules: list[nn.Module] | None = None,
+    ) -> list[Tensor]:
+        """Noisy copies of several weight tensors for one step (models may batch them)."""
+        modules = modules or [None] * len(weights)  # type: ignore[list-item]
+        return [self.apply(w, level, generator, "weights", m) for w, m in zip(weights, modules)]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class AdditiveGaussian(NoiseModel):
+    """``y = x + σ·s·ε``, ε ~ N(0, 1); σ is the level.
+
+    ``s`` is 1 (absolute σ, as in Walking Noise) or, with ``relative=True``,
+    the tensor's max |x| (σ relative to the weight or signal range, as analog
+    hardware specifies it).
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> y = AdditiveGaussian().apply(torch.zeros(10000), torch.tensor(0.5), g)
+    >>> round(float(y.std()), 1)
+    0.5
+    """
+
+    def __init__(self, relative: bool = False) -> None:
+        self.relative = bool(relative)
+
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):  # noqa: D102
+        sigma = broadcast_level(level, x)
+        if self.relative:
+            sigma = sigma * x.detach().abs().amax().clamp(min=1e-12)
+        return torch.addcmul(x, sigma, randn_like(x, generator))
+
+
+class MultiplicativeGaussian(NoiseModel):
+    """``y = x·η``, η ~ N(1, σ²); σ is the level.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> y = MultiplicativeGaussian().apply(torch.full((10000,), 2.0), torch.tensor(0.1), g)
+    >>> round(float(y.mean()), 1), round(float(y.std()), 1)
+    (2.0, 0.2)
+    """
+
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):  # noqa: D102
+        sigma = broadcast_level(level, x)
+        return torch.addcmul(x, x, randn_like(x, generator).mul_(sigma))
+
+
+class CombinedGaussian(NoiseModel):
+    """Walking-Noise combined noise: ``y = x·η + ε`` with level ``A``.
+
+    σ_add = A·r and σ_mul = A·(1 − r), ``r = ratio`` in [0, 1].
+
+    >>> import torch
+    >>> m = CombinedGaussian(ratio=0.25)
+    >>> m.sigmas(torch.tensor(0.4))
+    (tensor(0.1000), tensor(0.3000))
+    """
+
+    def __init__(self, ratio: float = 0.5) -> None:
+        ratio = float(ratio)
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        self.ratio = ratio
+
+    def sigmas(self, level: Tensor) -> tuple[Tensor, Tensor]:
+        """(σ_add, σ_mul) for amplitude ``level``."""
+        return level * self.ratio, level * (1.0 - self.ratio)
+
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):  # noqa: D102
+        amplitude = broadcast_level(level, x)
+        sigma_add, sigma_mul = self.sigmas(amplitude)
+        multiplied = torch.addcmul(x, x, randn_like(x, generator).mul_(sigma_mul))
+        return torch.addcmul(multiplied, sigma_add, randn_like(x, generator))
+
+
+class WeightNoise(NoiseModel):
+    """aihwkit-preset-like noise of an analog matrix-vector multiply.
+
+    On ``weights``: ``w + level·w_noise·max|w|·ε`` (aihwkit's additive weight
+    modifier, relative to the layer's largest weight). On ``outputs`` of a
+    conv/linear layer: ``y + level·out_noise·max|x|·max|w|·ε`` -- aihwkit adds
+    ``out_noise`` to the normalised MVM result, where inputs are scaled by their
+    per-sample max and weights by their max. The level is a scale factor: 1.0
+    is the preset (0.0175 weight noise, 0.04 output noise), 0 is clean.
+
+    >>> import torch
+    >>> layer = torch.nn.Linear(4, 3)
+    >>> w = WeightNoise().apply(layer.weight, torch.tensor(1.0), site="weights")
+    >>> w.shape
+    torch.Size([3, 4])
+    """
+
+    default_sites: ClassVar[tuple[str, ...]] = ("weights", "outputs")
+    supported_sites: ClassVar[tuple[str, ...]] = ("weights", "outputs")
+    default_level: ClassVar[float | None] = 1.0
+
+    def __init__(self, w_noise: float = 0.0175, out_noise: float = 0.04) -> None:
+        self.w_noise = _check_sigma("w_noise", w_noise)
+        self.out_noise = _check_sigma("out_noise", out_noise)
+
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):  # noqa: D102
+        scale = broadcast_level(level, x)
+        if site == "weights":
+            return x + scale * self.w_noise * x.detach().abs().amax() * randn_like(x, generator)
+        if site != "outputs":
+            raise ValueError(f"WeightNoise supports sites {self.supported_sites}, got {site!r}")
+        weight = getattr(module, "weight", None)
+        if weight is None or not inputs:
+            raise ValueError("WeightNoise on outputs needs a layer with a weight (Conv/Linear)")
+        x_in = inputs[0].detach()
+        x_max = x_in.abs().flatten(1).amax(1) if x_in.dim() > 1 else x_in.abs().amax().reshape(1)
+        bound = x_max.reshape(-1, *([1] * (x.dim() - 1))) * weight.detach().abs().amax()
+        return x + scale * self.out_noise * bound * randn_like(x, generator)

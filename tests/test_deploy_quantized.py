@@ -1,0 +1,127 @@
+"""Integer lowering of brevitas models: parity with brevitas' fake quantization, integer code in TVM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("brevitas")
+import brevitas.nn as qnn  # noqa: E402
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Int32Bias  # noqa: E402
+
+from lightning_relief.deploy import FakeQuantize, IntegerConv2d, IntegerLinear, compile_for_target, lower_quantized  # noqa: E402
+from lightning_relief.deploy.frontend import to_relax  # noqa: E402
+
+
+def brevitas_cnn() -> nn.Module:
+    """W4/W2/W8 weights, signed 8-bit input, unsigned 8- and 4-bit ReLU outputs, Int32 bias."""
+    return nn.Sequential(
+        qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True),
+        qnn.QuantConv2d(1, 8, 3, padding=1, weight_bit_width=4, bias=True, bias_quant=Int32Bias),
+        qnn.QuantReLU(bit_width=8, return_quant_tensor=True),
+        nn.MaxPool2d(2),
+        qnn.QuantConv2d(8, 8, 3, padding=1, weight_bit_width=2, bias=False),
+        qnn.QuantReLU(bit_width=4, return_quant_tensor=True),
+        nn.Flatten(),
+        qnn.QuantLinear(8 * 4 * 4, 10, bias=True, weight_quant=Int8WeightPerChannelFloat),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A brevitas CNN after a few steps of quantization-aware training on the digits."""
+    from lightning_relief.data import DigitsDataModule
+
+    torch.manual_seed(0)
+    dm = DigitsDataModule(batch_size=64, size=8, seed=0)
+    dm.setup()
+    model = brevitas_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step, (x, y) in enumerate(dm.train_dataloader()):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 10:
+            break
+    x_test = next(iter(dm.test_dataloader()))[0]
+    return model.eval(), x_test
+
+
+def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out.value if hasattr(out, "value") else out
+
+
+def test_lowered_layers_store_integers(trained):
+    model, x = trained
+    lowered = lower_quantized(model, x[:1])
+    assert isinstance(lowered[0], FakeQuantize) and isinstance(lowered[2], FakeQuantize) and lowered[2].relu
+    conv, conv2, linear = lowered[1], lowered[4], lowered[7]
+    assert isinstance(conv, IntegerConv2d) and isinstance(linear, IntegerLinear)
+    for layer, bits in ((conv, 4), (conv2, 2), (linear, 8)):
+        assert layer.weight_int.dtype == torch.int8 and layer.weight_bits == bits
+        assert layer.weight_int.abs().max() <= 2 ** (bits - 1) - 1
+        # the integers times the scale are brevitas' fake-quantized weights, exactly
+        brevitas_layer = model[{4: 1, 2: 4, 8: 7}[bits]]
+        torch.testing.assert_close(layer.float_weight(), brevitas_layer.quant_weight().value.detach(), atol=0, rtol=0)
+    assert conv.input_signed and not conv2.input_signed and linear.input_bits == 4
+    assert isinstance(model[1], qnn.QuantConv2d)  # the source model is not changed
+
+
+def test_lowered_model_matches_brevitas_in_pytorch_and_tvm(trained):
+    model, x = trained
+    lowered = lower_quantized(model, x[:1])
+    ref = reference(model, x)
+    with torch.no_grad():
+        eager = lowered(x)
+    # integer arithmetic vs brevitas' float fake quantization: equal up to float32 rounding
+    # (the rescale s_in * s_w is applied once to the int32 sum instead of to each operand)
+    torch.testing.assert_close(eager, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(eager.argmax(1), ref.argmax(1))
+    compiled = compile_for_target(lowered, x[:1])
+    out = compiled(x)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
+
+
+def test_tvm_graph_computes_in_int8_with_int32_accumulation(trained):
+    model, x = trained
+    script = to_relax(lower_quantized(model, x[:1]), x[:2]).mod.script(show_meta=False)
+    convs = [line for line in script.splitlines() if "R.nn.conv2d(" in line]
+    matmuls = [line for line in script.splitlines() if "R.matmul(" in line]
+    assert len(convs) == 2 and len(matmuls) == 1
+    assert all('out_dtype="int32"' in line and 'dtype="int32") =' in line for line in convs + matmuls)
+    assert 'R.Tensor((s' in script  # dynamic batch kept
+    assert script.count('dtype="int8") = R.astype') == 1 and script.count('dtype="uint8") = R.astype') == 2
+
+
+def test_compress_quantizer_output_lowers(digits):
+    """Models made by lightning_relief.compress (per-channel weights, own 8-bit input quantizer)."""
+    quantize = pytest.importorskip("lightning_relief.compress.quantize")
+    from lightning_relief.models import LeNet5
+
+    torch.manual_seed(0)
+    model = LeNet5(input_size=8)
+    x = next(iter(digits.val_dataloader()))[0]
+    quantize.quantize_layers(model, {"features.0.0": 4, "features.1.0": 8, "classifier.1": 2})
+    quantize.calibrate_activations(model, [x])
+    model.eval()
+    lowered = lower_quantized(model)  # input shape derived from LeNet5's init_args
+    assert isinstance(lowered.features[0][0], IntegerConv2d) and lowered.classifier[1].weight_bits == 2
+    ref = reference(model, x)
+    compiled = compile_for_target(lowered, x[:1])
+    out = compiled(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+def test_unsupported_brevitas_layers_are_named():
+    model = nn.Sequential(qnn.QuantIdentity(return_quant_tensor=True), qnn.QuantLinear(4, 4, bias=False),
+                          qnn.QuantSigmoid(return_quant_tensor=False))
+    with pytest.raises(ValueError, match=r"module '2' \(QuantSigmoid\) has no integer lowering"):
+        lower_quantized(model.eval(), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="cannot tell the input shape"):
+        lower_quantized(nn.Sequential(qnn.QuantLinear(4, 4, bias=False)).eval())
