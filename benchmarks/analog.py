@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +45,7 @@ from lightning_relief.noise import (
     evaluate_robustness,
 )
 from lightning_relief.noise.pcm import ONE_YEAR
+from _machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIGMA_TRAIN = 0.5
@@ -330,10 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "analog",
         "quick": args.quick,
-        "machine": {
-            "processor": platform.processor(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
-        },
+        "machine": machine_info(),
         "versions": {"torch": torch.__version__, "lightning": L.__version__, "aihwkit": aihwkit_version, "tvm": tvm_version,
                      "lightning_relief": lightning_relief.__version__},
         "setup": {"model": "LeNet5(input_size=8, dropout=0)", "data": "digits 8 px", "epochs": epochs,

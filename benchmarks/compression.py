@@ -25,8 +25,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from lightning_relief import ClassifierModule, DigitsDataModule, SensitivityPrun
 from lightning_relief.compress import analyze, apply_quantization, quantized_bits  # noqa: E402
 from lightning_relief.compress.latency import LatencyMeter  # noqa: E402
 from lightning_relief.models import LeNet5, ResNet  # noqa: E402
+from _machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -230,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 def payload_of(args, results: dict, started: float, tvm_version: str) -> dict:
     return {
         "benchmark": "compression", "quick": args.quick, "wall_s": time.perf_counter() - started,
-        "machine": {"processor": platform.processor(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__, "tvm": tvm_version, "torch_threads": args.threads,
-                    "tvm_threads": os.environ.get("TVM_NUM_THREADS"), "python": sys.version.split()[0]},
+        "machine": {**machine_info(), "tvm": tvm_version, "torch_threads": args.threads,
+                    "tvm_threads": os.environ.get("TVM_NUM_THREADS")},
         "settings": {"input_px": 32, "latency": "TVM llvm (this CPU), untuned, batch 1, median of 10x10 runs",
                      "targets": args.targets, "pretrain_epochs": args.pretrain_epochs,
                      "finetune_epochs": args.finetune_epochs, "candidates_per_round": args.candidates,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -51,12 +50,12 @@ os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)  # read when TVM's thread pool
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import tvm  # noqa: E402
 
 from lightning_relief.data import DigitsDataModule  # noqa: E402
 from lightning_relief.deploy import TuningConfig, compile_for_target, lower_quantized, measure_latency  # noqa: E402
 from lightning_relief.deploy.targets import host_target_dict  # noqa: E402
 from lightning_relief.models import MLP, LeNet5, resnet20  # noqa: E402
+from _machine import machine_info  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -211,13 +210,9 @@ def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, tria
         "benchmark": "deploy_latency",
         "quick": ARGS.quick,
         "machine": {
-            "processor": platform.processor() or platform.machine(),
+            **machine_info(),
             "llvm_cpu": target.get("mcpu"),
-            "cpu_count": os.cpu_count(),
             "load_average_at_end": os.getloadavg(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "tvm": tvm.__version__,
             "onnxruntime": __import__("onnxruntime").__version__,
         },
         "settings": {"threads": ARGS.threads, "repeat": ARGS.repeat, "number": ARGS.number, "max_repeat_ms": ARGS.max_repeat_ms,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -53,6 +52,7 @@ from lightning_relief.moments import mc_dropout_logits  # noqa: E402
 from lightning_relief.moments.functional import SOFTMAX_METHODS  # noqa: E402
 from lightning_relief.moments.sampling import dropout_active  # noqa: E402
 from lightning_relief.uncertainty import functional as U  # noqa: E402
+from _machine import machine_info  # noqa: E402
 
 SAMPLES = (10, 30, 100)
 BATCHES = (1, 128)
@@ -238,14 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs,
         "timing": "median process CPU seconds per call, 1 torch/TVM thread, methods interleaved",
         "tvm": "untuned (default pipeline, no MetaSchedule); MC dropout not compiled (no random ops in TVM)",
-        "machine": {
-            "processor": platform.processor(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "tvm": _tvm_version(),
-        },
+        "machine": machine_info(),
         "results": results,
         "goals": goals,
     }
@@ -254,15 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
-
-
-def _tvm_version() -> str | None:
-    try:
-        import tvm
-
-        return tvm.__version__
-    except ImportError:
-        return None
 
 
 def print_tables(results: dict[str, Any], goals: dict[str, Any]) -> None:

@@ -29,8 +29,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +45,7 @@ from lightning_relief.nn.photonic import PhotonicSamplerLayer
 from lightning_relief.photonic import ChipModel, PhotonicNetwork, convert_to_photonic, crossbar_passes, sample_logits
 from lightning_relief.uncertainty import functional as U
 from lightning_relief.uncertainty.ensemble import EnsembleModel
+from _machine import machine_info  # noqa: E402
 
 K = 32
 OOD_KINDS = ("rotate", "noise", "invert")
@@ -348,26 +347,6 @@ def _plot(histograms: dict, path: Path) -> None:
 # -------------------------------------------------------------------- report
 
 
-def _machine() -> dict:
-    import lightning
-
-    try:
-        import tvm
-
-        tvm_version = tvm.__version__
-    except Exception:  # noqa: BLE001 - the benchmark does not need TVM; record what is there
-        tvm_version = None
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "tvm": tvm_version,
-    }
-
-
 def _print(report: dict) -> None:
     tp = report["throughput"]
     print(f"\nThroughput at K={K} ({tp['model']}), CPU, {report['machine']['torch_threads']} thread(s)")
@@ -413,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "photonic",
         "quick": quick,
-        "machine": _machine(),
+        "machine": machine_info(),
         "throughput": throughput([1, 16] if quick else [1, 16, 256], repeats=3 if quick else 5, min_time=0.05 if quick else 0.3),
         "quality": quality(
             epochs=2 if quick else 15,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from lightning_relief.uncertainty import EnsembleModel, plot_reliability_diagram
 from lightning_relief.uncertainty import functional as U  # noqa: E402
 from lightning_relief.uncertainty.sampling import MemberBatchSampler  # noqa: E402
 from lightning_relief.uncertainty.stacking import reinitialize  # noqa: E402
+from _machine import machine_info  # noqa: E402
 
 
 class EpochTimer(L.Callback):
@@ -296,15 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "uncertainty",
         "command": "python benchmarks/uncertainty.py" + (" --quick" if args.quick else ""),
         "machine": {
-            "processor": platform.processor(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
+            **machine_info(),
             "load_average_1m_at_end": os.getloadavg()[0],
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "lightning": L.__version__,
-            "tvm": getattr(sys.modules.get("tvm"), "__version__", None),
-            "python": platform.python_version(),
         },
         "config": {
             "data": f"sklearn digits {args.size}px, train classes 0-7, OOD = held-out classes 8 and 9",
