@@ -26,8 +26,7 @@ deployment host does not import PyTorch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_relief._lazy import lazy_exports
 
 _EXPORTS = {
     "compile_for_target": "lightning_relief.deploy.compile",
@@ -58,14 +57,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'lightning_relief.deploy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
