@@ -14,7 +14,7 @@ noise, the VANT schedule (warm-up then per-sample σ) and PCM-drift-aware
     .venv/bin/python benchmarks/analog.py            # full run (about 10 min on 2 busy cores)
     .venv/bin/python benchmarks/analog.py --quick    # smoke run
 
-Writes benchmarks/results/analog.json and analog_*.png.
+Writes benchmarks/results/analog.json and analog_*.png (``--quick``: under results/quick/).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from lightning_relief.noise import (
 )
 from lightning_relief.noise.pcm import ONE_YEAR
 from _machine import machine_info  # noqa: E402
+from _results import result_path  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIGMA_TRAIN = 0.5
 LEVELS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0]
 TIMES = [3600.0, 86400.0, ONE_YEAR]
@@ -309,9 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     console.print(goals)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot_sweeps(sweeps, RESULTS / "analog_noise_sweep.png")
-    plot_drift(drift, RESULTS / "analog_pcm_drift.png")
+    plot_sweeps(sweeps, result_path("analog_noise_sweep.png", args.quick))
+    plot_drift(drift, result_path("analog_pcm_drift.png", args.quick))
     import lightning_relief
 
     try:
@@ -343,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "lightning_fit_overhead": fit_overhead,
         "goals": goals,
     }
-    out = RESULTS / "analog.json"
+    out = result_path("analog.json", args.quick)
     out.write_text(json.dumps(payload, indent=2))
     console.print(f"wrote {out}")
     return 0

@@ -39,7 +39,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--number", type=int, default=20, help="runs per repeat (fewer for slow cases, see --max-repeat-ms)")
     p.add_argument("--max-repeat-ms", type=float, default=500.0, help="cap on one repeat: slow cases run fewer times")
     p.add_argument("--tuning-db", default=str(HERE / "tuning_db"))
-    p.add_argument("--out", default=str(HERE / "results" / "deploy_latency.json"))
+    p.add_argument("--out", default=None, help="default results/deploy_latency.json (--quick: results/quick/)")
     p.add_argument("--models", default="lenet5,resnet20,mlp")
     p.add_argument("--batches", default="1,64")
     return p.parse_args()
@@ -56,6 +56,7 @@ from lightning_relief.deploy import TuningConfig, compile_for_target, lower_quan
 from lightning_relief.deploy.targets import host_target_dict  # noqa: E402
 from lightning_relief.models import MLP, LeNet5, resnet20  # noqa: E402
 from _machine import machine_info  # noqa: E402
+from _results import result_path  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -222,7 +223,7 @@ def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, tria
         "goals": goals,
         "rows": rows,
     }
-    out = Path(ARGS.out)
+    out = Path(ARGS.out) if ARGS.out else result_path("deploy_latency.json", ARGS.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {out}")

@@ -53,6 +53,7 @@ from lightning_relief.moments.functional import SOFTMAX_METHODS  # noqa: E402
 from lightning_relief.moments.sampling import dropout_active  # noqa: E402
 from lightning_relief.uncertainty import functional as U  # noqa: E402
 from _machine import machine_info  # noqa: E402
+from _results import result_path  # noqa: E402
 
 SAMPLES = (10, 30, 100)
 BATCHES = (1, 128)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models", nargs="+", default=["lenet5", "resnet20", "lenet5_conv_dropout"], help="which networks to run"
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/moment_propagation.json"))
+    parser.add_argument("--out", default=None, help="default results/moment_propagation.json (--quick: results/quick/)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
@@ -243,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         "goals": goals,
     }
     print_tables(results, goals)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out) if args.out else result_path("moment_propagation.json", args.quick)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

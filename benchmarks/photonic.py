@@ -46,6 +46,7 @@ from lightning_relief.photonic import ChipModel, PhotonicNetwork, convert_to_pho
 from lightning_relief.uncertainty import functional as U
 from lightning_relief.uncertainty.ensemble import EnsembleModel
 from _machine import machine_info  # noqa: E402
+from _results import result_path  # noqa: E402
 
 K = 32
 OOD_KINDS = ("rotate", "noise", "invert")
@@ -385,10 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer epochs, members, repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the numbers compare side by side)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "photonic.json")
+    parser.add_argument("--out", type=Path, default=None, help="default results/photonic.json (--quick: results/quick/)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     quick = args.quick
+    args.out = args.out or result_path("photonic.json", quick)
     report = {
         "benchmark": "photonic",
         "quick": quick,
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios=[0.08] if quick else [0.02, 0.08, 0.167],
             dropouts=[0.25] if quick else [0.1, 0.25, 0.5],
             seeds=2 if quick else 3,
-            plot_dir=None if quick else args.out.parent,
+            plot_dir=args.out.parent,
         ),
     }
     rows = report["throughput"]["rows"]
@@ -415,10 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     _print(report)
     print("\ngoals:", json.dumps(report["goals"], indent=1))
-    if not quick or args.out != parser.get_default("out"):
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 

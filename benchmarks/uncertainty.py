@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -43,6 +42,7 @@ from lightning_relief.uncertainty import functional as U  # noqa: E402
 from lightning_relief.uncertainty.sampling import MemberBatchSampler  # noqa: E402
 from lightning_relief.uncertainty.stacking import reinitialize  # noqa: E402
 from _machine import machine_info  # noqa: E402
+from _results import result_path  # noqa: E402
 
 
 class EpochTimer(L.Callback):
@@ -138,13 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings comparable)")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default benchmarks/results; a temporary folder with --quick)")
+                        help="results folder (default benchmarks/results; results/quick with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.mc_samples = 2, 5
     if args.out is None:
-        # a smoke run must not overwrite the committed figures
-        args.out = Path(tempfile.mkdtemp(prefix="relief_uncertainty_")) if args.quick else ROOT / "benchmarks" / "results"
+        args.out = result_path("", args.quick)
     repeat = 5 if args.quick else 30
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)

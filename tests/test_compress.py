@@ -15,8 +15,9 @@ from torch import nn
 
 from lightning_relief.compress import (
     CompressionPolicy, CostModel, analyze, apply_policy, compute_sensitivity, lagrangian_search, policy_cost,
-    uniform_search,
+    propose_candidates, search_candidates, uniform_search,
 )
+from lightning_relief.compress.bracket import BudgetBracket
 from lightning_relief.compress.apply import apply_pruning, channels_to_prune, prune_channels
 from lightning_relief.compress.cost import layer_macs, layer_params, policy_layer_costs
 from lightning_relief.compress.sensitivity import SensitivityTable, _masked_consumers, fake_quantize_weight, pruned_count
@@ -306,3 +307,55 @@ def test_latency_calibration_recovers_scale_and_overhead(batch):
     # one point: the difference is overhead
     cost.calibrate(units, [({}, {}, policy_cost(units, LatencyCostModel(cost.table), {}, {}) + 0.25)])
     assert cost.scale == 1.0 and cost.overhead == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_bracket_steers_a_mispriced_search_into_the_window(target, batch):
+    """The cost model is wrong in scale, shape and granularity; measuring a few candidates still lands one
+    within ±5 % of the true cost, as the callback's refinement rounds do."""
+    from lightning_relief.compress.cost import LatencyCostModel, kept_channels, layer_shape
+
+    x, y = batch
+    model = _trained_like(LeNet5(input_size=8))
+    units = analyze(model, x[:1])
+    ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    table = compute_sensitivity(model, units, [(x, y)], ratios)
+    cost = LatencyCostModel(lambda info, cin, cout, bits: 1e-4 * cin * cout)
+
+    def measured(policy) -> float:  # the "hardware": vector units of 4 channels, super-linear, a fixed cost
+        kept = kept_channels(units, policy.prune)
+        shapes = [layer_shape(units, info, kept) for info in units.layers]
+        return 0.05 + math.fsum(3e-4 * math.ceil(ci / 4) * math.ceil(co / 4) ** 1.3 for ci, co in shapes)
+
+    budget = target * measured(CompressionPolicy())
+    ceiling = policy_cost(units, cost, {}, {})
+    bracket = BudgetBracket(budget, 0.05, ceiling=ceiling)
+    first = search_candidates(units, table, cost, budget, "lagrangian", ratios, (), [], count=1, centered=True)[0]
+    assert not 0.95 * budget <= measured(first.policy) <= 1.05 * budget  # the model alone misses the window
+    predicted, seen, measured_policies = budget, set(), []
+    for round_ in range(6):
+        anchors = [measured_policies[i] for i in bracket.anchors()]
+        for cand in propose_candidates(units, table, cost, predicted, "lagrangian", ratios, (), [], 2, seen, anchors,
+                                       round_=round_):
+            seen.add(cand.policy.key())
+            measured_policies.append(cand.policy)
+            bracket.add(cand.predicted_cost, measured(cand.policy))
+        if bracket.hit():
+            break
+        predicted = bracket.next()
+    assert bracket.hit(), bracket.points
+    assert len(bracket.points) <= 12
+
+
+def test_bracket_interpolates_inside_and_survives_noise():
+    bracket = BudgetBracket(1.0, 0.05, ceiling=5.0)
+    assert bracket.next() == 1.0
+    bracket.add(2.0, 0.5)
+    assert bracket.next() == pytest.approx(4.0)  # one side only: rescale by measured/predicted
+    bracket.add(4.0, 2.5)
+    assert 2.2 <= bracket.next() <= 3.8  # regula falsi, kept off the ends of [2, 4]
+    bracket.add(3.9, 0.9)  # noise: a larger prediction measured cheaper
+    assert 2.0 < bracket.next() < 4.0
+    assert BudgetBracket(1.0, 0.05, ceiling=1.5, points=[(1.0, 0.5)]).next() == 1.5  # never above the original
+    with pytest.raises(ValueError, match="tolerance"):
+        BudgetBracket(1.0, 1.0, ceiling=2.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -125,3 +127,18 @@ def test_unsupported_brevitas_layers_are_named():
         lower_quantized(model.eval(), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="cannot tell the input shape"):
         lower_quantized(nn.Sequential(qnn.QuantLinear(4, 4, bias=False)).eval())
+
+
+def test_graph_hash_ignores_quantizer_scales_but_not_structure(trained):
+    """Latency is cached by graph hash: retrained scales must hit the cache, a new shape must not."""
+    model, x = trained
+    retrained = copy.deepcopy(model).train()
+    with torch.no_grad():
+        retrained(x * 3)  # a training step's statistics move the activation scales, written inline
+    retrained.eval()
+    first, second = to_relax(lower_quantized(model, x[:1]), x[:1]), to_relax(lower_quantized(retrained, x[:1]), x[:1])
+    assert first.mod.script(show_meta=False) != second.mod.script(show_meta=False)
+    assert first.graph_hash == second.graph_hash
+    wider = brevitas_cnn()
+    wider[7] = qnn.QuantLinear(8 * 4 * 4, 12, bias=True, weight_quant=Int8WeightPerChannelFloat)
+    assert to_relax(lower_quantized(wider.eval(), x[:1]), x[:1]).graph_hash != first.graph_hash

@@ -29,6 +29,7 @@ DOCUMENTED_MODULES = [
     "lightning_relief.deploy.latency",
     "lightning_relief.deploy.quantized",
     "lightning_relief.deploy.parity",
+    "lightning_relief.compress.bracket",
 ]
 
 

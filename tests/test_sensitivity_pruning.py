@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import lightning as L
 import pytest
@@ -107,6 +108,9 @@ def test_fit_compresses_trains_and_reloads(digits, seed, tmp_path):
             if trainer.current_epoch == 1:
                 # runs after the pruning callback: the optimizer must now hold exactly the new parameters
                 assert _optimizer_params(trainer) == _trainable(pl_module)
+                # the rebuilt cosine schedule carries on from epoch 1 of 3 instead of restarting
+                lr = trainer.optimizers[0].param_groups[0]["lr"]
+                assert lr == pytest.approx(1e-2 * (1 + math.cos(math.pi / 3)) / 2)
                 snapshot.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
     trainer.callbacks.append(Spy())

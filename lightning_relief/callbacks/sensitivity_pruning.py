@@ -16,10 +16,11 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_relief.compress.apply import apply_policy
+from lightning_relief.compress.bracket import BudgetBracket
 from lightning_relief.compress.cost import METRICS, CostModel, policy_cost
 from lightning_relief.compress.policy import FLOAT_BITS, CompressionPolicy
 from lightning_relief.compress.report import layer_rows, pareto_plot, print_report, write_json
-from lightning_relief.compress.search import SEARCHES, Candidate, search_candidates
+from lightning_relief.compress.search import SEARCHES, Candidate, propose_candidates
 from lightning_relief.compress.sensitivity import (
     IMPORTANCES, SensitivityTable, cached_sensitivity, compute_sensitivity, fingerprint,
 )
@@ -82,8 +83,10 @@ class SensitivityPruningCallback(Callback):
         ignored_layers: module names (as in ``pl_module.named_modules()``) never pruned or quantized.
         search: ``"lagrangian"`` (ours) or ``"uniform"`` (same ratio for every group: the usual baseline).
         candidates: policies measured whole per search round.
-        tolerance: a candidate meets the budget when its measured cost is at most ``(1 + tolerance)`` × budget.
-        max_rounds: search rounds; each rescales the predicted budget by the measured/predicted ratio.
+        tolerance: the target window: measured cost within ``budget · (1 ± tolerance)`` (for ``"latency"``;
+            analytic metrics are exact, so their candidates stay at or under the budget).
+        max_rounds: measurement rounds; each steers the predicted budget by the candidates measured so far
+            (:class:`~lightning_relief.compress.bracket.BudgetBracket`) until one lands in the window.
         val_batches: validation batches per candidate (``None``: all).
         cache_dir: directory for the sensitivity table and TVM latency caches (reused across runs).
         latency_batch: batch size at which latency is measured.
@@ -108,7 +111,7 @@ class SensitivityPruningCallback(Callback):
         search: Literal["lagrangian", "uniform"] = "lagrangian",
         candidates: int = 4,
         tolerance: float = 0.05,
-        max_rounds: int = 3,
+        max_rounds: int = 5,
         val_batches: int | None = None,
         cache_dir: str | None = None,
         latency_batch: int = 1,
@@ -340,12 +343,13 @@ class SensitivityPruningCallback(Callback):
 
         self.evaluated = []
         seen: set = set()
+        bracket = BudgetBracket(budget, self.tolerance, ceiling=0.999 * predicted_original)
         predicted_budget = budget
-        low, high = budget * (1 - self.tolerance), budget * (1 + self.tolerance)
         for round_ in range(self.max_rounds):
-            found = search_candidates(units, table, cost, predicted_budget, self.search, self.prune_ratios,
-                                      self.bit_widths, quant_layers, count=self.candidates, round_=round_)
-            fresh = [c for c in found if c.policy.key() not in seen]
+            anchors = [self.evaluated[i].policy for i in bracket.anchors()]
+            fresh = propose_candidates(units, table, cost, predicted_budget, self.search, self.prune_ratios,
+                                       self.bit_widths, quant_layers, self.candidates, seen, anchors,
+                                       spread=max(self.tolerance, 0.01), centered=meter is not None, round_=round_)
             advance = progress.task(f"measuring candidates (round {round_ + 1})")
             for i, cand in enumerate(fresh):
                 advance(i, len(fresh))
@@ -355,14 +359,14 @@ class SensitivityPruningCallback(Callback):
                 cand.measured_cost = meter.measure(trial) if meter is not None else cand.predicted_cost
                 cand.val_acc = _accuracy(trial, val)
                 cand.extra["params"] = sum(p.numel() for p in trial.parameters())
+                bracket.add(cand.predicted_cost, cand.measured_cost)
                 self.evaluated.append(cand)
                 advance(i + 1, len(fresh))
                 del trial
-            if meter is None or not fresh or any(low <= c.measured_cost <= high for c in self.evaluated):
-                break
-            # the table mispredicts (over or under): rescale the predicted budget by measured/predicted
-            closest = min(fresh, key=lambda c: abs(c.measured_cost - budget))
-            predicted_budget = min(closest.predicted_cost * budget / closest.measured_cost, 0.999 * predicted_original)
+            if meter is None or bracket.hit() or not fresh:
+                break  # in the window, exact costs, or nothing left to try near it
+            predicted_budget = bracket.next()
+        low, high = bracket.low, bracket.high
         # the target window first, then anything under budget; best accuracy, then closest to the budget
         in_window = [c for c in self.evaluated if low <= c.measured_cost <= high]
         feasible = in_window or [c for c in self.evaluated if c.measured_cost <= high]
@@ -370,9 +374,10 @@ class SensitivityPruningCallback(Callback):
             chosen = max(feasible, key=lambda c: (round(c.val_acc, 4), c.measured_cost))
         else:
             chosen = min(self.evaluated, key=lambda c: c.measured_cost)
+        if not in_window and meter is not None:
             warnings.warn(
-                f"SensitivityPruningCallback: no candidate met {self.metric} budget {budget:.4g} within "
-                f"{self.tolerance:.0%} after {self.max_rounds} rounds; using the cheapest ({chosen.measured_cost:.4g})",
+                f"SensitivityPruningCallback: no candidate measured within {self.tolerance:.0%} of the {self.metric} "
+                f"budget {budget:.4g} after {len(self.evaluated)} candidates; using {chosen.measured_cost:.4g}",
                 stacklevel=2,
             )
         chosen.chosen = True
@@ -384,6 +389,7 @@ class SensitivityPruningCallback(Callback):
         pl_module.to(inputs[0].device)
         # the optimizer and scheduler still hold the removed tensors: build them again for the new ones
         trainer.strategy.setup_optimizers(trainer)
+        _resume_schedules(trainer)
         _forget_uncompressed_best(trainer)
         self.phase = "compressed"
         self.timings = {"sensitivity_s": t1 - t0, "baseline_s": t2 - t1, "search_s": t3 - t2,
@@ -431,6 +437,21 @@ class SensitivityPruningCallback(Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _resume_schedules(trainer: L.Trainer) -> None:
+    """New schedulers start at step 0; advance them to where the old ones were, so the learning rate
+    carries on along the user's schedule instead of jumping back to its start for the fine-tuning."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    for config in trainer.lr_scheduler_configs:
+        if isinstance(config.scheduler, ReduceLROnPlateau):
+            continue  # driven by a monitored metric, not by a step count
+        done = trainer.current_epoch if config.interval == "epoch" else trainer.global_step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
+            for _ in range(done // max(config.frequency, 1)):
+                config.scheduler.step()
 
 
 def _forget_uncompressed_best(trainer: L.Trainer) -> None:

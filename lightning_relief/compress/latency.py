@@ -57,12 +57,13 @@ class LatencyMeter:
     """Per-layer table and whole-model measurement on one target, sharing a cache folder."""
 
     def __init__(self, target: Any = "llvm", cache_dir: str | Path | None = None, batch: int = 1,
-                 tuning_trials: int = 0, repeat: int = 10, number: int = 10) -> None:
+                 tuning_trials: int = 0, repeat: int = 10, number: int = 10, cache: bool = True) -> None:
         from lightning_relief.deploy import LayerLatencyTable, TuningConfig
 
         self.target = target
         self.batch = batch
         self.repeat, self.number = repeat, number
+        self.cache = cache  # False: every whole-model measurement is taken afresh (layers stay cached)
         root = Path(cache_dir) if cache_dir is not None else None
         self.tuning = TuningConfig(trials=tuning_trials, work_dir=(root / "tuning") if root else None) if tuning_trials else None
         self.cache_dir = root / "latency" if root else None
@@ -98,6 +99,6 @@ class LatencyMeter:
         if quantized_bits(model):
             model = lower_quantized(model, example)
         result = measure_latency(model, example, self.target, repeat=self.repeat, number=self.number,
-                                 cache_dir=self.cache_dir, tuning=self.tuning)
+                                 cache_dir=self.cache_dir, tuning=self.tuning, cache=self.cache)
         self.measured.append(result.median_ms)
         return result.median_ms

@@ -238,15 +238,18 @@ def uniform_search(units: ModelUnits, table: SensitivityTable | None, cost: Cost
 
 def search_candidates(units: ModelUnits, table: SensitivityTable | None, cost: CostModel, budget: float, method: str,
                       prune_ratios: Sequence[float], bit_widths: Sequence[int], quant_layers: Sequence[str],
-                      count: int = 4, spread: float = 0.05, round_: int = 0) -> list[Candidate]:
+                      count: int = 4, spread: float = 0.05, round_: int = 0, centered: bool = False) -> list[Candidate]:
     """Up to ``count`` distinct policies for budgets ``budget · (1 − k·spread)``: a hedge for measurement.
 
-    Where nothing is predicted to fit, the strongest compression is returned: measuring decides.
+    With ``centered`` the budgets straddle ``budget`` (``k − (count − 1)/2`` steps of ``spread``): for
+    measured costs, where the prediction may err either way. Where nothing is predicted to fit, the
+    strongest compression is returned: measuring decides.
     """
     out: list[Candidate] = []
     seen = set()
+    shift = (count - 1) / 2 if centered else 0.0
     for k in range(count):
-        b = budget * (1 - k * spread)
+        b = budget * (1 - (k - shift) * spread)
         if method == "uniform":
             cand = uniform_search(units, table, cost, b, or_tightest=True)
         else:
@@ -256,3 +259,61 @@ def search_candidates(units: ModelUnits, table: SensitivityTable | None, cost: C
             seen.add(cand.policy.key())
             out.append(cand)
     return out
+
+
+def nearby_candidates(units: ModelUnits, table: SensitivityTable, cost: CostModel, anchors: Sequence[CompressionPolicy],
+                      predicted_budget: float, prune_ratios: Sequence[float], bit_widths: Sequence[int],
+                      quant_layers: Sequence[str], count: int, seen: set, round_: int = 0) -> list[Candidate]:
+    """Policies one option away from ``anchors`` whose predicted cost is nearest ``predicted_budget``.
+
+    The Lagrangian solutions are sparse in cost: between a candidate that measured too cheap and one
+    that measured too dear there may be none. One-step neighbours of both fill that gap; among
+    neighbours about equally near the budget (within 1 %), the least sensitive comes first, and of
+    neighbours with the same predicted cost (2- and 4-bit layers time as int8) only the least sensitive.
+    """
+    problem = _Problem(units, table, cost, prune_ratios, bit_widths, quant_layers)
+    ranked = []
+    for anchor in anchors:
+        state = problem.start()
+        for kind, unit, _ in problem.vars:
+            state[(kind, unit)] = anchor.prune.get(unit, 0.0) if kind == "prune" else anchor.bits.get(unit, FLOAT_BITS)
+        for kind, unit, options in problem.vars:
+            for option in options:
+                if option == state[(kind, unit)]:
+                    continue
+                moved = {**state, (kind, unit): option}
+                policy = _policy(problem, moved)
+                if policy.key() in seen:
+                    continue
+                predicted = problem.total_cost(moved)
+                closeness = round(abs(predicted - predicted_budget) / (0.01 * predicted_budget))
+                ranked.append((closeness, problem.sensitivity(moved), predicted, policy))
+    out: list[Candidate] = []
+    costs: set[float] = set()
+    for _, sensitivity, predicted, policy in sorted(ranked, key=lambda r: (r[0], r[1])):
+        if round(predicted, 12) not in costs:
+            costs.add(round(predicted, 12))
+            out.append(Candidate(policy, predicted, sensitivity, predicted_budget, round=round_, extra={"nearby": True}))
+        if len(out) >= count:
+            break
+    return out
+
+
+def propose_candidates(units: ModelUnits, table: SensitivityTable, cost: CostModel, predicted_budget: float,
+                       method: str, prune_ratios: Sequence[float], bit_widths: Sequence[int],
+                       quant_layers: Sequence[str], count: int, seen: set, anchors: Sequence[CompressionPolicy] = (),
+                       spread: float = 0.05, centered: bool = True, round_: int = 0) -> list[Candidate]:
+    """One measurement round: up to ``count`` unmeasured policies around ``predicted_budget``.
+
+    The search's own solutions come first; the rest are one-step neighbours of ``anchors`` (the
+    measured candidates that bracket the target), for the Lagrangian search only, since a
+    neighbour of a uniform policy is no longer uniform.
+    """
+    found = [c for c in search_candidates(units, table, cost, predicted_budget, method, prune_ratios, bit_widths,
+                                          quant_layers, count=count, spread=spread, round_=round_, centered=centered)
+             if c.policy.key() not in seen]
+    if method == "lagrangian" and anchors and len(found) < count:
+        taken = seen | {c.policy.key() for c in found}
+        found += nearby_candidates(units, table, cost, anchors, predicted_budget, prune_ratios, bit_widths,
+                                   quant_layers, count - len(found), taken, round_)
+    return found

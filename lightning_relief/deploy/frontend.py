@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -137,9 +138,15 @@ def _spec_of(tensor_type: Any, name: str) -> dict[str, Any]:
     return {"name": name, "shape": shape, "dtype": str(tensor_type.dtype)}
 
 
+# scalar float constants are values, not structure: the quantizer scales of an integer-lowered model
+# are written inline, and retraining changes them without changing what the code computes or costs
+_FLOAT_SCALAR = re.compile(r'R\.const\((?:[-+0-9.eE]+|-?inf|nan), "float(?:16|32|64)"\)')
+
+
 def graph_hash(mod: tvm.IRModule) -> str:
-    """Hash of the graph's structure and shapes (not of the weight values)."""
-    return hashlib.sha256(mod.script(show_meta=False).encode()).hexdigest()[:24]
+    """Hash of the graph's structure and shapes (not of the weight values or scalar float constants)."""
+    script = _FLOAT_SCALAR.sub("R.const(_)", mod.script(show_meta=False))
+    return hashlib.sha256(script.encode()).hexdigest()[:24]
 
 
 def to_relax(
