@@ -21,6 +21,7 @@ from lightning_relief.deploy import (
     CompiledModel,
     LayerLatencyTable,
     UnsupportedOperatorError,
+    compare_latency,
     compile_for_target,
     load_compiled,
     measure_latency,
@@ -197,6 +198,25 @@ def test_latency_is_cached_by_graph_shape_and_target(tmp_path):
     assert not measure_latency(model, x, other_target, repeat=2, number=2, cache_dir=tmp_path).cached
     with pytest.raises(ValueError, match="repeat must be"):
         measure_latency(model, x, repeat=0)
+
+
+def test_latency_ratio_is_taken_side_by_side_and_cached(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 64)
+    small, large = nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 64))
+    reference = compile_for_target(small, x, dynamic_batch=False)
+    first = compare_latency(large, reference, x, rounds=4, number=5, cache_dir=tmp_path, min_round_ms=1)
+    assert not first.cached and len(first.candidate_rounds_ms) == len(first.reference_rounds_ms) == 4
+    # the ratio is that of the fastest rounds, computed directly from the recorded rounds
+    assert first.ratio == pytest.approx(min(first.candidate_rounds_ms) / min(first.reference_rounds_ms))
+    assert first.ratios == pytest.approx([c / r for c, r in zip(first.candidate_rounds_ms, first.reference_rounds_ms)])
+    assert first.ratio > 1  # 128x the multiply-adds: the sides are not swapped
+    retrained = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 64))  # same graph, new weights
+    again = compare_latency(retrained, reference, x, rounds=4, number=5, cache_dir=tmp_path)
+    assert again.cached and again.ratio == first.ratio
+    assert not compare_latency(large, small, x, rounds=8, number=5, cache_dir=tmp_path, min_round_ms=1).cached
+    with pytest.raises(ValueError, match="rounds and number"):
+        compare_latency(large, reference, x, rounds=0)
 
 
 def test_layer_table_measures_each_layer_once(tmp_path):

@@ -30,6 +30,7 @@ DOCUMENTED_MODULES = [
     "lightning_relief.deploy.quantized",
     "lightning_relief.deploy.parity",
     "lightning_relief.compress.bracket",
+    "lightning_relief.deploy.compare",
 ]
 
 

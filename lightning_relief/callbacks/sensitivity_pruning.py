@@ -332,7 +332,8 @@ class SensitivityPruningCallback(Callback):
         cost, meter = self._cost_model(units, pl_module)
         if meter is not None:
             cost.warm(units, [FLOAT_BITS, *self.bit_widths[:1]], progress.task("layer latency table"))
-        self.original_cost = meter.measure(pl_module) if meter is not None else policy_cost(units, cost, {}, {})
+        # candidates are timed against the compiled original, side by side (steady on a drifting machine)
+        self.original_cost = meter.set_reference(pl_module) if meter is not None else policy_cost(units, cost, {}, {})
         if meter is not None:
             self._calibrate_latency(pl_module, units, table, cost, meter, inputs)
         val, val_kind = self._validation(trainer, pl_module, calibration)

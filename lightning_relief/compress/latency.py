@@ -2,7 +2,8 @@
 
 Layers are priced with :class:`lightning_relief.deploy.LayerLatencyTable` (each
 layer compiled alone, cached on disk); whole candidates are compiled and timed
-with :func:`lightning_relief.deploy.measure_latency`, quantized ones after
+against the compiled original with :func:`lightning_relief.deploy.compare_latency`
+(alternating rounds, so the ratio holds on a machine whose speed drifts), quantized ones after
 :func:`lightning_relief.deploy.lower_quantized` turned their brevitas layers
 into integer arithmetic, which is what an export ships.
 """
@@ -67,10 +68,14 @@ class LatencyMeter:
         root = Path(cache_dir) if cache_dir is not None else None
         self.tuning = TuningConfig(trials=tuning_trials, work_dir=(root / "tuning") if root else None) if tuning_trials else None
         self.cache_dir = root / "latency" if root else None
+        self.ratio_dir = root / "latency_ratio" if root else None
         self.table = LayerLatencyTable(target, cache_dir=(root / "layers") if root else None, tuning=self.tuning,
                                        batch=batch, repeat=repeat, number=number)
         self.example_shape: tuple[int, ...] | None = None
         self.measured: list[float] = []
+        self.reference: Any = None  # the compiled original, once set_reference is called
+        self.reference_ms: float | None = None
+        self.ratios: list[Any] = []
 
     def layer_ms(self, info: LayerInfo, cin: int, cout: int, bits: int) -> float:
         groups = info.groups
@@ -86,19 +91,47 @@ class LatencyMeter:
         self.example_shape = (self.batch, *units.example_inputs.shape[1:])
         return LatencyCostModel(self.layer_ms)
 
-    def measure(self, module: nn.Module) -> float:
-        """Median latency (ms) of the whole model, integer-lowered if it has quantized layers."""
-        from lightning_relief.deploy import lower_quantized, measure_latency
+    def _deployable(self, module: nn.Module) -> tuple[nn.Module, Tensor]:
+        """What an export ships: ``forward`` alone, integer-lowered if it has quantized layers."""
         from lightning_relief.compress.quantize import quantized_bits
+        from lightning_relief.deploy import lower_quantized
 
         if self.example_shape is None:
             raise RuntimeError("call cost_model(units) first: it fixes the input shape")
-        param = next(module.parameters())
-        example = torch.zeros(self.example_shape, dtype=param.dtype)
+        example = torch.zeros(self.example_shape, dtype=next(module.parameters()).dtype)
         model: nn.Module = _Forward(copy.deepcopy(module).cpu().eval())
         if quantized_bits(model):
             model = lower_quantized(model, example)
-        result = measure_latency(model, example, self.target, repeat=self.repeat, number=self.number,
-                                 cache_dir=self.cache_dir, tuning=self.tuning, cache=self.cache)
-        self.measured.append(result.median_ms)
-        return result.median_ms
+        return model, example
+
+    def set_reference(self, module: nn.Module) -> float:
+        """Compile and time the original model (ms, fastest repeat); later measurements are taken against it."""
+        from lightning_relief.deploy import compile_for_target, measure_latency
+
+        model, example = self._deployable(module)
+        self.reference = compile_for_target(model, example, self.target, self.tuning, dynamic_batch=False)
+        result = measure_latency(self.reference, example, repeat=self.repeat, number=self.number, cache=False)
+        self.reference_ms = result.min_ms  # fastest repeat, as compare_latency takes fastest rounds
+        self.measured.append(result.min_ms)
+        return result.min_ms
+
+    def measure(self, module: nn.Module) -> float:
+        """Latency (ms) of the whole model.
+
+        With a reference set: the reference's latency times the ratio of the two timed in
+        alternation (:func:`lightning_relief.deploy.compare_latency`), so that a drift in the
+        machine's speed between measurements does not move the figure. Otherwise the median alone.
+        """
+        from lightning_relief.deploy import compare_latency, measure_latency
+
+        model, example = self._deployable(module)
+        if self.reference is not None:
+            ratio = compare_latency(model, self.reference, example, self.target, rounds=self.repeat, number=self.number,
+                                    tuning=self.tuning, cache_dir=self.ratio_dir, cache=self.cache)
+            self.ratios.append(ratio)
+            ms = self.reference_ms * ratio.ratio
+        else:
+            ms = measure_latency(model, example, self.target, repeat=self.repeat, number=self.number,
+                                 cache_dir=self.cache_dir, tuning=self.tuning, cache=self.cache).median_ms
+        self.measured.append(ms)
+        return ms

@@ -10,6 +10,9 @@ Public API (other plugins build on these names):
 * :func:`measure_latency` ``(model_or_compiled, example_inputs, target="llvm", repeat=10, number=10,
   cache_dir=None, tuning=None, *, cache=True, remote=None) -> LatencyResult``
   (``median_ms``, ``iqr_ms``, ``std_ms``, ``repeat``, ``number``, ``cached``), cached on disk.
+* :func:`compare_latency` ``(candidate, reference, example_inputs, target="llvm", rounds=10, number=10,
+  tuning=None, cache_dir=None, *, cache=True) -> LatencyRatio``: the latency ratio of two models
+  timed in alternation, steady on a machine whose speed drifts.
 * :class:`LayerLatencyTable` ``(target="llvm", cache_dir=None, tuning=None, batch=1)`` with
   ``latency_ms(kind, in_channels, out_channels, kernel_size=1, stride=1, padding=0, groups=1,
   input_size=1, bits=None)``: one conv2d/linear layer compiled alone, cached (the cost
@@ -35,6 +38,8 @@ _EXPORTS = {
     "load_compiled": "lightning_relief.deploy.artifact",
     "measure_latency": "lightning_relief.deploy.latency",
     "LatencyResult": "lightning_relief.deploy.latency",
+    "compare_latency": "lightning_relief.deploy.compare",
+    "LatencyRatio": "lightning_relief.deploy.compare",
     "LayerLatencyTable": "lightning_relief.deploy.layer_table",
     "LayerSpec": "lightning_relief.deploy.layer_table",
     "TuningConfig": "lightning_relief.deploy.tuning",
