@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,13 @@ def compare_latency(
     *,
     cache: bool = True,
     min_round_ms: int = 20,
+    min_seconds: float = 0.0,
 ) -> LatencyRatio:
     """Time ``candidate`` against ``reference`` in ``rounds`` alternating rounds of ``number`` runs.
 
     A round runs for at least ``min_round_ms`` (more runs for fast models), so that a timer tick
-    or a single interruption does not decide it.
+    or a single interruption does not decide it. Rounds go on until ``min_seconds`` have passed:
+    slow spells of a shared machine last seconds, and the fastest round must fall outside one.
 
     Modules are compiled (static batch, tuned if ``tuning``); pass a :class:`CompiledModel` as
     ``reference`` to compile it once for many candidates. The ratio is cached under
@@ -109,14 +112,16 @@ def compare_latency(
     key = {"candidate": cand_key, "reference": ref_key["graph"]}
     store = JsonCache(Path(cache_dir) if cache_dir is not None else default_cache_dir() / "latency_ratio") if cache else None
     hit = store.get(key) if store is not None else None
-    if hit is not None and len(hit["candidate_rounds_ms"]) >= rounds:
+    if hit is not None and len(hit["candidate_rounds_ms"]) >= rounds:  # min_seconds only ever adds rounds
         return LatencyRatio(hit["ratio"], tuple(hit["candidate_rounds_ms"]), tuple(hit["reference_rounds_ms"]), cached=True)
     from lightning_relief.deploy.compile import build_graph
 
     cand_compiled = cand_compiled or build_graph(cand_graph, target, config)
     ref_compiled = ref_compiled or build_graph(ref_graph, target, config)
-    cand_ms, ref_ms = [], []
-    for _ in range(rounds):
+    cand_ms: list[float] = []
+    ref_ms: list[float] = []
+    start = time.perf_counter()
+    while len(cand_ms) < rounds or time.perf_counter() - start < min_seconds:
         # one timing each, back to back: both see the same state of the machine
         cand_ms.append(statistics.fmean(cand_compiled.time(*inputs, repeat=1, number=number, min_repeat_ms=min_round_ms)) * 1e3)
         ref_ms.append(statistics.fmean(ref_compiled.time(*inputs, repeat=1, number=number, min_repeat_ms=min_round_ms)) * 1e3)
