@@ -100,12 +100,21 @@ def test_fit_compresses_trains_and_reloads(digits, seed, tmp_path):
                                     prune_ratios=(0.25, 0.5, 0.75), bit_widths=(4, 8), verbose=False)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_acc", mode="max", filename="{epoch}")
-    trainer = quiet_trainer(max_epochs=3, callbacks=[cb, ckpt, best], enable_checkpointing=True, default_root_dir=tmp_path)
-    snapshot = {}
+    snapshot, rng = {}, {}
+
+    class Before(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            rng["before"] = torch.get_rng_state()
+
+    trainer = quiet_trainer(max_epochs=3, callbacks=[Before(), cb, ckpt, best], enable_checkpointing=True,
+                            default_root_dir=tmp_path)
 
     class Spy(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
             if trainer.current_epoch == 1:
+                # the search drew from its own random stream: fine-tuning does not depend on how many
+                # candidates it measured
+                assert torch.equal(torch.get_rng_state(), rng["before"])
                 # runs after the pruning callback: the optimizer must now hold exactly the new parameters
                 assert _optimizer_params(trainer) == _trainable(pl_module)
                 # the rebuilt cosine schedule carries on from epoch 1 of 3 instead of restarting

@@ -306,7 +306,10 @@ class SensitivityPruningCallback(Callback):
 
     def compress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CompressionPolicy:
         """Measure, search, evaluate and apply; called at the start of the compression epoch."""
-        with _Progress(self.verbose and trainer.is_global_zero) as progress:
+        # how many candidates get measured depends on timings; the fine-tuning that follows must not
+        # (calibration passes through dropout draw random numbers): the search gets its own RNG stream
+        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _Progress(self.verbose and trainer.is_global_zero) as progress:
             return self._compress(trainer, pl_module, progress)
 
     def _compress(self, trainer: L.Trainer, pl_module: L.LightningModule, progress: _Progress) -> CompressionPolicy:
