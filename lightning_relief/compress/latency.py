@@ -67,7 +67,7 @@ class LatencyMeter:
         self.repeat, self.number = repeat, number
         self.cache = cache  # False: every whole-model measurement is taken afresh (layers stay cached)
         # a candidate is timed against the original for at least this long: this VM's slow spells
-        # last a second or two and can hold a whole short comparison (×0.58 instead of ×0.50 seen)
+        # last seconds and can hold a whole short comparison (×0.58 instead of ×0.50 seen)
         self.compare_seconds = compare_seconds
         root = Path(cache_dir) if cache_dir is not None else None
         self.tuning = TuningConfig(trials=tuning_trials, work_dir=(root / "tuning") if root else None) if tuning_trials else None
@@ -76,10 +76,8 @@ class LatencyMeter:
         self.table = LayerLatencyTable(target, cache_dir=(root / "layers") if root else None, tuning=self.tuning,
                                        batch=batch, repeat=repeat, number=number)
         self.example_shape: tuple[int, ...] | None = None
-        self.measured: list[float] = []
         self.reference: Any = None  # the compiled original, once set_reference is called
         self.reference_ms: float | None = None
-        self.ratios: list[Any] = []
 
     def layer_ms(self, info: LayerInfo, cin: int, cout: int, bits: int) -> float:
         groups = info.groups
@@ -116,7 +114,6 @@ class LatencyMeter:
         self.reference = compile_for_target(model, example, self.target, self.tuning, dynamic_batch=False)
         result = measure_latency(self.reference, example, repeat=self.repeat, number=self.number, cache=False)
         self.reference_ms = result.min_ms  # fastest repeat, as compare_latency takes fastest rounds
-        self.measured.append(result.min_ms)
         return result.min_ms
 
     def measure(self, module: nn.Module) -> float:
@@ -133,10 +130,6 @@ class LatencyMeter:
             ratio = compare_latency(model, self.reference, example, self.target, rounds=self.repeat, number=self.number,
                                     tuning=self.tuning, cache_dir=self.ratio_dir, cache=self.cache,
                                     min_seconds=self.compare_seconds)
-            self.ratios.append(ratio)
-            ms = self.reference_ms * ratio.ratio
-        else:
-            ms = measure_latency(model, example, self.target, repeat=self.repeat, number=self.number,
-                                 cache_dir=self.cache_dir, tuning=self.tuning, cache=self.cache).median_ms
-        self.measured.append(ms)
-        return ms
+            return self.reference_ms * ratio.ratio
+        return measure_latency(model, example, self.target, repeat=self.repeat, number=self.number,
+                               cache_dir=self.cache_dir, tuning=self.tuning, cache=self.cache).median_ms
