@@ -54,6 +54,11 @@ def _check_probs(probs: Tensor, name: str = "probs") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {probs.dtype}")
 
 
+def _check_n_bins(n_bins: int) -> None:
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+
+
 def _check_target(probs: Tensor, target: Tensor) -> None:
     if target.ndim != 1 or target.shape[0] != probs.shape[0]:
         raise ValueError(f"target must be [N] with N={probs.shape[0]}, got shape {tuple(target.shape)}")
@@ -95,8 +100,7 @@ def calibration_bins(probs: Tensor, target: Tensor, n_bins: int = 15) -> tuple[T
     """
     _check_probs(probs)
     _check_target(probs, target)
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    _check_n_bins(n_bins)
     confidence, prediction = probs.max(-1)
     correct = (prediction == target).to(probs.dtype)
     index = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
@@ -125,8 +129,7 @@ def adaptive_calibration_error(probs: Tensor, target: Tensor, n_bins: int = 15) 
     """
     _check_probs(probs)
     _check_target(probs, target)
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    _check_n_bins(n_bins)
     n = probs.shape[0]
     if n == 0:
         return probs.new_zeros(())

@@ -116,8 +116,7 @@ class ExpectedCalibrationError(Metric):
 
     def __init__(self, n_bins: int = 15, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not isinstance(n_bins, int) or n_bins < 1:
-            raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+        F._check_n_bins(n_bins)
         self.n_bins = n_bins
         for name in ("bin_count", "bin_confidence", "bin_correct"):
             self.add_state(name, torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
@@ -147,8 +146,7 @@ class AdaptiveCalibrationError(_Concatenating):
 
     def __init__(self, n_bins: int = 15, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not isinstance(n_bins, int) or n_bins < 1:
-            raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+        F._check_n_bins(n_bins)
         self.n_bins = n_bins
         self.add_state("probs", [], dist_reduce_fx="cat")
         self.add_state("target", [], dist_reduce_fx="cat")

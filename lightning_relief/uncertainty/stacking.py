@@ -162,6 +162,16 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(prefix) if prefix else module), attr
 
 
+def _replace_tensors(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Swap every parameter and buffer of ``module`` for ``tensors[name]`` (parameters keep ``requires_grad``)."""
+    for name, param in list(module.named_parameters()):
+        owner, attr = _owner(module, name)
+        owner._parameters[attr] = nn.Parameter(tensors[name], requires_grad=param.requires_grad)
+    for name, _ in list(module.named_buffers()):
+        owner, attr = _owner(module, name)
+        owner._buffers[attr] = tensors[name]
+
+
 def _check_untied(module: nn.Module) -> None:
     seen: dict[int, str] = {}
     for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
@@ -198,13 +208,10 @@ def stack_states(module: nn.Module, states: list[dict[str, Tensor]], execution: 
     if not states:
         raise ValueError("need at least one member state to stack")
     _check_untied(module)
-    for name, param in list(module.named_parameters()):
-        owner, attr = _owner(module, name)
-        stacked = torch.stack([s[name].detach().to(param.device, param.dtype) for s in states])
-        owner._parameters[attr] = nn.Parameter(stacked, requires_grad=param.requires_grad)
-    for name, buffer in list(module.named_buffers()):
-        owner, attr = _owner(module, name)
-        owner._buffers[attr] = torch.stack([s[name].detach().to(buffer.device, buffer.dtype) for s in states])
+    _replace_tensors(module, {
+        name: torch.stack([s[name].detach().to(t.device, t.dtype) for s in states])
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+    })
     module.__dict__[STACK_ATTR] = len(states)
     _install_forward(module, MemberForward(module, execution))  # type: ignore[arg-type]
 
@@ -236,13 +243,7 @@ def unstack_members(module: nn.Module) -> None:
     """Undo :func:`stack_members`, keeping member 0 (used to roll back a failed setup)."""
     if not num_members(module):
         return
-    state = member_state(module, 0)
-    for name, param in list(module.named_parameters()):
-        owner, attr = _owner(module, name)
-        owner._parameters[attr] = nn.Parameter(state[name], requires_grad=param.requires_grad)
-    for name, _ in list(module.named_buffers()):
-        owner, attr = _owner(module, name)
-        owner._buffers[attr] = state[name]
+    _replace_tensors(module, member_state(module, 0))
     for attr in (STACK_ATTR, RUNNER_ATTR, "forward"):
         module.__dict__.pop(attr, None)
 
@@ -286,29 +287,17 @@ def ensemble_model(module: nn.Module, submodule: str | None = None) -> EnsembleM
     for index in range(count):
         state = {n[len(prefix):]: t for n, t in member_state(module, index).items() if n.startswith(prefix)}
         member = copy.deepcopy(template)
-        for name, param in list(member.named_parameters()):
-            owner, attr = _owner(member, name)
-            owner._parameters[attr] = nn.Parameter(state[name], requires_grad=param.requires_grad)
-        for name, _ in list(member.named_buffers()):
-            owner, attr = _owner(member, name)
-            owner._buffers[attr] = state[name]
+        _replace_tensors(member, state)
         members.append(member)
     return EnsembleModel(members)
 
 
 def set_member_tensors(module: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Replace stacked tensors by ``tensors`` (same names, any member count), in place."""
-    count = None
-    for name, param in list(module.named_parameters()):
-        owner, attr = _owner(module, name)
-        owner._parameters[attr] = nn.Parameter(tensors[name], requires_grad=param.requires_grad)
-        count = tensors[name].shape[0]
-    for name, _ in list(module.named_buffers()):
-        owner, attr = _owner(module, name)
-        owner._buffers[attr] = tensors[name]
-        count = tensors[name].shape[0] if count is None else count
-    if count is not None:
-        module.__dict__[STACK_ATTR] = int(count)
+    names = [n for n, _ in [*module.named_parameters(), *module.named_buffers()]]
+    _replace_tensors(module, tensors)
+    if names:
+        module.__dict__[STACK_ATTR] = int(tensors[names[0]].shape[0])
 
 
 def select_members(module: nn.Module, indices: list[int]) -> None:
