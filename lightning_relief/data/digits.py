@@ -4,45 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_relief.data import shifts
+from lightning_relief.data.splits import SplitDataModule
 
 OOD_KINDS = ("heldout", "rotate", "noise", "invert")
 _SIZES = (8, 16, 32)
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A random order that depends only on ``seed`` and the epoch.
-
-    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed
-    from a checkpoint sees the same order as an uninterrupted one (a sampler
-    driven by one long-lived generator would restart from the first epoch's).
-    """
-
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """The 1797 8×8 handwritten digits that ship inside scikit-learn.
 
     Splits are stratified and fixed by ``seed``; images are scaled to [0, 1],
@@ -64,6 +40,7 @@ class DigitsDataModule(L.LightningDataModule):
     """
 
     num_classes = 10
+    ood_kinds = OOD_KINDS
 
     def __init__(
         self,
@@ -164,34 +141,3 @@ class DigitsDataModule(L.LightningDataModule):
         if self.ood == "invert":
             return shifts.invert(images)
         return images
-
-    def dataset(self, split: str) -> TensorDataset:
-        """The tensors of ``split`` (``train``, ``val``, ``test`` or ``ood``)."""
-        self.setup()
-        assert self._splits is not None
-        if split not in self._splits:
-            if split == "ood":
-                raise ValueError("no OOD split: construct DigitsDataModule with ood=one of " + str(OOD_KINDS))
-            raise ValueError(f"unknown split {split!r}; expected one of {sorted(self._splits)}")
-        return self._splits[split]
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(split)
-        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def ood_dataloader(self) -> DataLoader:
-        """The OOD inputs selected by ``ood`` (labels are the true digits)."""
-        return self._loader("ood", shuffle=False)

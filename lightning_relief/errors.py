@@ -1,0 +1,71 @@
+"""Errors every plugin raises when it meets a model it cannot handle.
+
+A drop-in plugin is judged on the user's model: when it meets a layer, a rank
+or a setting it does not support, it says so with one of these (naming the
+module path, the layer type and what is supported) instead of passing the
+model through unchanged or counting a wrong cost.
+
+>>> from torch import nn
+>>> err = UnsupportedLayerError("compression", "features.0", nn.LSTM(2, 2), supported=("Conv1d", "Linear"))
+>>> print(err)
+compression does not support layer 'features.0' (LSTM); supported: Conv1d, Linear
+>>> isinstance(err, TypeError), err.module_path, err.layer_type
+(True, 'features.0', 'LSTM')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+
+class ReliefError(Exception):
+    """Base of the errors that name what a plugin could not handle."""
+
+
+class UnsupportedLayerError(ReliefError, TypeError):
+    """A plugin met a layer type it does not handle.
+
+    Args:
+        plugin: who raises it, as the user knows it (``"SensitivityPruningCallback"``, ``"to_bayesian"``...).
+        module_path: the layer's dotted name in the model (``""`` for the root).
+        layer: the module itself, or its type name.
+        supported: the layer types the plugin does handle.
+        hint: one sentence on what to do instead.
+    """
+
+    def __init__(
+        self,
+        plugin: str,
+        module_path: str,
+        layer: nn.Module | str,
+        supported: Iterable[str] = (),
+        hint: str = "",
+    ) -> None:
+        self.plugin = plugin
+        self.module_path = module_path
+        self.layer_type = layer if isinstance(layer, str) else type(layer).__name__
+        self.supported = tuple(supported)
+        message = f"{plugin} does not support layer '{module_path or '<root>'}' ({self.layer_type})"
+        if self.supported:
+            message += "; supported: " + ", ".join(self.supported)
+        if hint:
+            message += f". {hint}"
+        super().__init__(message)
+
+
+class UnsupportedModelError(ReliefError, ValueError):
+    """A plugin cannot work on a model as a whole (nothing it can act on, not traceable, wrong input shape).
+
+    Args:
+        plugin: who raises it.
+        model: the model, or its class name.
+        reason: why, in one sentence that says what to change.
+    """
+
+    def __init__(self, plugin: str, model: nn.Module | str, reason: str) -> None:
+        self.plugin = plugin
+        self.model_type = model if isinstance(model, str) else type(model).__name__
+        self.reason = reason
+        super().__init__(f"{plugin} cannot handle model {self.model_type}: {reason}")
