@@ -9,32 +9,31 @@ from lightning_relief.models.spec import records_init_args
 
 @records_init_args
 class MNIST1DCNN(nn.Module):
-    """The paper's CNN: three strided ``Conv1d`` + ReLU layers and a linear classifier (≈ 94 % on MNIST-1D).
+    """The paper's CNN: three strided ``Conv1d`` + ReLU layers and a linear classifier.
 
-    ``dropout`` (0 in the paper) is applied before the classifier, so MC dropout and moment
-    propagation have something to work on.
+    With ``batch_norm=False`` it is the paper's model exactly (≈ 90 % test accuracy here after
+    150 epochs; the paper reports 94 %). Batch norm after each convolution (the default) reaches
+    ≥ 92 % in 40 epochs. ``dropout`` (0 in the paper) is applied before the classifier, so MC
+    dropout and moment propagation have something to work on.
 
     >>> import torch
     >>> MNIST1DCNN()(torch.zeros(2, 1, 40)).shape
     torch.Size([2, 10])
     """
 
-    def __init__(self, channels: int = 25, num_classes: int = 10, length: int = 40, dropout: float = 0.0) -> None:
+    def __init__(
+        self, channels: int = 25, num_classes: int = 10, length: int = 40, dropout: float = 0.0, batch_norm: bool = True
+    ) -> None:
         super().__init__()
         if channels < 1 or num_classes < 2 or length < 8:
             raise ValueError(f"bad MNIST1DCNN sizes: channels={channels}, num_classes={num_classes}, length={length}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.features = nn.Sequential(
-            nn.Conv1d(1, channels, 5, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Dropout(dropout),
-        )
+        layers: list[nn.Module] = []
+        for cin, kernel in ((1, 5), (channels, 3), (channels, 3)):
+            layers.append(nn.Conv1d(cin, channels, kernel, stride=2, padding=1))
+            layers += [nn.BatchNorm1d(channels), nn.ReLU()] if batch_norm else [nn.ReLU()]
+        self.features = nn.Sequential(*layers, nn.Flatten(), nn.Dropout(dropout))
         out = length
         for kernel in (5, 3, 3):
             out = (out + 2 - kernel) // 2 + 1

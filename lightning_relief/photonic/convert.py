@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from lightning_relief.errors import UnsupportedLayerError, UnsupportedModelError
 from lightning_relief.nn.photonic import PhotonicSamplerLayer
 from lightning_relief.nn.structure import RestorableStructureMixin, record_structure
 
@@ -30,6 +31,10 @@ __all__ = ["convert_to_photonic", "photonic_layers", "rebuild_photonic"]
 
 REBUILD = "lightning_relief.photonic.convert:rebuild_photonic"
 _CONVERTIBLE = (nn.Linear, nn.Conv2d)
+_SUPPORTED = ("Linear", "Conv2d")
+# layers with weights that stay electronic (digital) next to the photonic crossbars
+_KEPT = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
+_HINT = "Pass layers=[...] to convert the supported layers you choose"
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
@@ -38,14 +43,27 @@ def photonic_layers(model: nn.Module) -> dict[str, PhotonicSamplerLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PhotonicSamplerLayer)}
 
 
+def _check_all_convertible(modules: dict[str, nn.Module]) -> None:
+    """Converting "every layer" must not leave a compute layer deterministic without saying so."""
+    for name, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention):
+            # its projections are read as raw tensors by F.multi_head_attention_forward
+            raise UnsupportedLayerError("convert_to_photonic", name, module, _SUPPORTED, _HINT)
+        if isinstance(module, (*_CONVERTIBLE, *_KEPT)) or any(True for _ in module.children()):
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            raise UnsupportedLayerError("convert_to_photonic", name, module, _SUPPORTED, _HINT)
+
+
 def _select(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     modules = dict(model.named_modules())
     if layers is None:
+        _check_all_convertible(modules)
         names = [
             name for name, m in modules.items() if isinstance(m, _CONVERTIBLE) and not isinstance(m, PhotonicSamplerLayer)
         ]
         if not names:
-            raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to convert")
+            raise UnsupportedModelError("convert_to_photonic", model, "it has no nn.Linear or nn.Conv2d layer to convert")
         return names
     if isinstance(layers, str):
         raise TypeError(f"layers must be a list of layer names, got the string {layers!r}")
