@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "ClassifierModule": "lightning_relief.models.classifier",
     "DigitsDataModule": "lightning_relief.data.digits",
     "SyntheticDataModule": "lightning_relief.data.synthetic",
+    "MNIST1DDataModule": "lightning_relief.data.mnist1d",
     "SensitivityPruningCallback": "lightning_relief.callbacks.sensitivity_pruning",
     "TVMExportCallback": "lightning_relief.callbacks.tvm_export",
     "AnalogNoiseStrategy": "lightning_relief.strategies.analog_noise",
