@@ -69,3 +69,22 @@ class UnsupportedModelError(ReliefError, ValueError):
         self.model_type = model if isinstance(model, str) else type(model).__name__
         self.reason = reason
         super().__init__(f"{plugin} cannot handle model {self.model_type}: {reason}")
+
+
+class UntrustedClassPathError(ReliefError, ValueError):
+    """A class or function path read from data (a recipe, a checkpoint) that may not be loaded.
+
+    Raised before anything at that path is imported or called: the module is not
+    in a trusted package, or the object is not of the expected kind.
+
+    Args:
+        key: where the path was read (``"hyper_parameters.model.class_path"``...).
+        path: the dotted path as given.
+        reason: why it is refused, and how to allow it when it is the user's own code.
+    """
+
+    def __init__(self, key: str, path: object, reason: str) -> None:
+        self.key = key
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{key}: {path!r} is refused: {reason}")
