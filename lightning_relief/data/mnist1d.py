@@ -109,8 +109,9 @@ class MNIST1DDataModule(SplitDataModule):
             ood_x, ood_y = self._shifted(x_test), y_test
 
         def tensors(signals: np.ndarray, labels: np.ndarray) -> TensorDataset:
-            inputs = torch.from_numpy(np.ascontiguousarray(signals, dtype=np.float32)).unsqueeze(1)
-            return TensorDataset(inputs, torch.from_numpy(np.asarray(labels)).long())
+            # copies: the generated arrays are cached read-only and shared between data modules
+            inputs = torch.tensor(signals, dtype=torch.float32).unsqueeze(1)
+            return TensorDataset(inputs, torch.tensor(labels, dtype=torch.long))
 
         self._splits = {"train": tensors(x[train], y[train]), "val": tensors(x[val], y[val]), "test": tensors(x_test, y_test)}
         if ood_x is not None:
