@@ -1,9 +1,7 @@
-"""Hardware-aware pruning and quantization inside ``trainer.fit``."""
+"""Hardware-aware pruning and quantization inside ``trainer.fit``: the hooks around :mod:`lightning_relief.compress.engine`."""
 
 from __future__ import annotations
 
-import copy
-import time
 import types
 import warnings
 from collections.abc import Sequence
@@ -14,44 +12,34 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_relief.compress.apply import apply_policy
-from lightning_relief.compress.bracket import BudgetBracket
-from lightning_relief.compress.cost import METRICS, CostModel, policy_cost
-from lightning_relief.compress.policy import FLOAT_BITS, CompressionPolicy
-from lightning_relief.compress.report import layer_rows, pareto_plot, print_report, write_json
-from lightning_relief.compress.search import SEARCHES, Candidate, propose_candidates
-from lightning_relief.compress.sensitivity import (
-    IMPORTANCES, SensitivityTable, cached_sensitivity, compute_sensitivity, fingerprint,
-)
-from lightning_relief.compress.units import ModelUnits, analyze
+from lightning_relief.compress.compiled import uncompiled
+from lightning_relief.compress.cost import METRICS
+from lightning_relief.compress.engine import DEFAULT_RATIOS, CompressionConfig, CompressionResult, apply_plan, plan
+from lightning_relief.compress.meter import AnalyticMeter, Meter
+from lightning_relief.compress.report import Progress, pareto_plot, print_report, write_json
 from lightning_relief.nn.structure import RestorableStructureMixin, rebuild_structure, save_structure
-
-METHODS = ("prune", "quantize")
-DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-_SENSITIVITY_MEMO: dict[str, SensitivityTable] = {}
 
 
 class SensitivityPruningCallback(Callback):
     """Prune channels and quantize layers to meet a cost budget, then fine-tune, in one ``fit``.
 
-    At the start of epoch ``start_epoch`` the callback measures every unit's
-    sensitivity (KL divergence of the output distribution when one channel group
-    is pruned at a ratio, or one layer quantized at a bit width) on a few
-    calibration batches, prices every option with the cost model (measured TVM
-    latency per layer, or MACs/parameters/bytes), solves the Lagrangian of the
-    multiple-choice knapsack for a budget of ``target`` × the original cost,
-    measures a few candidate policies whole (latency and validation accuracy,
-    all recorded), applies the best one that meets the budget (channels really
-    removed with torch-pruning, brevitas layers for quantization-aware training),
-    rebuilds the optimizer and LR scheduler, and lets training fine-tune the
-    compressed model for the remaining epochs.
+    At the start of epoch ``start_epoch`` the engine (:func:`lightning_relief.compress.engine.plan`)
+    measures every unit's sensitivity (KL divergence of the outputs with one channel group pruned or
+    one layer quantized) on a few calibration batches, prices policies with the meter's cost model,
+    proposes candidates (its Lagrangian search's policies and the uniform, 8-bit-only and joint
+    baselines), measures each one whole, and scores those within the budget by validation accuracy
+    after ``recovery_steps`` of fine-tuning on a copy. The best is applied (channels really removed
+    with torch-pruning, brevitas layers for quantization-aware training), the optimizer, LR schedulers
+    and, under DDP, the ``DistributedDataParallel`` wrapper are rebuilt, and training fine-tunes the
+    compressed model. Under DDP rank 0 plans and broadcasts the plan; every rank applies the same.
+    A ``torch.compile``-d model is compressed underneath and recompiles on its next call.
 
-    The policy is recorded on the module, so checkpoints replay it: modules
-    with :class:`~lightning_relief.nn.structure.RestorableStructureMixin` (such as
-    :class:`~lightning_relief.ClassifierModule`) reload with ``load_from_checkpoint``;
-    any other module reloads with :func:`lightning_relief.compress.load_compressed`,
-    and resumes ``fit(ckpt_path=...)`` with this callback in the Trainer.
+    The plan is recorded on the module, so checkpoints replay it: modules with
+    :class:`~lightning_relief.nn.structure.RestorableStructureMixin` (such as
+    :class:`~lightning_relief.ClassifierModule`) reload with ``load_from_checkpoint``; any other module
+    with :func:`lightning_relief.compress.load_compressed`, or resumes ``fit(ckpt_path=...)`` with this callback.
 
     Assumes batches ``(x, y, ...)`` and that ``pl_module(x)`` returns class logits.
 
@@ -70,28 +58,19 @@ class SensitivityPruningCallback(Callback):
 
     Args:
         target: budget as a fraction of the original model's cost, in (0, 1].
-        metric: ``"latency"`` (measured with TVM on ``target_device``), ``"macs"``, ``"params"`` or ``"size"``.
+        metric: ``"latency"`` (TVM on ``target_device``), ``"macs"``, ``"params"`` or ``"size"``; ignored with ``meter``.
+        meter: any :class:`~lightning_relief.compress.meter.Meter` (e.g. by ``class_path`` in YAML) instead of ``metric``.
         methods: any of ``"prune"`` and ``"quantize"``.
         target_device: TVM target for latency (string, dict or ``tvm.target.Target``).
-        calibration_batches: training batches used for sensitivity, BN re-estimation and quantizer scales.
+        calibration_batches: training batches for sensitivity, BN re-estimation and quantizer scales.
         start_epoch: epoch at whose start the model is compressed (default: ``max_epochs - finetune_epochs``,
             or ``max_epochs // 2`` when the run is not longer than ``finetune_epochs``, or 0 without ``finetune_epochs``).
         finetune_epochs: epochs of fine-tuning after compression; training stops after them. Default: all remaining.
-        prune_ratios: pruning ratios tried per channel group.
-        bit_widths: weight bit widths tried per layer (activations use 8 bits).
-        importance: channel ranking: ``"magnitude"``, ``"taylor"``, ``"bn_scale"``, ``"lamp"`` or ``"fpgm"``.
-        ignored_layers: module names (as in ``pl_module.named_modules()``) never pruned or quantized.
-        search: ``"lagrangian"`` (ours) or ``"uniform"`` (same ratio for every group: the usual baseline).
-        candidates: policies measured whole per search round.
-        tolerance: the target window: measured cost within ``budget · (1 ± tolerance)`` (for ``"latency"``;
-            analytic metrics are exact, so their candidates stay at or under the budget).
-        max_rounds: measurement rounds; each steers the predicted budget by the candidates measured so far
-            (:class:`~lightning_relief.compress.bracket.BudgetBracket`) until one lands in the window.
+        prune_ratios, bit_widths, importance, ignored_layers, search, candidates, tolerance, max_rounds,
+        recovery_steps, recovery_lr, seed: see :class:`~lightning_relief.compress.engine.CompressionConfig`.
         val_batches: validation batches per candidate (``None``: all).
         cache_dir: directory for the sensitivity table and TVM latency caches (reused across runs).
-        latency_batch: batch size at which latency is measured.
-        tuning_trials: MetaSchedule trials for latency measurement (0: untuned, fast).
-        seed: seed for the choice of calibration batches.
+        latency_batch, tuning_trials: latency batch size and MetaSchedule trials (0: untuned).
         verbose: print the report table.
     """
 
@@ -99,6 +78,7 @@ class SensitivityPruningCallback(Callback):
         self,
         target: float = 0.25,
         metric: Literal["latency", "macs", "params", "size"] = "latency",
+        meter: Meter | None = None,
         methods: Sequence[str] = ("prune", "quantize"),
         target_device: str | dict = "llvm",
         calibration_batches: int = 4,
@@ -112,6 +92,8 @@ class SensitivityPruningCallback(Callback):
         candidates: int = 4,
         tolerance: float = 0.05,
         max_rounds: int = 5,
+        recovery_steps: int = 50,
+        recovery_lr: float = 1e-3,
         val_batches: int | None = None,
         cache_dir: str | None = None,
         latency_batch: int = 1,
@@ -120,82 +102,55 @@ class SensitivityPruningCallback(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(methods, str):
-            methods = (methods,)
-        methods = tuple(methods)
-        if not isinstance(target, (int, float)) or not 0 < target <= 1:
-            raise ValueError(f"target must be a fraction of the original cost in (0, 1], got {target!r}")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
-            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods!r}")
+        self.config = CompressionConfig(target, tuple(methods) if not isinstance(methods, str) else methods,
+                                        tuple(prune_ratios), tuple(bit_widths), importance, tuple(ignored_layers),
+                                        search, candidates, tolerance, max_rounds, recovery_steps, recovery_lr, seed)
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
         if start_epoch is not None and start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
         if finetune_epochs is not None and finetune_epochs < 0:
             raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
-        ratios = tuple(float(r) for r in prune_ratios)
-        if "prune" in methods and (not ratios or any(not 0 < r < 1 for r in ratios)):
-            raise ValueError(f"prune_ratios must be non-empty, each in (0, 1), got {list(prune_ratios)}")
-        bits = tuple(int(b) for b in bit_widths)
-        if "quantize" in methods and (not bits or any(not 2 <= b <= 16 for b in bits)):
-            raise ValueError(f"bit_widths must be non-empty, each in [2, 16], got {list(bit_widths)}")
-        if importance not in IMPORTANCES:
-            raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
-        if search not in SEARCHES:
-            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-        if search == "uniform" and methods != ("prune",):
-            raise ValueError(f"search='uniform' prunes every group alike and needs methods=('prune',), got {methods!r}")
-        if candidates < 1 or max_rounds < 1:
-            raise ValueError(f"candidates and max_rounds must be >= 1, got {candidates} and {max_rounds}")
-        if not 0 <= tolerance < 1:
-            raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
         if val_batches is not None and val_batches < 1:
             raise ValueError(f"val_batches must be >= 1 or None, got {val_batches}")
-        if latency_batch < 1 or tuning_trials < 0:
-            raise ValueError(f"latency_batch must be >= 1 and tuning_trials >= 0, got {latency_batch}, {tuning_trials}")
-        if metric == "latency" and "quantize" in methods and any(b > 8 for b in bits):
-            raise ValueError(f"with metric='latency', bit_widths must be <= 8 (integer layers store int8), got {list(bits)}")
-        if metric == "latency":
-            from lightning_relief.compress.latency import check_target
+        if meter is None:
+            if metric not in METRICS:
+                raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+            if metric == "latency":
+                from lightning_relief.compress.latency import LatencyMeter
 
-            check_target(target_device)
-        self.target = float(target)
-        self.metric = metric
-        self.methods = methods
-        self.target_device = target_device
+                meter = LatencyMeter(target_device, cache_dir=cache_dir, batch=latency_batch, tuning_trials=tuning_trials)
+            else:
+                meter = AnalyticMeter(metric)
+        if not isinstance(meter, Meter):
+            raise TypeError(f"meter must be a lightning_relief.compress.meter.Meter, got {type(meter).__name__}")
+        if not meter.exact and "quantize" in self.config.methods and any(b > 8 for b in self.config.bit_widths):
+            raise ValueError(f"with a measured meter, bit_widths must be <= 8 (integer layers store int8), "
+                             f"got {list(self.config.bit_widths)}")
+        self.meter = meter
+        self.metric = meter.metric
         self.calibration_batches = int(calibration_batches)
         self.start_epoch = start_epoch
         self.finetune_epochs = finetune_epochs
-        self.prune_ratios = ratios if "prune" in methods else ()
-        self.bit_widths = bits if "quantize" in methods else ()
-        self.importance = importance
-        self.ignored_layers = tuple(ignored_layers)
-        self.search = search
-        self.candidates = int(candidates)
-        self.tolerance = float(tolerance)
-        self.max_rounds = int(max_rounds)
         self.val_batches = val_batches
         self.cache_dir = cache_dir
-        self.latency_batch = int(latency_batch)
-        self.tuning_trials = int(tuning_trials)
-        self.seed = int(seed)
         self.verbose = verbose
-        # results (also in state_dict)
         self.phase = "waiting"
-        self.policy: CompressionPolicy | None = None
-        self.sensitivity: SensitivityTable | None = None
-        self.evaluated: list[Candidate] = []
-        self.chosen: Candidate | None = None
-        self.original_cost: float | None = None
-        self.original_acc: float | None = None
+        self.result: CompressionResult | None = None
         self.report: dict[str, Any] = {}
-        self.timings: dict[str, float] = {}
-        self.calibration: dict[str, Any] = {}
         self._compress_epoch: int | None = None
 
-    # ------------------------------------------------------------------ hooks
+    # the figures of the chosen plan, as attributes
+    policy = property(lambda self: None if self.result is None else self.result.policy)
+    chosen = property(lambda self: None if self.result is None else self.result.chosen)
+    evaluated = property(lambda self: [] if self.result is None else self.result.evaluated)
+    sensitivity = property(lambda self: None if self.result is None else self.result.sensitivity)
+    original_cost = property(lambda self: None if self.result is None else self.result.original_cost)
+    original_acc = property(lambda self: None if self.result is None else self.result.original_acc)
+    timings = property(lambda self: {} if self.result is None else self.result.timings)
+    calibration = property(lambda self: {} if self.result is None else self.result.calibration)
+
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._compress_epoch = self._resolve_start(trainer)
@@ -203,48 +158,38 @@ class SensitivityPruningCallback(Callback):
             # replay the recorded structure before the weights load, for modules without the mixin
             pl_module.__dict__["on_load_checkpoint"] = types.MethodType(_replaying_on_load_checkpoint, pl_module)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if getattr(pl_module.__dict__.get("on_load_checkpoint"), "__func__", None) is _replaying_on_load_checkpoint:
             del pl_module.__dict__["on_load_checkpoint"]
 
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == "waiting" and self._compress_epoch is not None and trainer.current_epoch >= self._compress_epoch:
             self.compress(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (self.phase == "compressed" and self.finetune_epochs is not None and self._compress_epoch is not None
                 and trainer.current_epoch + 1 >= self._compress_epoch + self.finetune_epochs):
             trainer.should_stop = True
 
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         save_structure(pl_module, checkpoint)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "phase": self.phase,
-            "compress_epoch": self._compress_epoch,
-            "policy": None if self.policy is None else self.policy.to_dict(),
-            "sensitivity": None if self.sensitivity is None else self.sensitivity.state_dict(),
-            "evaluated": [c.to_dict() for c in self.evaluated],
-            "original_cost": self.original_cost,
-            "original_acc": self.original_acc,
-            "timings": dict(self.timings),
-        }
+        return {"phase": self.phase, "compress_epoch": self._compress_epoch,
+                "result": None if self.result is None else self.result.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.phase = state_dict.get("phase", "waiting")
         self._compress_epoch = state_dict.get("compress_epoch", self._compress_epoch)
-        policy = state_dict.get("policy")
-        self.policy = None if policy is None else CompressionPolicy.from_dict(policy)
-        sens = state_dict.get("sensitivity")
-        self.sensitivity = None if sens is None else SensitivityTable.from_state_dict(sens)
-        self.evaluated = [Candidate.from_dict(c) for c in state_dict.get("evaluated", [])]
-        self.chosen = next((c for c in self.evaluated if c.chosen), None)
-        self.original_cost = state_dict.get("original_cost")
-        self.original_acc = state_dict.get("original_acc")
-        self.timings = dict(state_dict.get("timings", {}))
+        result = state_dict.get("result")
+        self.result = None if result is None else CompressionResult.from_state_dict(result)
 
-    # ------------------------------------------------------------- the work
     def _resolve_start(self, trainer: L.Trainer) -> int:
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
         start = self.start_epoch
@@ -262,20 +207,12 @@ class SensitivityPruningCallback(Callback):
             )
         return start
 
-    def _calibration(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[tuple[Tensor, Tensor]]:
-        loader = trainer.train_dataloader
-        if loader is None:
+    def _batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list, list, list]:
+        """Calibration and recovery batches from the training data; validation batches for scoring."""
+        if trainer.train_dataloader is None:
             raise RuntimeError("SensitivityPruningCallback needs the training dataloader for calibration")
-        batches = []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            for batch in loader:
-                batches.append(_xy(batch, pl_module.device))
-                if len(batches) >= self.calibration_batches:
-                    break
-        return batches
-
-    def _validation(self, trainer: L.Trainer, pl_module: L.LightningModule, fallback: list) -> tuple[list, str]:
+        wanted = max(self.calibration_batches, min(self.config.recovery_steps, 64))
+        train = _take(trainer.train_dataloader, wanted, pl_module.device)
         loader = None
         if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
             try:
@@ -286,161 +223,84 @@ class SensitivityPruningCallback(Callback):
             loader = trainer.val_dataloaders
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
-        if loader is None:
-            return fallback, "calibration"
-        batches = []
-        for batch in loader:
-            batches.append(_xy(batch, pl_module.device))
-            if self.val_batches is not None and len(batches) >= self.val_batches:
-                break
-        return batches, "validation"
+        calibration = train[: self.calibration_batches]
+        val = _take(loader, self.val_batches, pl_module.device) if loader is not None else calibration
+        self.report["accuracy_on"] = "validation" if loader is not None else "calibration"
+        return calibration, val, train
 
-    def _cost_model(self, units: ModelUnits, module: torch.nn.Module) -> tuple[CostModel, Any]:
-        if self.metric != "latency":
-            return CostModel(self.metric), None
-        from lightning_relief.compress.latency import LatencyMeter
-
-        meter = LatencyMeter(self.target_device, cache_dir=self.cache_dir, batch=self.latency_batch,
-                             tuning_trials=self.tuning_trials)
-        return meter.cost_model(units, module), meter
-
-    def compress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CompressionPolicy:
-        """Measure, search, evaluate and apply; called at the start of the compression epoch."""
+    def compress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CompressionResult:
+        """Plan (rank 0), broadcast, apply on every rank, rebuild the wrappers and optimizers."""
         # how many candidates get measured depends on timings; the fine-tuning that follows must not
-        # (calibration passes through dropout draw random numbers): the search gets its own RNG stream
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), _Progress(self.verbose and trainer.is_global_zero) as progress:
-            return self._compress(trainer, pl_module, progress)
-
-    def _compress(self, trainer: L.Trainer, pl_module: L.LightningModule, progress: _Progress) -> CompressionPolicy:
-        t0 = time.perf_counter()
-        calibration = self._calibration(trainer, pl_module)
-        inputs = [x for x, _ in calibration]
-        units = analyze(pl_module, inputs[0][:1], self.ignored_layers)
-        quant_layers = [info.name for info in units.layers if info.name not in self.ignored_layers]
-        key = fingerprint(pl_module, calibration, (self.prune_ratios, self.bit_widths, self.importance,
-                                                   self.ignored_layers, quant_layers))
-        # cached by weights + calibration data + settings: in memory, and on disk under cache_dir
-        if key in _SENSITIVITY_MEMO:
-            self.sensitivity = _SENSITIVITY_MEMO[key]
-        else:
-            self.sensitivity, _ = cached_sensitivity(
-                self.cache_dir, key,
-                lambda: compute_sensitivity(pl_module, units, calibration, self.prune_ratios, self.bit_widths,
-                                            self.importance, quant_layers, progress=progress.task("sensitivity")),
-            )
-            _SENSITIVITY_MEMO[key] = self.sensitivity
-        table = self.sensitivity
-        t1 = time.perf_counter()
-        cost, meter = self._cost_model(units, pl_module)
-        if meter is not None:
-            cost.warm(units, [FLOAT_BITS, *self.bit_widths[:1]], progress.task("layer latency table"))
-        # candidates are timed against the compiled original, side by side (steady on a drifting machine)
-        self.original_cost = meter.set_reference(pl_module) if meter is not None else policy_cost(units, cost, {}, {})
-        if meter is not None:
-            self._calibrate_latency(pl_module, units, table, cost, meter, inputs)
-        val, val_kind = self._validation(trainer, pl_module, calibration)
-        self.original_acc = _accuracy(pl_module, val)
-        budget = self.target * self.original_cost
-        predicted_original = policy_cost(units, cost, {}, {})
-        t2 = time.perf_counter()
-
-        self.evaluated = []
-        seen: set = set()
-        bracket = BudgetBracket(budget, self.tolerance, ceiling=0.999 * predicted_original)
-        predicted_budget = budget
-        for round_ in range(self.max_rounds):
-            anchors = [self.evaluated[i].policy for i in bracket.anchors()]
-            fresh = propose_candidates(units, table, cost, predicted_budget, self.search, self.prune_ratios,
-                                       self.bit_widths, quant_layers, self.candidates, seen, anchors,
-                                       spread=max(self.tolerance, 0.01), centered=meter is not None, round_=round_)
-            advance = progress.task(f"measuring candidates (round {round_ + 1})")
-            for i, cand in enumerate(fresh):
-                advance(i, len(fresh))
-                seen.add(cand.policy.key())
-                trial = copy.deepcopy(pl_module)  # candidates never touch the model being trained
-                apply_policy(trial, units, table.order, cand.policy, inputs)
-                cand.measured_cost = meter.measure(trial) if meter is not None else cand.predicted_cost
-                cand.val_acc = _accuracy(trial, val)
-                cand.extra["params"] = sum(p.numel() for p in trial.parameters())
-                bracket.add(cand.predicted_cost, cand.measured_cost)
-                self.evaluated.append(cand)
-                advance(i + 1, len(fresh))
-                del trial
-            if meter is None or bracket.hit() or not fresh:
-                break  # in the window, exact costs, or nothing left to try near it
-            predicted_budget = bracket.next()
-        low, high = bracket.low, bracket.high
-        # the target window first, then anything under budget; best accuracy, then closest to the budget
-        in_window = [c for c in self.evaluated if low <= c.measured_cost <= high]
-        feasible = in_window or [c for c in self.evaluated if c.measured_cost <= high]
-        if feasible:
-            chosen = max(feasible, key=lambda c: (round(c.val_acc, 4), c.measured_cost))
-        else:
-            chosen = min(self.evaluated, key=lambda c: c.measured_cost)
-        if not in_window and meter is not None:
-            warnings.warn(
-                f"SensitivityPruningCallback: no candidate measured within {self.tolerance:.0%} of the {self.metric} "
-                f"budget {budget:.4g} after {len(self.evaluated)} candidates; using {chosen.measured_cost:.4g}",
-                stacklevel=2,
-            )
-        chosen.chosen = True
-        self.chosen = chosen
-        self.policy = chosen.policy
-        t3 = time.perf_counter()
-
-        apply_policy(pl_module, units, table.order, chosen.policy, inputs)
-        pl_module.to(inputs[0].device)
+        with torch.random.fork_rng(devices=devices), uncompiled(pl_module):
+            torch.manual_seed(self.config.seed)
+            calibration, val, train = self._batches(trainer, pl_module)
+            payload: Any = None
+            if trainer.is_global_zero:
+                with Progress(self.verbose) as progress:
+                    try:
+                        payload = plan(pl_module, calibration, self.config, self.meter, val, train, progress.task,
+                                       self.cache_dir).state_dict()
+                    except Exception as err:  # the other ranks wait in the broadcast: tell them, then raise
+                        trainer.strategy.broadcast(("error", f"{type(err).__name__}: {err}"), src=0)
+                        raise
+            payload = trainer.strategy.broadcast(payload, src=0)
+            if isinstance(payload, tuple):
+                raise RuntimeError(f"SensitivityPruningCallback failed on rank 0: {payload[1]}")
+            self.result = CompressionResult.from_state_dict(payload)
+            apply_plan(pl_module, self.result, [x for x, _ in calibration])
+            pl_module.to(calibration[0][0].device)
+        _rebuild_ddp(trainer, pl_module)
         # the optimizer and scheduler still hold the removed tensors: build them again for the new ones
         trainer.strategy.setup_optimizers(trainer)
         _resume_schedules(trainer)
         _forget_uncompressed_best(trainer)
         self.phase = "compressed"
-        self.timings = {"sensitivity_s": t1 - t0, "baseline_s": t2 - t1, "search_s": t3 - t2,
-                        "apply_s": time.perf_counter() - t3, "total_s": time.perf_counter() - t0,
-                        "sensitivity_table_s": table.seconds}
-        self._report(trainer, pl_module, units, cost, val_kind)
-        return chosen.policy
+        self._report(trainer, pl_module)
+        return self.result
 
-    def _calibrate_latency(self, pl_module, units, table, cost, meter, inputs) -> None:
-        """Whole-model measurements that the layer table cannot see: element-wise ops and call overhead."""
-        points = [({}, {}, self.original_cost)]
-        if table.order:
-            # a second, uniformly pruned model separates the per-channel part from the fixed overhead
-            half = CompressionPolicy(prune={g.root: 0.5 for g in units.groups})
-            trial = copy.deepcopy(pl_module)
-            apply_policy(trial, units, table.order, half, inputs)
-            points.append((half.prune, {}, meter.measure(trial)))
-            del trial
-        cost.calibrate(units, points)
-        self.calibration = {"measured_ms": [p[2] for p in points], "scale": cost.scale,
-                            "overhead_ms": cost.overhead}
-
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, units: ModelUnits, cost: CostModel,
-                val_kind: str) -> None:
-        assert self.chosen is not None and self.sensitivity is not None and self.original_cost is not None
-        rows = layer_rows(units, self.sensitivity, cost, self.chosen.policy)
-        self.report = {
-            "metric": self.metric, "target": self.target, "original_cost": self.original_cost,
-            "original_acc": self.original_acc, "accuracy_on": val_kind,
-            "chosen": self.chosen.to_dict(), "candidates": [c.to_dict() for c in self.evaluated],
-            "layers": rows, "timings": self.timings, "latency_calibration": self.calibration,
-        }
-        if self.verbose and trainer.is_global_zero:
-            print_report(rows, self.evaluated, self.metric)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        result = self.result
+        assert result is not None
+        self.report.update({"metric": result.metric, "unit": result.unit, "target": self.config.target,
+                            **{k: v for k, v in result.state_dict().items() if k not in ("sensitivity", "evaluated")},
+                            "chosen": result.chosen.to_dict(), "candidates": [c.to_dict() for c in result.evaluated]})
         if trainer.is_global_zero:
+            if self.verbose:
+                print_report(result.layers, result.evaluated, result.metric, unit=result.unit)
+            log_dir = Path(trainer.log_dir or trainer.default_root_dir)
             write_json(log_dir / "compression_report.json", self.report)
-            pareto_plot(self.evaluated, self.original_cost, self.original_acc, self.target, self.metric,
+            pareto_plot(result.evaluated, result.original_cost, result.original_acc, self.config.target, result.metric,
                         log_dir / "compression_pareto.png")
-        metrics = {
-            "compress/cost_ratio": self.chosen.measured_cost / self.original_cost,
-            "compress/candidates": float(len(self.evaluated)),
-            "compress/search_s": self.timings["search_s"],
-            "compress/params": float(sum(p.numel() for p in pl_module.parameters())),
-        }
+        metrics = {"compress/cost_ratio": result.chosen.measured_cost / result.original_cost,
+                   "compress/candidates": float(len(result.evaluated)), "compress/plan_s": result.timings["plan_s"],
+                   "compress/params": float(sum(p.numel() for p in pl_module.parameters()))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _take(loader: Any, count: int | None, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    batches = []
+    for batch in loader:
+        if isinstance(batch, dict):
+            batch = tuple(batch.values())
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("SensitivityPruningCallback expects batches (x, y, ...)")
+        batches.append((batch[0].to(device), batch[1].to(device)))
+        if count is not None and len(batches) >= count:
+            break
+    return batches
+
+
+def _rebuild_ddp(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """A DDP wrapper registered the old parameters with its reducer: wrap the compressed module anew
+    (which also broadcasts rank 0's weights and buffers, so every rank starts fine-tuning identical)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    if isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = strategy._setup_model(pl_module)
+        strategy._register_ddp_hooks()
 
 
 def _resume_schedules(trainer: L.Trainer) -> None:
@@ -470,57 +330,6 @@ def _forget_uncompressed_best(trainer: L.Trainer) -> None:
             ckpt.best_model_path = ""
             ckpt.best_model_score = None
             ckpt.kth_value = torch.tensor(torch.inf if ckpt.mode == "min" else -torch.inf)
-
-
-class _Progress:
-    """A rich progress display for the compression step (silent when disabled)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import Progress
-
-            self._progress = Progress(transient=True)
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-    def task(self, description: str):
-        """A ``(done, total)`` callback that advances one bar."""
-        if self._progress is None:
-            return lambda done, total: None
-        task_id = self._progress.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            self._progress.update(task_id, completed=done, total=total)
-
-        return update
-
-
-def _xy(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, dict):
-        batch = tuple(batch.values())
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError("SensitivityPruningCallback expects batches (x, y, ...)")
-    return batch[0].to(device), batch[1].to(device)
-
-
-@torch.no_grad()
-def _accuracy(module: torch.nn.Module, batches: Sequence[tuple[Tensor, Tensor]]) -> float:
-    was_training = module.training
-    module.eval()
-    correct = total = 0
-    for x, y in batches:
-        correct += (module(x).argmax(-1) == y).sum().item()
-        total += y.numel()
-    module.train(was_training)
-    return correct / max(total, 1)
 
 
 def _replaying_on_load_checkpoint(self: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -66,8 +66,11 @@ def apply_pruning(module: nn.Module, example_inputs: Tensor, groups: Mapping[str
 
 
 def replay_pruning(module: nn.Module, spec: dict[str, Any]) -> None:
-    """Structure replay: remove the recorded channels from a freshly built module."""
-    prune_channels(module, _example(module, spec["input_shape"]), spec["groups"])
+    """Structure replay: remove the recorded channels from a freshly built module (compiled or not)."""
+    from lightning_relief.compress.compiled import uncompiled
+
+    with uncompiled(module):
+        prune_channels(module, _example(module, spec["input_shape"]), spec["groups"])
 
 
 def channels_to_prune(units: ModelUnits, order: Mapping[str, Sequence[int]], policy: CompressionPolicy) -> dict[str, list[int]]:

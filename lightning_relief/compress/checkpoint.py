@@ -14,8 +14,11 @@ from lightning_relief.nn.structure import rebuild_structure
 def load_compressed(cls: type[L.LightningModule], checkpoint_path: str | Path, map_location: Any = "cpu",
                     **kwargs: Any) -> L.LightningModule:
     """Like ``cls.load_from_checkpoint``: build ``cls(**hparams, **kwargs)``, replay the recorded
-    structure (pruning, quantized layers), then load the weights strictly. In eval mode."""
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
+    structure (pruning, quantized layers), then load the weights strictly. In eval mode.
+
+    The file is unpickled with ``weights_only=True`` and structure steps resolve only
+    to known functions (see :mod:`lightning_relief.trust`): loading runs no code from it."""
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     hparams.update(kwargs)
     module = cls(**hparams)

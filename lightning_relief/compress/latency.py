@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_relief.compress.cost import LatencyCostModel
+from lightning_relief.compress.cost import CostModel, LatencyCostModel
+from lightning_relief.compress.meter import Meter
 from lightning_relief.compress.policy import FLOAT_BITS
 from lightning_relief.compress.units import LayerInfo, ModelUnits
 
@@ -54,13 +55,34 @@ class _Forward(nn.Module):
         return self.module(x)
 
 
-class LatencyMeter:
-    """Per-layer table and whole-model measurement on one target, sharing a cache folder."""
+class LatencyMeter(Meter):
+    """Latency (ms) measured with TVM: a per-layer table for the search, whole candidates timed
+    side by side with the original, on one target (``"llvm"``: this CPU), sharing a cache folder.
+
+    Args:
+        target: TVM target (string, dict or ``tvm.target.Target``).
+        cache_dir: folder for the layer table, whole-model and tuning caches.
+        batch: batch size timed.
+        tuning_trials: MetaSchedule trials (0: untuned, fast).
+        repeat, number: timing repeats and runs per repeat.
+        cache: reuse whole-model measurements across runs.
+        compare_seconds: a candidate is timed against the original for at least this long.
+    """
+
+    metric = "latency"
+    unit = "ms"
+    exact = False
+    # the integer lowering of the deploy package knows these (no QuantConv1d)
+    quantizable_types = (nn.Conv2d, nn.Linear)
 
     def __init__(self, target: Any = "llvm", cache_dir: str | Path | None = None, batch: int = 1,
                  tuning_trials: int = 0, repeat: int = 10, number: int = 10, cache: bool = True,
                  compare_seconds: float = 6.0) -> None:
         from lightning_relief.deploy import LayerLatencyTable, TuningConfig
+
+        check_target(target)
+        if batch < 1 or tuning_trials < 0:
+            raise ValueError(f"batch must be >= 1 and tuning_trials >= 0, got {batch}, {tuning_trials}")
 
         self.target = target
         self.batch = batch
@@ -92,6 +114,13 @@ class LatencyMeter:
     def cost_model(self, units: ModelUnits, module: nn.Module | None = None) -> LatencyCostModel:
         self.example_shape = (self.batch, *units.example_inputs.shape[1:])
         return LatencyCostModel(self.layer_ms)
+
+    def warm(self, cost: CostModel, units: ModelUnits, bits: list[int], progress=None) -> None:
+        if isinstance(cost, LatencyCostModel):
+            cost.warm(units, [FLOAT_BITS, *bits[:1]], progress)
+
+    def reference(self, module: nn.Module) -> float:
+        return self.set_reference(module)
 
     def _deployable(self, module: nn.Module) -> tuple[nn.Module, Tensor]:
         """What an export ships: ``forward`` alone, integer-lowered if it has quantized layers."""

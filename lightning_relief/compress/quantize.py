@@ -1,6 +1,6 @@
 """Quantization-aware layers: swap ``nn.Conv2d``/``nn.Linear`` for brevitas ones.
 
-Each chosen layer becomes a ``QuantConv2d``/``QuantLinear`` with per-channel
+Each chosen layer becomes a ``QuantConv1d``/``QuantConv2d``/``QuantLinear`` with per-channel
 symmetric integer weights at its bit width and an 8-bit per-tensor input
 quantizer, so every layer has the integer scales that the deploy package's
 integer lowering (``lightning_relief.deploy.lower_quantized``) needs. The swap
@@ -29,21 +29,22 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def quant_layer(layer: nn.Module, bits: int, act_bits: int = ACT_BITS) -> nn.Module:
     """A brevitas copy of ``layer`` (same weights) with ``bits``-bit weights and ``act_bits`` inputs."""
-    from brevitas.nn import QuantConv2d, QuantLinear
+    from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
     from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 
     if not 2 <= bits <= 16:
         raise ValueError(f"weight bit width must be in [2, 16], got {bits}")
     common = dict(weight_quant=Int8WeightPerChannelFloat, weight_bit_width=int(bits),
                   input_quant=Int8ActPerTensorFloat, input_bit_width=int(act_bits), return_quant_tensor=False)
-    if isinstance(layer, nn.Conv2d):
-        new = QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        cls = QuantConv1d if isinstance(layer, nn.Conv1d) else QuantConv2d
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                           padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                           bias=layer.bias is not None, padding_mode=layer.padding_mode, **common)
     elif isinstance(layer, nn.Linear):
         new = QuantLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, **common)
     else:
-        raise TypeError(f"only nn.Conv2d and nn.Linear can be quantized, got {type(layer).__name__}")
+        raise TypeError(f"only nn.Conv1d, nn.Conv2d and nn.Linear can be quantized, got {type(layer).__name__}")
     new.to(device=layer.weight.device, dtype=layer.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(layer.weight)
@@ -55,12 +56,12 @@ def quant_layer(layer: nn.Module, bits: int, act_bits: int = ACT_BITS) -> nn.Mod
 
 def quantize_layers(model: nn.Module, bits: Mapping[str, int], act_bits: int = ACT_BITS) -> list[str]:
     """Swap the named layers in place; returns the names swapped."""
-    from brevitas.nn import QuantConv2d, QuantLinear
+    from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
 
     swapped = []
     for name, b in bits.items():
         layer = model.get_submodule(name)
-        if isinstance(layer, (QuantConv2d, QuantLinear)):
+        if isinstance(layer, (QuantConv1d, QuantConv2d, QuantLinear)):
             raise ValueError(f"layer {name!r} is already quantized")
         parent, child = _parent(model, name)
         setattr(parent, child, quant_layer(layer, int(b), act_bits))
@@ -95,12 +96,15 @@ def apply_quantization(module: nn.Module, bits: Mapping[str, int], calibration: 
 
 def replay_quantization(module: nn.Module, spec: dict[str, Any]) -> None:
     """Structure replay: the same swap on a freshly built module (weights come from the checkpoint)."""
-    quantize_layers(module, spec["layers"], spec.get("act_bits", ACT_BITS))
+    from lightning_relief.compress.compiled import uncompiled
+
+    with uncompiled(module):
+        quantize_layers(module, spec["layers"], spec.get("act_bits", ACT_BITS))
 
 
 def quantized_bits(model: nn.Module) -> dict[str, int]:
     """The weight bit width of every brevitas layer in ``model``."""
-    from brevitas.nn import QuantConv2d, QuantLinear
+    from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
 
     return {name: int(m.weight_quant.bit_width().item()) for name, m in model.named_modules()
-            if isinstance(m, (QuantConv2d, QuantLinear))}
+            if isinstance(m, (QuantConv1d, QuantConv2d, QuantLinear))}

@@ -39,12 +39,13 @@ def layer_rows(units: ModelUnits, table: SensitivityTable, cost: CostModel, poli
     return rows
 
 
-def print_report(rows: Sequence[dict[str, Any]], candidates: Sequence[Candidate], metric: str, console=None) -> None:
+def print_report(rows: Sequence[dict[str, Any]], candidates: Sequence[Candidate], metric: str, console=None,
+                 unit: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(width=max(Console().width, 132))
-    unit = UNITS[metric]
+    unit = unit if unit is not None else UNITS.get(metric, "")
     layers = Table(title=f"SensitivityPruningCallback: chosen policy ({metric} in {unit})")
     for col in ("layer", "channels in", "channels out", "pruned", "bits", "KL", f"{metric} before", f"{metric} after"):
         layers.add_column(col, justify="left" if col == "layer" else "right")
@@ -56,13 +57,15 @@ def print_report(rows: Sequence[dict[str, Any]], candidates: Sequence[Candidate]
         )
     console.print(layers)
     cands = Table(title="evaluated candidates")
-    for col in ("round", "budget", "predicted", "measured", "KL sum", "val acc", ""):
+    for col in ("round", "kind", "budget", "predicted", "measured", "KL sum", "val acc", "recovered", ""):
         cands.add_column(col, justify="right")
     for c in candidates:
+        recovered = c.extra.get("recovered_acc")
         cands.add_row(
-            str(c.round), f"{c.budget:.4g}", f"{c.predicted_cost:.4g}",
+            str(c.round), str(c.extra.get("kind", "search")), f"{c.budget:.4g}", f"{c.predicted_cost:.4g}",
             "-" if c.measured_cost is None else f"{c.measured_cost:.4g}", f"{c.sensitivity:.2e}",
-            "-" if c.val_acc is None else f"{c.val_acc:.4f}", "chosen" if c.chosen else "",
+            "-" if c.val_acc is None else f"{c.val_acc:.4f}", "-" if recovered is None else f"{recovered:.4f}",
+            "chosen" if c.chosen else "",
         )
     console.print(cands)
 
@@ -102,3 +105,34 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=float))
     return path
+
+
+class Progress:
+    """A rich progress display for the compression step (silent when disabled); ``task(description)``
+    gives the ``(done, total)`` callback of one bar."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            from rich.progress import Progress as RichProgress
+
+            self._progress = RichProgress(transient=True)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def task(self, description: str):
+        if self._progress is None:
+            return lambda done, total: None
+        task_id = self._progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            self._progress.update(task_id, completed=done, total=total)
+
+        return update

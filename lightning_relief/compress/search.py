@@ -207,15 +207,18 @@ def _interpolated(curve: Mapping[float, float], ratio: float) -> float:
 
 
 def uniform_search(units: ModelUnits, table: SensitivityTable | None, cost: CostModel, budget: float,
-                   max_ratio: float = 0.95, or_tightest: bool = False) -> Candidate:
-    """The smallest ratio that, applied to every group alike, meets ``budget`` (the usual baseline)."""
+                   max_ratio: float = 0.95, or_tightest: bool = False, bits: Mapping[str, int] | None = None) -> Candidate:
+    """The smallest ratio that, applied to every group alike, meets ``budget`` (the usual baseline);
+    with ``bits``, on top of those layers quantized (the joint baseline)."""
+    bits = dict(bits or {})
+
     def cost_at(r: float) -> float:
-        return policy_cost(units, cost, {g.root: r for g in units.groups}, {})
+        return policy_cost(units, cost, {g.root: r for g in units.groups}, bits)
 
     if cost_at(max_ratio) > budget:
         if or_tightest:
-            return Candidate(CompressionPolicy(prune={g.root: max_ratio for g in units.groups}), cost_at(max_ratio),
-                             0.0, budget, extra={"uniform_ratio": max_ratio, "tightest": True})
+            return Candidate(CompressionPolicy(prune={g.root: max_ratio for g in units.groups}, bits=bits),
+                             cost_at(max_ratio), 0.0, budget, extra={"uniform_ratio": max_ratio, "tightest": True})
         raise ValueError(f"uniform pruning cannot reach cost {budget:.4g} (at ratio {max_ratio}: {cost_at(max_ratio):.4g})")
     lo, hi = 0.0, max_ratio
     if cost_at(0.0) <= budget:
@@ -233,7 +236,8 @@ def uniform_search(units: ModelUnits, table: SensitivityTable | None, cost: Cost
     sens = 0.0
     if table is not None:
         sens = math.fsum(_interpolated(table.prune.get(g.root, {}), hi) for g in units.groups)
-    return Candidate(CompressionPolicy(prune=ratios), cost_at(hi), sens, budget, extra={"uniform_ratio": hi})
+        sens += math.fsum(table.quant.get(n, {}).get(b, 0.0) for n, b in bits.items())
+    return Candidate(CompressionPolicy(prune=ratios, bits=bits), cost_at(hi), sens, budget, extra={"uniform_ratio": hi})
 
 
 def search_candidates(units: ModelUnits, table: SensitivityTable | None, cost: CostModel, budget: float, method: str,

@@ -123,7 +123,7 @@ def _masked_consumers(units: ModelUnits, model: nn.Module, root: str, idxs: Sequ
     for item in group:
         module = item.dep.target.module
         if isinstance(module, PRUNABLE_TYPES) and units.graph.is_in_channel_pruning_fn(item.dep.handler):
-            if isinstance(module, nn.Conv2d) and module.groups > 1:
+            if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
                 continue  # depthwise convs follow their producer's output pruning in torch-pruning
             out.append((module, list(item.idxs)))
     return out

@@ -3,8 +3,14 @@
 Pruning works on torch-pruning's dependency groups: channels that must be
 removed together (a residual sum couples the channels of every branch that
 feeds it; a concatenation maps channels to slices). Quantization works per
-``nn.Conv2d`` / ``nn.Linear`` layer. :func:`analyze` traces the model once and
-describes both, with the shapes the cost model needs.
+``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Linear`` layer. :func:`analyze` traces the
+model once and describes both, with the shapes the cost model needs.
+
+A layer with weights that is neither compressible nor a normalisation that
+follows its channels (a GRU, attention, a transposed conv, a bare
+``nn.Parameter``) is refused with :class:`~lightning_relief.errors.UnsupportedLayerError`
+naming it, unless it is listed in ``ignored_layers``: then it is left as it is
+and no channel it touches is pruned. Nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+from lightning_relief.errors import UnsupportedLayerError, UnsupportedModelError
+
+PLUGIN = "SensitivityPruningCallback"
+PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# layers with weights whose channels torch-pruning follows when a neighbour is pruned
+FOLLOWER_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
+SUPPORTED = ("Conv1d", "Conv2d", "Linear", "BatchNorm", "LayerNorm", "GroupNorm", "PReLU")
 
 
 @dataclass
@@ -24,7 +36,7 @@ class LayerInfo:
     """A conv/linear layer as the cost model sees it (channels before compression)."""
 
     name: str
-    kind: str  # "conv2d" | "linear"
+    kind: str  # "conv2d" | "linear" (a Conv1d is priced as a 1×k Conv2d)
     in_channels: int
     out_channels: int
     kernel: tuple[int, int] = (1, 1)
@@ -104,19 +116,58 @@ def build_graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
         model.train(was_training)
 
 
+def _is_ignored(name: str, ignored_layers: Sequence[str]) -> bool:
+    return any(name == i or name.startswith(i + ".") for i in ignored_layers)
+
+
+def unsupported_layers(model: nn.Module, ignored_layers: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
+    """Modules holding weights of their own that compression can neither compress nor follow.
+
+    Standard ``torch.nn`` layers (GRU, attention, transposed convs) come before user modules with a
+    bare ``nn.Parameter``, so the error names the layer a user recognises first.
+    """
+    found, custom = [], []
+    for name, module in model.named_modules():
+        if _is_ignored(name, ignored_layers) or isinstance(module, PRUNABLE_TYPES + FOLLOWER_TYPES):
+            continue
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if type(module).__module__.startswith("torch.nn"):
+            found.append((name, module))
+        else:
+            custom.append((name, module))
+    # an attention's output projection is a Linear inside it: the attention itself is what is refused
+    found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
+    return found + custom
+
+
+def check_supported(model: nn.Module, ignored_layers: Sequence[str] = ()) -> None:
+    """Raise :class:`UnsupportedLayerError` for the first layer compression cannot handle."""
+    bad = unsupported_layers(model, ignored_layers)
+    if bad:
+        name, module = bad[0]
+        raise UnsupportedLayerError(
+            PLUGIN, name, module, SUPPORTED,
+            "list it (or its parent) in ignored_layers to leave it uncompressed and prune nothing it touches",
+        )
+
+
 def analyze(model: nn.Module, example_inputs: Tensor, ignored_layers: Sequence[str] = ()) -> ModelUnits:
     """Trace ``model`` and list its layers and prunable groups.
 
     The last conv/linear executed (the classifier) never loses output channels;
-    ``ignored_layers`` (module names) are neither pruned nor quantized.
+    ``ignored_layers`` (module names; a name covers everything inside it) are
+    neither pruned nor quantized, and no channel they touch is pruned.
     """
     named = dict(model.named_modules())
     unknown = [n for n in ignored_layers if n not in named]
     if unknown:
         raise ValueError(f"ignored_layers names no module of the model: {unknown}")
+    check_supported(model, ignored_layers)
     shapes = _layer_shapes(model, example_inputs)
     if not shapes:
-        raise ValueError("the model has no nn.Conv2d or nn.Linear layer reached by forward()")
+        raise UnsupportedModelError(PLUGIN, model, "no nn.Conv1d, nn.Conv2d or nn.Linear layer is reached by "
+                                    "forward(): there is nothing to prune or quantize")
     layers: list[LayerInfo] = []
     for name, (in_shape, out_shape) in shapes.items():
         module = named[name]
@@ -125,6 +176,15 @@ def analyze(model: nn.Module, example_inputs: Tensor, ignored_layers: Sequence[s
                 name, "conv2d", module.in_channels, module.out_channels, _pair(module.kernel_size),
                 _pair(module.stride), _pair(module.padding), module.groups,
                 (in_shape[-2], in_shape[-1]), (out_shape[-2], out_shape[-1]), module.bias is not None,
+            ))
+        elif isinstance(module, nn.Conv1d):
+            if not isinstance(module.padding, tuple):
+                raise UnsupportedLayerError(PLUGIN, name, module, SUPPORTED,
+                                            f"padding={module.padding!r} is not supported; give it in numbers")
+            layers.append(LayerInfo(
+                name, "conv2d", module.in_channels, module.out_channels, (1, module.kernel_size[0]),
+                (1, module.stride[0]), (0, module.padding[0]), module.groups,
+                (1, in_shape[-1]), (1, out_shape[-1]), module.bias is not None,
             ))
         else:
             rows = 1
@@ -135,10 +195,13 @@ def analyze(model: nn.Module, example_inputs: Tensor, ignored_layers: Sequence[s
     by_name = {info.name: info for info in layers}
     classifier = layers[-1].name
     graph = build_graph(model, example_inputs)
-    ignored_modules = [named[n] for n in (*ignored_layers, classifier)]
+    ignored_modules = [m for n, m in named.items() if _is_ignored(n, (*ignored_layers, classifier))]
+    frozen = set(ignored_modules) - {named[classifier]} | {m for _, m in unsupported_layers(model)}
     module_names = {m: n for n, m in model.named_modules()}
     groups: list[PruneGroup] = []
     for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=PRUNABLE_TYPES):
+        if _touches_frozen(graph, group, frozen):
+            continue
         root_module = group[0].dep.target.module
         root = module_names[root_module]
         pg = PruneGroup(root=root, channels=len(group[0].idxs))
@@ -162,6 +225,15 @@ def analyze(model: nn.Module, example_inputs: Tensor, ignored_layers: Sequence[s
             by_name[name].in_group = index
         groups.append(pg)
     return ModelUnits(layers=layers, groups=groups, graph=graph, example_inputs=example_inputs)
+
+
+def _touches_frozen(graph: tp.DependencyGraph, group, frozen: set) -> bool:
+    """The group would change a layer that must stay as it is (a conv/linear may still lose inputs)."""
+    for item in group:
+        module = item.dep.target.module
+        if module in frozen and not (isinstance(module, PRUNABLE_TYPES) and graph.is_in_channel_pruning_fn(item.dep.handler)):
+            return True
+    return False
 
 
 def pruning_group(units: ModelUnits, model: nn.Module, root: str, idxs: Sequence[int]):
