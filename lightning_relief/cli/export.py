@@ -10,13 +10,14 @@ prints its latency. The checkpoint file is only read.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning_relief.cli.errors import fail
+from lightning_relief.errors import UntrustedClassPathError
+from lightning_relief.trust import resolve_class
 
 _DEFAULT_MODULE = "lightning_relief.models.classifier.ClassifierModule"
 
@@ -40,12 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _import(path: str, option: str) -> Any:
-    module_name, _, name = path.rpartition(".")
+def _import(path: str, option: str, base: type) -> Any:
     try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        fail(f"cannot import {path!r}: {err}", key=option)
+        return resolve_class(path, base, key=f"--{option}", typed_by_user=True)
+    except UntrustedClassPathError as err:
+        fail(err.reason, key=option)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -59,7 +59,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _data_batch(data_class: str, checkpoint: dict[str, Any]) -> Any:
-    cls = _import(data_class, "data")
+    import lightning as L
+
+    cls = _import(data_class, "data", L.LightningDataModule)
     hparams = checkpoint.get("datamodule_hyper_parameters") or {}
     try:
         dm = cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
@@ -87,11 +89,13 @@ def main(argv: Sequence[str]) -> int:
         fail(str(err), key="target")
     if args.tuning_trials < 0:
         fail(f"--tuning-trials must be >= 0, got {args.tuning_trials}", key="tuning-trials")
-    module_class = _import(args.module_class, "module-class")
+    import lightning as L
+
+    module_class = _import(args.module_class, "module-class", L.LightningModule)
     try:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-        module = module_class.load_from_checkpoint(ckpt, map_location="cpu")
-    except Exception as err:  # corrupt file, wrong class, missing hyperparameters
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        module = module_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, refused pickle or class path, wrong class, missing hyperparameters
         fail(f"cannot load the checkpoint with {args.module_class}: {type(err).__name__}: {err}", source=str(ckpt))
     module.eval()
     batch = _data_batch(args.data, checkpoint) if args.data else None

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_relief.cli import recipes
+from lightning_relief.cli import bounded_yaml, recipes
 from lightning_relief.cli.errors import fail, summarize
 
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -80,9 +80,15 @@ def _resolve_configs(args: list[str]) -> list[str]:
 
 
 def run_lightning_cli(args: Sequence[str], **kwargs: Any) -> ReliefCLI:
-    """Parse ``args`` (recipe names resolved), instantiate and run the subcommand."""
+    """Parse ``args`` (recipe names resolved), instantiate and run the subcommand.
+
+    Recipes and option values are read with :mod:`~lightning_relief.cli.bounded_yaml`
+    (no alias bombs, bounded size and depth).
+    """
     args = _resolve_configs(list(args))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    bounded_yaml.register()
+    kwargs["parser_kwargs"] = {"parser_mode": bounded_yaml.MODE, **kwargs.get("parser_kwargs", {})}
     return ReliefCLI(
         model_class=None,
         datamodule_class=L.LightningDataModule,

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from argparse import ArgumentError
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import yaml
 
-from lightning_relief.cli import recipes
-from lightning_relief.cli.errors import fail
+from lightning_relief.cli import bounded_yaml, recipes
+from lightning_relief.cli.errors import fail, summarize
 
 NOISES = {
     "additive": "lightning_relief.noise.models:AdditiveGaussian",
@@ -30,6 +31,11 @@ NOISES = {
     "weight": "lightning_relief.noise.models:WeightNoise",
     "pcm": "lightning_relief.noise.pcm:PCMNoise",
 }
+
+
+def _noise_class(name: str) -> type:
+    module_name, _, class_name = NOISES[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,26 +53,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _import(path: str, source: str, key: str) -> Any:
-    module_name, _, name = path.partition(":") if ":" in path else path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        fail(f"cannot import {path!r}: {err}", source=source, key=key)
+def _sections(config: dict[str, Any], source: str) -> Any:
+    """The recipe's model class, datamodule, noise and placement, typed and built as ``relief fit``
+    builds them (jsonargparse against the constructors' signatures): a class path of the
+    wrong kind is refused before it is called."""
+    import lightning as L
+    from jsonargparse import ArgumentParser, Namespace
+    from jsonargparse.typing import import_object
 
+    from lightning_relief.noise.models import NoiseModel
+    from lightning_relief.noise.placement import Placement
 
-def _instantiate(spec: Any, source: str, key: str) -> Any:
-    """Build ``{"class_path": ..., "init_args": {...}}`` (nested specs too)."""
-    if isinstance(spec, list):
-        return [_instantiate(s, source, key) for s in spec]
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        return spec
-    cls = _import(spec["class_path"], source, key)
-    args = {k: _instantiate(v, source, f"{key}.init_args.{k}") for k, v in (spec.get("init_args") or {}).items()}
+    bounded_yaml.register()
+    parser = ArgumentParser(exit_on_error=False, parser_mode=bounded_yaml.MODE)
+    parser.add_subclass_arguments(L.LightningModule, "model", required=True, instantiate=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
+    parser.add_argument("--noise", type=Optional[NoiseModel], default=None)
+    parser.add_argument("--placement", type=Optional[Union[Placement, str, Sequence[Union[Placement, str]]]], default=None)
+    strategy = (config.get("trainer") or {}).get("strategy")
+    strategy_args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
+    given = {"model": config["model"], "data": config["data"],
+             "noise": strategy_args.get("noise"), "placement": strategy_args.get("placement")}
     try:
-        return cls(**args)
-    except (TypeError, ValueError) as err:
-        fail(f"{type(err).__name__}: {err}", source=source, key=key)
+        built = parser.instantiate_classes(parser.parse_object(given))
+    except (ArgumentError, ValueError, TypeError, ImportError) as err:
+        key, cause = summarize(str(err))
+        if key in ("noise", "placement"):
+            key = f"trainer.strategy.init_args.{key}"
+        fail(cause, source=source, key=key)
+    model = built.model
+    model_cls = import_object(model.class_path if isinstance(model, Namespace) else model["class_path"])
+    return model_cls, built.data, built.noise, built.placement
 
 
 def main(argv: Sequence[str]) -> int:
@@ -79,35 +96,33 @@ def main(argv: Sequence[str]) -> int:
     if not ckpt.is_file():
         fail("checkpoint file not found", source=str(ckpt))
     try:
-        config = yaml.safe_load(config_path.read_text()) or {}
+        config = bounded_yaml.load(config_path.read_text()) or {}
     except yaml.YAMLError as err:
         fail(f"not valid YAML: {err}", source=source)
+    if not isinstance(config, dict):
+        fail(f"a recipe is a mapping, got {type(config).__name__}", source=source)
     for key in ("model", "data"):
         if not isinstance(config.get(key), dict) or "class_path" not in config[key]:
             fail(f"the recipe needs a '{key}' section with a class_path", source=source, key=key)
     if args.repeats < 1:
         fail(f"--repeats must be >= 1, got {args.repeats}", key="repeats")
 
-    strategy = (config.get("trainer") or {}).get("strategy")
-    strategy_args = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
-    if args.noise is not None:
-        noise = _import(NOISES[args.noise], source, "noise")()
-    elif "noise" in strategy_args:
-        noise = _instantiate(strategy_args["noise"], source, "trainer.strategy.init_args.noise")
+    model_cls, datamodule, recipe_noise, recipe_placement = _sections(config, source)
+    noise_cls = _noise_class(args.noise or "additive")
+    if recipe_noise is not None and (args.noise is None or type(recipe_noise) is noise_cls):
+        noise = recipe_noise  # the recipe's settings (out_noise, g_max...) unless another model is asked for
     else:
-        noise = _import(NOISES["additive"], source, "noise")()
+        noise = noise_cls()
     placement = args.placement
-    if placement is None and args.noise is None and "placement" in strategy_args:
-        placement = _instantiate(strategy_args["placement"], source, "trainer.strategy.init_args.placement")
+    if placement is None and noise is recipe_noise:
+        placement = recipe_placement
 
     from lightning_relief.noise.evaluate import evaluate_robustness
 
-    model_cls = _import(config["model"]["class_path"], source, "model.class_path")
     try:
-        module = model_cls.load_from_checkpoint(str(ckpt), map_location="cpu")
+        module = model_cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any load failure is the user's checkpoint/recipe mismatch
         fail(f"cannot load the checkpoint as {model_cls.__name__}: {type(err).__name__}: {err}", source=str(ckpt))
-    datamodule = _instantiate(config["data"], source, "data")
     out = Path(args.out) if args.out else ckpt.parent / "robustness"
     try:
         evaluate_robustness(

@@ -7,11 +7,12 @@ LightningCLI writes nested modules this way; we use the same form so that a
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from typing import Any
 
 from torch import nn
+
+from lightning_relief.trust import resolve_class
 
 
 def records_init_args(cls: type[nn.Module]) -> type[nn.Module]:
@@ -50,17 +51,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def build_model(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate a spec (nested specs in ``init_args`` are built too)."""
-    if "class_path" not in spec:
-        raise ValueError(f"a model spec needs 'class_path', got keys {sorted(spec)}")
-    module_name, _, name = spec["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"model class_path {spec['class_path']!r} cannot be imported: {err}") from err
+def build_model(spec: dict[str, Any], key: str = "model") -> nn.Module:
+    """Instantiate a spec (nested specs in ``init_args`` are built too).
+
+    Specs come from checkpoints and recipes, so every ``class_path`` must be an
+    ``nn.Module`` subclass in a trusted package (see :mod:`lightning_relief.trust`);
+    it is checked before anything is imported or called.
+    """
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"{key}: a model spec needs 'class_path', got {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}")
+    cls = resolve_class(spec["class_path"], nn.Module, key=f"{key}.class_path")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ValueError(f"{key}.init_args must be a mapping, got {type(init_args).__name__}")
     init_args = {
-        k: build_model(v) if isinstance(v, dict) and "class_path" in v else v
-        for k, v in (spec.get("init_args") or {}).items()
+        k: build_model(v, f"{key}.init_args.{k}") if isinstance(v, dict) and "class_path" in v else v
+        for k, v in init_args.items()
     }
     return cls(**init_args)

@@ -8,17 +8,28 @@ it on a freshly built module, so ``load_from_checkpoint`` sees matching shapes.
 
 A step is ``{"rebuild": "package.module:function", "spec": {...}}``; the
 function is called as ``function(lightning_module, spec)`` and must change the
-module in place, exactly as the plugin did.
+module in place, exactly as the plugin did. Since the step is read from a
+checkpoint, only the functions in :data:`REBUILD_STEPS` (and those of packages
+the user trusts, see :mod:`lightning_relief.trust`) are called; a plugin that
+records a new kind of step adds it there.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from torch import nn
 
+from lightning_relief.trust import resolve_function
+
 STRUCTURE_KEY = "relief_structure"
+REBUILD_STEPS: frozenset[str] = frozenset({
+    "lightning_relief.bayes.convert:rebuild_bayesian",
+    "lightning_relief.compress.apply:replay_pruning",
+    "lightning_relief.compress.quantize:replay_quantization",
+    "lightning_relief.photonic.convert:rebuild_photonic",
+    "lightning_relief.uncertainty.stacking:stack_members",
+})
 _ATTR = "_relief_structure"
 
 
@@ -44,12 +55,12 @@ def save_structure(module: nn.Module, checkpoint: dict[str, Any]) -> None:
 def rebuild_structure(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Replay the steps stored in ``checkpoint`` that ``module`` has not had yet."""
     done = len(structure_of(module))
-    for step in checkpoint.get(STRUCTURE_KEY, [])[done:]:
-        module_name, _, function_name = step["rebuild"].partition(":")
-        try:
-            function = getattr(importlib.import_module(module_name), function_name)
-        except (ImportError, AttributeError) as err:
-            raise RuntimeError(f"checkpoint structure step {step['rebuild']!r} cannot be imported: {err}") from err
+    steps = checkpoint.get(STRUCTURE_KEY, [])
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and {"rebuild", "spec"} <= s.keys() for s in steps):
+        raise ValueError(f"checkpoint {STRUCTURE_KEY!r} must be a list of {{'rebuild', 'spec'}} steps")
+    # resolve every step before replaying any, so a refused one leaves the module unchanged
+    functions = [resolve_function(s["rebuild"], f"{STRUCTURE_KEY}[{i}].rebuild", REBUILD_STEPS) for i, s in enumerate(steps)]
+    for step, function in list(zip(steps, functions))[done:]:
         function(module, step["spec"])
         record_structure(module, step["rebuild"], step["spec"])
 
