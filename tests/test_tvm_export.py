@@ -59,7 +59,7 @@ def test_failed_export_changes_neither_model_nor_checkpoint(tmp_path, trainer_fa
     net = nn.Sequential(LeNet5(input_size=8), ErfInv())
     module = ClassifierModule(net)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    export = TVMExportCallback(dirpath=tmp_path / "artifact", measure=False)
+    export = TVMExportCallback(dirpath=tmp_path / "artifact", measure=False, strict=True)
     trainer = trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=1,
                               callbacks=[checkpoint, export], enable_checkpointing=True)
     snapshot: dict = {}
@@ -78,6 +78,16 @@ def test_failed_export_changes_neither_model_nor_checkpoint(tmp_path, trainer_fa
     assert sha(checkpoint.last_model_path) == snapshot["ckpt"]
     assert not (tmp_path / "artifact").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".artifact")]
+
+
+def test_failed_export_warns_and_fit_succeeds_unless_strict(tmp_path, trainer_factory, seed):
+    export = TVMExportCallback(dirpath=tmp_path / "artifact", measure=False)
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[export])
+    with pytest.warns(UserWarning, match="TVM export failed.*erfinv"):
+        trainer.fit(ClassifierModule(nn.Sequential(LeNet5(input_size=8), ErfInv())), DigitsDataModule(size=8))
+    assert trainer.state.finished
+    assert export.last_export["error"].startswith("UnsupportedOperatorError: operator 'erfinv.default'")
+    assert not (tmp_path / "artifact").exists()
 
 
 def test_parity_failure_names_first_diverging_layer(digits):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,10 +10,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_relief.deploy.targets import TargetLike, resolve_target
+from lightning_relief.deploy.targets import TargetLike, resolve_target, target_key
 from lightning_relief.deploy.tuning import TuningConfig
 
 _EXPORT_ON = ("fit_end", "best")
@@ -21,10 +23,11 @@ _EXPORT_ON = ("fit_end", "best")
 class TVMExportCallback(L.Callback):
     """At the end of ``fit``, compile the model for ``target``, check it against PyTorch, save it.
 
-    The model is deep-copied in eval mode first: a failed export (unsupported
-    operator, parity failure) raises an error and leaves the trained module and
-    its checkpoints untouched; the artifact folder is only replaced once the new
-    artifact is complete. Brevitas-quantized models are lowered to integer
+    The model is copied to the CPU in eval mode first (``torch.compile`` wrappers removed, so
+    models trained compiled or on a GPU export alike). A failed export (unsupported operator,
+    parity failure) leaves the trained module and its checkpoints untouched and the artifact
+    folder as it was; it is logged as a warning and kept in ``last_export["error"]``, and fails
+    ``fit`` only with ``strict=True``. Brevitas-quantized models are lowered to integer
     arithmetic (:func:`~lightning_relief.deploy.lower_quantized`) before export.
 
     Args:
@@ -42,6 +45,10 @@ class TVMExportCallback(L.Callback):
             of the ``ModelCheckpoint`` callback).
         measure: time the artifact with TVM's time evaluator and log ``tvm_latency_ms``.
         repeat, number: time evaluator settings.
+        strict: re-raise a failed export from ``fit`` (default: warn, ``fit`` succeeds).
+
+    Several instances (one per target) keep separate state in checkpoints: the state key
+    names the target and the folder.
 
     Example (``tests/test_tvm_export.py`` runs the same)::
 
@@ -70,6 +77,7 @@ class TVMExportCallback(L.Callback):
         measure: bool = True,
         repeat: int = 10,
         number: int = 10,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         try:
@@ -96,16 +104,32 @@ class TVMExportCallback(L.Callback):
         self.export_on = export_on
         self.measure = measure
         self.repeat, self.number = repeat, number
+        self.strict = strict
         self.last_export: dict[str, Any] = {}
 
     # -- Lightning hooks -------------------------------------------------------
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.export(trainer, pl_module)
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(target=target_key(self.target), dirpath=str(self.dirpath) if self.dirpath else None)
 
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        try:
+            self.export(trainer, pl_module)
+        except Exception as err:
+            if self.strict:
+                raise
+            self.last_export = {"error": f"{type(err).__name__}: {err}"}
+            rank_zero_warn(f"TVM export failed (the trained model and its checkpoints are unchanged): {self.last_export['error']}")
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_export": dict(self.last_export)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_export = dict(state_dict.get("last_export", {}))
 
@@ -123,7 +147,7 @@ class TVMExportCallback(L.Callback):
             example = batch
         else:
             raise ValueError("TVMExportCallback: example_input_shape is None and the trainer has no validation or training data")
-        dirpath = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "tvm_export"
+        dirpath = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / self._default_folder()
         rank_zero_info(f"TVM export: compiling for {resolve_target(self.target)} ({'tuned' if self.tuning else 'untuned'})")
         summary = export_model(
             model, example, dirpath, self.target, self.tuning,
@@ -138,6 +162,13 @@ class TVMExportCallback(L.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info("TVM export: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         return summary
+
+    def _default_folder(self) -> str:
+        """``tvm_export`` for this CPU; other targets get their own folder, so two callbacks never share one."""
+        key = target_key(self.target)
+        if key == target_key("llvm"):
+            return "tvm_export"
+        return f"tvm_export_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
     def _checkpoint_path(self, trainer: L.Trainer) -> Path | None:
         callback = trainer.checkpoint_callback
@@ -154,7 +185,9 @@ class TVMExportCallback(L.Callback):
             state = torch.load(checkpoint, map_location="cpu", weights_only=False)
             if hasattr(model, "on_load_checkpoint"):
                 model.on_load_checkpoint(state)  # replays structural steps the checkpoint recorded
-            model.load_state_dict(state["state_dict"])
+            # the copy has no torch.compile wrappers: their "_orig_mod." prefix is not in its keys
+            weights = {k.replace("_orig_mod.", ""): v for k, v in state["state_dict"].items()}
+            model.load_state_dict(weights, strict=True)
             model.eval()
         return model
 

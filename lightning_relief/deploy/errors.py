@@ -26,7 +26,10 @@ class UnsupportedOperatorError(DeployError):
 class ParityError(DeployError):
     """The compiled model's outputs differ from PyTorch's beyond the tolerance."""
 
-    def __init__(self, message: str, report: object | None = None, first_divergent: str | None = None):
+    def __init__(
+        self, message: str, report: object | None = None, first_divergent: str | None = None, layer_type: str | None = None
+    ):
         super().__init__(message)
         self.report = report
-        self.first_divergent = first_divergent
+        self.first_divergent = self.module_path = first_divergent
+        self.layer_type = layer_type

@@ -26,7 +26,9 @@ from tvm import relax
 from lightning_relief.deploy.errors import DeployError, UnsupportedOperatorError
 
 BATCH_DIM = "batch"
+_DROP = object()
 _MAX_BATCH = 1 << 16
+_MAX_INDEX = (1 << 63) - 1
 
 
 @dataclass
@@ -59,18 +61,54 @@ def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
+# Lightning's ``from_compiled`` (``trainer.fit(torch.compile(module))``) puts dynamo-wrapped methods
+# in the instance dict; exporting through them fails ("Constant lifted_tensor_... is mutated")
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return hasattr(module, "_orig_mod") and type(module).__name__ == "OptimizedModule"
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode without gradients; the original is not touched."""
+    """A CPU copy in eval mode without gradients, ``torch.compile`` wrappers removed; the original is not touched.
+
+    Parameters and buffers are copied straight to the CPU (a CUDA-trained model is never duplicated on
+    its GPU); ``OptimizedModule`` wrappers (``torch.compile``) are replaced by the modules they wrap.
+
+    >>> import torch
+    >>> net = torch.compile(torch.nn.Linear(2, 2))
+    >>> type(frozen_copy(net)).__name__, frozen_copy(net).weight.device.type
+    ('Linear', 'cpu')
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    trainer = model.__dict__.get("_trainer")
-    if trainer is not None:  # a LightningModule: do not copy the Trainer with it
-        model.__dict__["_trainer"] = None
+    held: dict[str, Any] = {}
+    if model.__dict__.get("_trainer") is not None:  # a LightningModule: do not copy the Trainer with it
+        held["_trainer"] = None
+    if model.__dict__.get("_compiler_ctx"):
+        held.update({"_compiler_ctx": None, **{name: _DROP for name in _COMPILED_METHODS if name in model.__dict__}})
+    saved = {name: model.__dict__[name] for name in held}
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None and id(tensor) not in memo:
+                cpu = tensor.detach().to("cpu", copy=True)
+                memo[id(tensor)] = nn.Parameter(cpu, requires_grad=False) if isinstance(tensor, nn.Parameter) else cpu
+    # innermost first, so an outer wrapper's copy already finds its inner copies in the memo
+    for module in reversed(list(model.modules())):
+        if _is_compiled(module):
+            memo[id(module)] = copy.deepcopy(module._orig_mod, memo)
     try:
-        clone = copy.deepcopy(model)
+        for name, value in held.items():
+            if value is _DROP:
+                del model.__dict__[name]
+            else:
+                model.__dict__[name] = value
+        clone = copy.deepcopy(model, memo)
     finally:
-        if trainer is not None:
-            model.__dict__["_trainer"] = trainer
+        model.__dict__.update(saved)
+    clone = clone.to("cpu")  # tensors held as plain attributes
     clone.eval()
     for p in clone.parameters():
         p.requires_grad_(False)
@@ -149,6 +187,24 @@ def graph_hash(mod: tvm.IRModule) -> str:
     return hashlib.sha256(script.encode()).hexdigest()[:24]
 
 
+def _select(node: torch.fx.Node, importer: Any) -> relax.Var:
+    """``aten.select.int`` with Python's negative indices.
+
+    TVM 0.27's converter emits ``take(x, index, mode="fast")``, which reads out of bounds for a
+    negative index: ``h[-1]`` (the last GRU/LSTM layer's state) returned garbage (errors of 1e17).
+    A strided slice counts negative starts from the end, on static and dynamic dimensions alike.
+    """
+    x = importer.env[node.args[0]]
+    dim, index = int(node.args[1]), int(node.args[2])
+    end = index + 1 if index != -1 else _MAX_INDEX
+    part = importer.block_builder.emit(relax.op.strided_slice(x, axes=[dim], begin=[index], end=[end]))
+    return importer.block_builder.emit(relax.op.squeeze(part, axis=[dim]))
+
+
+# our converters for operators TVM's importer gets wrong; a user's custom_convert_map takes precedence
+CONVERTER_FIXES: dict[str, Callable] = {"select.int": _select}
+
+
 def to_relax(
     model: nn.Module,
     example_inputs: Any,
@@ -167,7 +223,10 @@ def to_relax(
     check_supported(ep, custom_convert_map)
     try:
         mod = from_exported_program(
-            ep, keep_params_as_input=True, custom_convert_map=custom_convert_map, run_ep_decomposition=False
+            ep,
+            keep_params_as_input=True,
+            custom_convert_map={**CONVERTER_FIXES, **(custom_convert_map or {})},
+            run_ep_decomposition=False,
         )
     except Exception as err:
         raise DeployError(f"TVM could not import {type(model).__name__}: {str(err).splitlines()[-1]}") from err

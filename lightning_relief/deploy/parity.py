@@ -34,6 +34,7 @@ class ParityReport:
     min_top1_agreement: float
     ok: bool
     first_divergent: str | None = None
+    first_divergent_type: str | None = None
     layer_errors: list[tuple[str, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -41,7 +42,8 @@ class ParityReport:
 
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.4f}" if self.top1_agreement is not None else ""
-        where = f"; first diverging layer: '{self.first_divergent}'" if self.first_divergent else ""
+        kind = f" ({self.first_divergent_type})" if self.first_divergent_type else ""
+        where = f"; first diverging layer: '{self.first_divergent}'{kind}" if self.first_divergent else ""
         return f"max abs error {self.max_abs_error:.3g} (atol {self.atol:g}, rtol {self.rtol:g}){top1}{where}"
 
 
@@ -97,9 +99,11 @@ class _Probe(nn.Module):
         names = {id(m): n for n, m in self.model.named_modules() if n}
 
         def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if isinstance(output, Tensor):
-                captured.append(output)
-                self.order.append(names[id(module)])
+            # tuple outputs too: a recurrent layer returns (sequence, state)
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            tensors = [o for o in outputs if isinstance(o, Tensor)]
+            captured.extend(tensors)
+            self.order.extend([names[id(module)]] * len(tensors))
 
         handles = [m.register_forward_hook(hook) for m in self.model.modules() if id(m) in names]
         try:
@@ -119,8 +123,8 @@ def locate_divergence(
     custom_convert_map: dict | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-4,
-) -> tuple[str | None, list[tuple[str, float]]]:
-    """The first submodule whose compiled output differs from PyTorch's, and all layer errors."""
+) -> tuple[str | None, str | None, list[tuple[str, float]]]:
+    """The first submodule whose compiled output differs from PyTorch's, its type, and all layer errors."""
     from lightning_relief.deploy.compile import compile_for_target
     from lightning_relief.deploy.tuning import TuningConfig
 
@@ -129,6 +133,7 @@ def locate_divergence(
     with torch.no_grad():
         reference = probe(*xs)
     names = list(probe.order)
+    types = {name: type(m).__name__ for name, m in probe.model.named_modules()}
     config = TuningConfig.coerce(tuning)
     if config is not None:  # reuse the database, never tune again for a diagnosis
         config = TuningConfig(trials=0, work_dir=config.work_dir, weight_prepack=config.weight_prepack)
@@ -141,7 +146,7 @@ def locate_divergence(
         layer_errors.append((name, err))
         if bad and first is None:
             first = name
-    return first, layer_errors
+    return first, types.get(first) if first else None, layer_errors
 
 
 def check_parity(
@@ -175,13 +180,13 @@ def check_parity(
         return report
     if locate:
         options = getattr(compiled, "compile_options", {}) or {}
-        first, layer_errors = locate_divergence(
+        first, kind, layer_errors = locate_divergence(
             clone, xs, compiled.metadata["target"], options.get("tuning"), options.get("custom_convert_map"), atol, rtol
         )
-        report.first_divergent, report.layer_errors = first, layer_errors
+        report.first_divergent, report.first_divergent_type, report.layer_errors = first, kind, layer_errors
     if raise_on_failure:
         hint = ""
         if not report.first_divergent:
             hint = "; no single layer diverges in a probe compile" if locate else "; layer not located (locate=False)"
-        raise ParityError(f"TVM output differs from PyTorch: {report.summary()}{hint}", report, report.first_divergent)
+        raise ParityError(f"TVM output differs from PyTorch: {report.summary()}{hint}", report, report.first_divergent, report.first_divergent_type)
     return report

@@ -21,10 +21,6 @@ EXPECTED = {
     "functional": WORKS,
 }
 SLOW = {"resnet18", "mobilenet_v3_small"}
-PENDING = {
-    "gru": "#16: TVM's lowering of `nn.GRU` gives wrong outputs (max abs error 2e17); the parity check catches it "
-    "with a ParityError but names the head, not the GRU",
-}
 
 
 def check(zoo_model, tmp_path) -> None:
