@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "PhotonicConv2d": "lightning_relief.nn.photonic",
     "PhotonicNetwork": "lightning_relief.photonic.network",
     "convert_to_photonic": "lightning_relief.photonic.convert",
-    "AnalogNoiseDDPStrategy": "lightning_relief.noise.distributed",
+    "AnalogNoise": "lightning_relief.noise.callback",
     "EnsembleModel": "lightning_relief.uncertainty.ensemble",
     "BayesianModel": "lightning_relief.bayes.model",
     "KLDivergenceCallback": "lightning_relief.bayes.kl",

@@ -24,6 +24,7 @@ DOCUMENTED_MODULES = [
     "lightning_relief.noise.schedules",
     "lightning_relief.noise.placement",
     "lightning_relief.noise.injector",
+    "lightning_relief.noise.callback",
     "lightning_relief.strategies.analog_noise",
     "lightning_relief.deploy.compile",
     "lightning_relief.deploy.latency",
