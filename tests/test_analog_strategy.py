@@ -1,4 +1,4 @@
-"""AnalogNoiseStrategy in real Lightning runs: where noise appears, logging, checkpoints, exact resume."""
+"""AnalogNoiseStrategy / AnalogNoise in real Lightning runs: where noise appears, logging, checkpoints, exact resume."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from lightning_relief.noise import (
     SequentialSchedule,
     WeightNoise,
 )
-from lightning_relief.noise.strategy_mixin import NOISE_STATE_KEY
 
 
 class Probe(ClassifierModule):
@@ -178,13 +177,13 @@ def test_checkpoint_resume_is_exact(tmp_path):
 
     ckpt = tmp_path / "epoch1.ckpt"
     _, first_half = _fit(tmp_path, 1, save_to=ckpt)
-    state = torch.load(ckpt, weights_only=False)[NOISE_STATE_KEY]
-    assert state["steps_done"] == 10 and "schedule_rng" in state
+    state = torch.load(ckpt, weights_only=False)["callbacks"][first_half.noise.state_key]
+    assert state["batches_done"] == 10 and "schedule_rng" in state
     assert state["schedule"]["schedules"][1]["sigma"]["step"] == first_half.injector.schedule.schedules[1].sigma._step
 
     resumed_levels = LevelRecorder()
     resumed, strategy = _fit(tmp_path, 2, ckpt_path=ckpt, recorder=resumed_levels)
-    assert strategy.injector.steps_done == 20
+    assert strategy.injector.batches_done == 20
     assert resumed_levels.levels == straight_levels.levels[10:]  # same σ every step after resume
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)

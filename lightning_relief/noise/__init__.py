@@ -1,6 +1,8 @@
 """Analog-hardware noise: models, schedules, placement, injection and evaluation.
 
-The Lightning entry point is :class:`lightning_relief.AnalogNoiseStrategy`;
+The Lightning entry points are :class:`AnalogNoise` (a callback, composes with
+any strategy) and :class:`lightning_relief.AnalogNoiseStrategy` (DDP or one
+device with that callback installed);
 :func:`evaluate_robustness` sweeps a trained model over noise levels or
 deployment times, and :mod:`lightning_relief.noise.aihwkit_backend` checks it
 on IBM aihwkit (optional dependency).
@@ -30,6 +32,7 @@ from lightning_relief.noise.schedules import (
 
 __all__ = [
     "AdditiveGaussian",
+    "AnalogNoise",
     "CombinedGaussian",
     "Constant",
     "Cosine",
@@ -52,9 +55,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # evaluation pulls in rich and matplotlib: load it on first use
+    # evaluation pulls in rich and matplotlib, the callback Lightning: load them on first use
     if name in ("evaluate_robustness", "RobustnessResult"):
         from lightning_relief.noise import evaluate
 
         return getattr(evaluate, name)
+    if name == "AnalogNoise":
+        from lightning_relief.noise.callback import AnalogNoise
+
+        return AnalogNoise
     raise AttributeError(f"module 'lightning_relief.noise' has no attribute {name!r}")

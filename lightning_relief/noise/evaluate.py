@@ -253,7 +253,8 @@ def evaluate_robustness(
         task = progress_bar.add_task("robustness sweep", total=len(values) * repeats * len(variants)) if progress_bar else None
         curves = []
         for variant in variants:
-            injector = NoiseInjector(variant, Constant(0.0), placement, seed=seed).attach(model, device=device)
+            # the sweep sets each level itself: the schedule is never asked
+            injector = NoiseInjector(variant, Constant(1.0), placement, seed=seed).attach(model)
             try:
                 curves.append(_sweep(model, loader, device, injector, values, int(repeats), seed, progress_bar, task))
             finally:

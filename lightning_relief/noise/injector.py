@@ -2,20 +2,21 @@
 
 :class:`NoiseInjector` knows nothing about Lightning. It attaches forward hooks
 (output/activation noise) and perturbs weights in place for the span of one
-step, and it can be driven by any loop: the Lightning strategies in
-:mod:`lightning_relief.strategies.analog_noise` and
-:mod:`lightning_relief.noise.distributed` use it, and so can plain PyTorch.
+step, and it can be driven by any loop: the Lightning callback
+:class:`lightning_relief.noise.callback.AnalogNoise` (and through it
+``AnalogNoiseStrategy``) uses it, and so can plain PyTorch.
 
 Weight noise is applied by overwriting the weights with a noisy copy before the
 forward pass and writing the saved clean values back after the backward pass
 (aihwkit's semantics: the forward and the input gradient see the noisy
 weights, the weight gradient updates the clean ones). The copy is bit-exact.
 
-Noise draws are a pure function of ``(seed, rank, step)``: the noise
-generator is re-seeded each step, so a resumed run draws the same noise and
-every data-parallel rank draws its own. Schedule draws (per-sample σ, random
-walk, deployment times) use one generator shared by all ranks whose state is
-part of :meth:`NoiseInjector.state_dict`.
+Noise draws are a pure function of ``(seed, rank, batch)``: the noise
+generator is re-seeded for each training batch (and for each evaluation batch
+from its own counters), so a resumed run draws the same noise and every
+data-parallel rank draws its own. Schedule draws (per-sample σ, random walk,
+deployment times) use one generator seeded by ``seed`` alone, so every rank
+gets the same level; its state is part of :meth:`NoiseInjector.state_dict`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_relief.errors import UnsupportedLayerError
 from lightning_relief.noise.models import NoiseModel
-from lightning_relief.noise.placement import Placement, as_placements
+from lightning_relief.noise.placement import COMPUTE_LAYERS, Placement, as_placements, unsupported_layers
 from lightning_relief.noise.schedules import Constant, Schedule
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, rank, step) over seed space
@@ -69,7 +71,10 @@ class NoiseInjector:
                 raise ValueError(f"a time-based noise model ({type(noise).__name__}) needs a schedule, e.g. DeploymentTime()")
             schedule = Constant(noise.default_level)
         elif isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
-            schedule = Constant(float(schedule))
+            try:
+                schedule = Constant(float(schedule))
+            except ValueError as err:
+                raise ValueError(f"schedule: {err}") from None
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule or a number, got {type(schedule).__name__}")
         if schedule.kind is not None and schedule.kind != noise.level_kind:
@@ -77,22 +82,24 @@ class NoiseInjector:
                 f"schedule {type(schedule).__name__} gives a {schedule.kind} level but {type(noise).__name__} "
                 f"needs a {noise.level_kind} level"
             )
+        if noise.level_kind == "time" and isinstance(schedule, Constant) and not schedule.value > 0:
+            raise ValueError(f"schedule: a drift time must be > 0 seconds, got {schedule.value}")
         placements = as_placements(placement, noise.default_sites)
         for p in placements:
             if p.site not in noise.supported_sites:
                 raise ValueError(f"{type(noise).__name__} supports sites {noise.supported_sites}, got placement site {p.site!r}")
-        if int(seed) != seed:
+        if isinstance(seed, bool) or int(seed) != seed:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.noise = noise
         self.schedule = schedule
         self.placements = placements
         self.seed = int(seed)
         self.rank = 0
-        self.steps_done = 0  # training steps taken; the next step's index
+        self.batches_done = 0  # training batches drawn so far: the next batch's noise seed
         self.current_level: Tensor | None = None
         self.schedule_generator = torch.Generator().manual_seed(self.seed)
-        self._noise_generator: torch.Generator | None = None
-        self._eval_generator: torch.Generator | None = None
+        self._generator: torch.Generator | None = None  # re-seeded for every batch, so it holds no state
+        self._model: nn.Module | None = None
         self._handles: list[Any] = []
         self._weights: list[tuple[str, nn.Module, nn.Parameter]] = []
         self._saved: list[tuple[nn.Parameter, Tensor]] = []
@@ -100,22 +107,43 @@ class NoiseInjector:
         self._step_generator: torch.Generator | None = None
         self.selected: dict[str, list[str]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # spawn launchers pickle the trainer and its callbacks; generators travel as their state
+        state = self.__dict__.copy()
+        state["schedule_generator"] = self.schedule_generator.get_state()
+        state["_generator"] = state["_step_generator"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rng = state["schedule_generator"]
+        self.__dict__.update(state)
+        self.schedule_generator = torch.Generator()
+        self.schedule_generator.set_state(rng)
+
     # -- attaching
     @property
     def attached(self) -> bool:
         return bool(self._handles or self._weights)
 
-    def attach(self, model: nn.Module, rank: int = 0, device: torch.device | str | None = None) -> NoiseInjector:
-        """Register the hooks on ``model`` (idempotent: re-attaching detaches first)."""
+    def attach(self, model: nn.Module, rank: int = 0, plugin: str = "NoiseInjector") -> NoiseInjector:
+        """Register the hooks on ``model`` (idempotent: re-attaching detaches first).
+
+        Raises :class:`~lightning_relief.errors.UnsupportedLayerError` for a
+        compute layer the placement covers but noise cannot reach (recurrent
+        layers, attention), and ``ValueError`` for a placement that selects
+        no layer: training never goes on silently without noise.
+        """
         self.detach()
         self.rank = int(rank)
-        if device is None:
-            param = next(model.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-        device = torch.device(device)
-        self._noise_generator = torch.Generator(device=device)
-        self._eval_generator = torch.Generator(device=device).manual_seed(step_seed(self.seed, self.rank, -1))
-        self.selected = {}
+        for placement in self.placements:
+            if placement.site != "activations":
+                for name, module in unsupported_layers(model, placement):
+                    raise UnsupportedLayerError(
+                        plugin, name, module, supported=COMPUTE_LAYERS,
+                        hint=f"Its matrix products happen inside its own forward, out of reach of {placement.site} noise; "
+                        f"leave it noise-free with Placement({placement.site!r}, exclude=[{name!r}])",
+                    )
+        selected: dict[str, list[str]] = {}
         seen: set[int] = set()
         for placement in self.placements:
             names = []
@@ -128,10 +156,15 @@ class NoiseInjector:
                         self._weights.append((name, module, param))
                 else:
                     self._handles.append(module.register_forward_hook(self._make_hook(placement.site)))
-            self.selected[placement.site] = self.selected.get(placement.site, []) + names
-        if not any(self.selected.values()):
-            self.detach()
-            raise ValueError(f"placement {self.placements} selects no module of {type(model).__name__}")
+            if not names:
+                self.detach()
+                raise ValueError(
+                    f"placement {placement!r} selects no layer of {type(model).__name__}: "
+                    "fix its layers/names/exclude (noise would silently be off there)"
+                )
+            selected[placement.site] = selected.get(placement.site, []) + names
+        self.selected = selected
+        self._model = model
         return self
 
     def detach(self) -> None:
@@ -142,6 +175,7 @@ class NoiseInjector:
         self._handles = []
         self._weights = []
         self._level = None
+        self._model = None
 
     def _make_hook(self, site: str):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -151,11 +185,15 @@ class NoiseInjector:
 
         return hook
 
-    # -- a step
-    def next_level(self, batch_size: int) -> Tensor:
-        """The schedule's level for the next training step (advances the schedule's RNG)."""
-        return self.schedule.level(self.steps_done, batch_size, self.schedule_generator)
+    def _seeded(self, seed: int) -> torch.Generator:
+        """The one noise generator, on the model's device, seeded with ``seed``."""
+        param = next(self._model.parameters(), None) if self._model is not None else None
+        device = param.device if param is not None else torch.device("cpu")
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        return self._generator.manual_seed(seed)
 
+    # -- a step
     def begin(self, level: Tensor, generator: torch.Generator) -> None:
         """Turn noise on at ``level``: perturb the weights and arm the hooks."""
         self.end()
@@ -184,29 +222,42 @@ class NoiseInjector:
         self.deactivate()
         self.restore_weights()
 
-    def begin_training_step(self, batch_size: int) -> Tensor:
-        """Draw this step's level, seed the noise and turn it on; returns the level."""
-        if self._noise_generator is None:
+    def begin_training_step(self, batch_size: int, step: int | None = None) -> Tensor:
+        """Draw this batch's level, seed the noise and turn it on; returns the level.
+
+        ``step`` is the schedule's step (the optimizer step: micro-batches of one
+        accumulated step share it); default: the number of batches so far.
+        """
+        if self._model is None:
             raise RuntimeError("NoiseInjector.attach(model) must be called before a step")
-        level = self.next_level(batch_size)
-        self._noise_generator.manual_seed(step_seed(self.seed, self.rank, self.steps_done))
+        level = self.schedule.level(self.batches_done if step is None else int(step), batch_size, self.schedule_generator)
+        generator = self._seeded(step_seed(self.seed, self.rank, self.batches_done))
         self.current_level = level
-        self.steps_done += 1
-        self.begin(level, self._noise_generator)
+        self.batches_done += 1
+        self.begin(level, generator)
         return level
 
-    def begin_eval_step(self, level: float | Tensor | None = None) -> Tensor:
-        """Turn noise on for an evaluation step at ``level`` (default: the last training level's mean)."""
-        if self._eval_generator is None:
-            raise RuntimeError("NoiseInjector.attach(model) must be called before a step")
+    def eval_level(self, level: float | Tensor | None = None) -> Tensor:
+        """``level``, or by default the mean of the last training level."""
         if level is None:
             if self.current_level is None:
-                level = self.schedule.level(self.steps_done, 1, torch.Generator().manual_seed(self.seed))
+                level = self.schedule.level(self.batches_done, 1, torch.Generator().manual_seed(self.seed))
             else:
                 level = self.current_level
             level = level.float().mean()
-        level = torch.as_tensor(level, dtype=torch.float32)
-        self.begin(level, self._eval_generator)
+        return torch.as_tensor(level, dtype=torch.float32)
+
+    def begin_eval_step(self, key: int, level: float | Tensor | None = None) -> Tensor:
+        """Turn noise on for an evaluation batch; its draws are a function of ``(seed, rank, key)``.
+
+        ``key`` >= 0 names the batch (the caller builds it from the global step
+        and batch index), so evaluation noise never depends on how many
+        evaluations ran before, and a resumed run logs the same metrics.
+        """
+        if self._model is None:
+            raise RuntimeError("NoiseInjector.attach(model) must be called before a step")
+        level = self.eval_level(level)
+        self.begin(level, self._seeded(step_seed(self.seed, self.rank, -1 - int(key))))
         return level
 
     @contextlib.contextmanager
@@ -224,7 +275,7 @@ class NoiseInjector:
     # -- checkpoint state
     def state_dict(self) -> dict[str, Any]:
         return {
-            "steps_done": self.steps_done,
+            "batches_done": self.batches_done,
             "schedule": self.schedule.state_dict(),
             "schedule_rng": self.schedule_generator.get_state(),
             "current_level": None if self.current_level is None else self.current_level.detach().cpu(),
@@ -232,7 +283,7 @@ class NoiseInjector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps_done = int(state["steps_done"])
+        self.batches_done = int(state["batches_done"])
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.schedule_generator.set_state(state["schedule_rng"])
         self.current_level = state.get("current_level")

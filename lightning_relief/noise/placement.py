@@ -11,7 +11,14 @@ Sites:
 
 Layers are chosen by class name (any class in the module's MRO, so ``Conv2d``
 also matches subclasses) and/or by ``fnmatch`` patterns on module names from
-``named_modules()``; ``exclude`` patterns win.
+``named_modules()``; ``exclude`` patterns win and cover the layers inside an
+excluded module too.
+
+Layers whose matrix products run inside their own forward (``GRU``/``LSTM``,
+``MultiheadAttention``, ``Bilinear``) are out of reach: a placement that covers
+one of them makes the injector raise
+:class:`~lightning_relief.errors.UnsupportedLayerError` naming it, rather than
+train that layer without noise (see :func:`unsupported_layers`).
 
 >>> from lightning_relief.models import LeNet5
 >>> [name for name, _ in Placement("outputs").select(LeNet5())]
@@ -29,7 +36,9 @@ from torch import nn
 
 from lightning_relief.noise.models import SITES
 
-COMPUTE_LAYERS = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+COMPUTE_LAYERS = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear")
+# compute layers whose weights are used inside their own forward (no output of a selected layer to hook)
+UNREACHABLE_LAYERS = ("RNNBase", "RNNCellBase", "MultiheadAttention", "Bilinear")
 ACTIVATION_LAYERS = ("ReLU", "ReLU6", "LeakyReLU", "GELU", "SiLU", "Tanh", "Sigmoid", "ELU", "Hardtanh")
 
 
@@ -59,6 +68,7 @@ class Placement:
         if isinstance(layers, str) or isinstance(names, str) or isinstance(exclude, str):
             raise TypeError("layers, names and exclude must be lists of strings, not a single string")
         self.site = site
+        self.default_layers = layers is None
         if layers is None:
             layers = ACTIVATION_LAYERS if site == "activations" else COMPUTE_LAYERS
         self.layers = tuple(str(layer) for layer in layers)
@@ -67,8 +77,13 @@ class Placement:
         if not self.layers and not self.names:
             raise ValueError("Placement selects nothing: give layers or names")
 
+    def excluded(self, name: str) -> bool:
+        """``name`` or a module containing it matches an ``exclude`` pattern."""
+        parts = name.split(".")
+        return any(fnmatch(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1) for pattern in self.exclude)
+
     def matches(self, name: str, module: nn.Module) -> bool:
-        if not name or any(fnmatch(name, pattern) for pattern in self.exclude):
+        if not name or self.excluded(name):
             return False
         type_ok = any(cls.__name__ in self.layers for cls in type(module).__mro__) if self.layers else True
         name_ok = any(fnmatch(name, pattern) for pattern in self.names) if self.names else True
@@ -84,6 +99,28 @@ class Placement:
 
     def __repr__(self) -> str:
         return f"Placement(site={self.site!r}, layers={list(self.layers)}, names={list(self.names)}, exclude={list(self.exclude)})"
+
+
+def _is(module: nn.Module, names: Sequence[str]) -> bool:
+    return any(cls.__name__ in names for cls in type(module).__mro__)
+
+
+def unsupported_layers(model: nn.Module, placement: Placement) -> Iterator[tuple[str, nn.Module]]:
+    """Layers ``placement`` covers but cannot put noise on: ``(name, module)`` pairs.
+
+    - a recurrent, attention or bilinear layer, when the placement takes the
+      default compute layers (it asked for every matrix product) and does not
+      exclude it;
+    - for ``"outputs"``: a selected layer inside such a layer (the
+      ``out_proj`` of ``MultiheadAttention`` is a ``Linear`` whose forward is
+      never called); reported as the outer layer.
+    """
+    outer = [(name, m) for name, m in model.named_modules() if name and _is(m, UNREACHABLE_LAYERS) and not placement.excluded(name)]
+    for name, module in outer:
+        if placement.default_layers and (not placement.names or any(fnmatch(name, p) for p in placement.names)):
+            yield name, module
+        elif placement.site == "outputs" and any(True for _ in placement.select(module)):
+            yield name, module
 
 
 def as_placements(placement: Placement | str | Sequence[Placement | str] | None, default_sites: Sequence[str]) -> list[Placement]:

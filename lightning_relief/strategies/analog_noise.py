@@ -1,47 +1,44 @@
-"""``AnalogNoiseStrategy``: train on one device with the noise of analog hardware."""
+"""``AnalogNoiseStrategy``: train with the noise of analog hardware, on one device or data-parallel."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
-import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from typing_extensions import override
 
-from lightning_relief.noise.models import NoiseModel
+from lightning_relief.noise.callback import AnalogNoise
+from lightning_relief.noise.models import AdditiveGaussian, NoiseModel
 from lightning_relief.noise.placement import Placement
 from lightning_relief.noise.schedules import Schedule
-from lightning_relief.noise.strategy_mixin import NOISE_STATE_KEY, AnalogNoiseMixin
 
-__all__ = ["AnalogNoiseStrategy", "NOISE_STATE_KEY"]
+__all__ = ["AnalogNoiseStrategy"]
 
 
-class AnalogNoiseStrategy(AnalogNoiseMixin, SingleDeviceStrategy):
-    """Single-device training with analog noise injected into the forward pass.
+class AnalogNoiseStrategy(DDPStrategy):
+    """Lightning's DDP strategy with the :class:`~lightning_relief.noise.AnalogNoise` callback installed.
 
-    The user's module is not changed: noise comes from forward hooks and from
-    weights perturbed for the span of a training step, all removed when the
-    trainer tears down. Validation, test, predict and export stay clean unless
-    ``eval_noise=True``. For several GPUs use
-    :class:`lightning_relief.noise.distributed.AnalogNoiseDDPStrategy`
-    (same arguments plus DDP's).
+    The named entry point of the docs and recipes: it adds the one noise
+    implementation, the ``AnalogNoise`` callback (same arguments, see there),
+    to the trainer's callbacks. With ``devices=1`` it runs in-process like
+    ``SingleDeviceStrategy`` (no launcher, no process group, no DDP wrapper);
+    with ``devices=N`` it is Lightning's DDP, each rank drawing its own noise
+    at the same level. ``devices=[k]`` picks the device as with any strategy.
+    ``strategy="analog_noise"`` (additive Gaussian noise, σ = 0.1, on every
+    conv/linear output) is registered in Lightning's ``StrategyRegistry`` once
+    :mod:`lightning_relief.strategies` is imported. With another strategy
+    (``DeepEnsembleStrategy``, FSDP, your own), pass
+    ``callbacks=[AnalogNoise(...)]`` instead.
 
     Args:
-        noise: a noise model: ``AdditiveGaussian``, ``MultiplicativeGaussian``,
-            ``CombinedGaussian``, ``WeightNoise`` or ``PCMNoise``.
-        schedule: the level per step (a ``Schedule`` or a number for a constant
-            level). Default: σ = 0.1 (Gaussian), scale 1.0 (``WeightNoise``);
-            ``PCMNoise`` needs a time schedule such as ``DeploymentTime()``.
-        placement: a ``Placement``, a site name (``"weights"``, ``"outputs"``,
-            ``"activations"``) or a list of them; default: the model's own sites
-            (outputs of conv/linear layers; weights for ``PCMNoise``; weights and
-            outputs for ``WeightNoise``).
-        eval_noise: inject noise in validation/test/predict too.
-        eval_level: the level used there (default: mean of the last training level).
-        seed: seeds the schedule and noise generators.
-        log_level: log ``noise_sigma`` (or ``noise_time_s``) every step.
-        device: the device to train on; default: the trainer's accelerator
-            (``cuda:<current>`` on GPU, else CPU).
+        noise, schedule, placement, eval_noise, eval_level, seed, log_level:
+            as :class:`~lightning_relief.noise.AnalogNoise` (``noise`` default:
+            ``AdditiveGaussian()``).
+        start_method, process_group_backend, timeout, **ddp_kwargs: DDP's
+            arguments, used with several devices.
 
     Example::
 
@@ -64,31 +61,70 @@ class AnalogNoiseStrategy(AnalogNoiseMixin, SingleDeviceStrategy):
 
     def __init__(
         self,
-        noise: NoiseModel,
+        noise: NoiseModel | None = None,
         schedule: Schedule | float | None = None,
         placement: Placement | str | Sequence[Placement | str] | None = None,
         eval_noise: bool = False,
         eval_level: float | None = None,
         seed: int = 0,
         log_level: bool = True,
-        device: str | torch.device | None = None,
-        **kwargs: Any,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
+        **ddp_kwargs: Any,
     ) -> None:
-        super().__init__(device=device if device is not None else "cpu", **kwargs)
-        self._auto_device = device is None
-        self._init_noise(noise, schedule, placement, eval_noise, eval_level, seed, log_level)
+        self.noise = AnalogNoise(
+            AdditiveGaussian() if noise is None else noise, schedule, placement, eval_noise, eval_level, seed, log_level
+        )
+        super().__init__(start_method=start_method, process_group_backend=process_group_backend, timeout=timeout, **ddp_kwargs)
 
+    @property
+    def injector(self):  # noqa: D102 - the callback's injector, for scripts written against the strategy
+        return self.noise.injector
+
+    @property
+    def _data_parallel(self) -> bool:
+        return self.num_nodes * self.num_processes > 1
+
+    @override
+    def _configure_launcher(self) -> None:
+        if self._data_parallel:
+            super()._configure_launcher()
+        else:
+            self._launcher = None  # one process: run in place, as SingleDeviceStrategy
+
+    @override
     def setup_environment(self) -> None:
-        if self._auto_device:
-            from lightning.pytorch.accelerators import CUDAAccelerator
+        trainer = self.lightning_module.trainer
+        if not any(cb is self.noise for cb in trainer.callbacks):
+            trainer.callbacks.append(self.noise)
+        if self._data_parallel:
+            super().setup_environment()
+        else:
+            super(DDPStrategy, self).setup_environment()  # no process group for one process
 
-            if isinstance(self.accelerator, CUDAAccelerator):
-                self._root_device = torch.device("cuda", torch.cuda.current_device())
-        super().setup_environment()
+    @override
+    def setup(self, trainer: Any) -> None:
+        if self._data_parallel:
+            super().setup(trainer)
+        else:
+            super(DDPStrategy, self).setup(trainer)  # Strategy.setup: no DDP wrapper, no state broadcast
+
+    @override
+    def _setup_model(self, model: Any) -> Any:
+        return super()._setup_model(model) if self._data_parallel else model
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="DDP (or one device) with analog noise: AdditiveGaussian, σ = 0.1, on conv/linear outputs"
+        )
 
     def __repr__(self) -> str:
-        inj = self.injector
-        return (
-            f"AnalogNoiseStrategy(noise={inj.noise!r}, schedule={inj.schedule!r}, placement={inj.placements!r}, "
-            f"eval_noise={self.eval_noise}, device={self.root_device})"
-        )
+        return f"AnalogNoiseStrategy({self.noise!r}, devices={self.num_processes})"
+
+
+if AnalogNoiseStrategy.strategy_name not in StrategyRegistry:
+    AnalogNoiseStrategy.register_strategies(StrategyRegistry)
+
