@@ -157,6 +157,11 @@ def test_bad_configuration_is_refused_before_training(digits, seed):
     before = _members(module)
     with pytest.raises(ValueError, match="devices"):
         _fit(module, digits, DeepEnsembleStrategy(num_members=2), devices=2)
+    # one process per node would each train every member, unaware of the others
+    for mode in ("vectorized", "sequential"):
+        with pytest.raises(ValueError, match="num_nodes=2"):
+            _fit(module, digits, DeepEnsembleStrategy(num_members=2, mode=mode), num_nodes=2)
+    assert DeepEnsembleStrategy(mode="distributed")._start_method == "popen"  # as Lightning's DDP
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # nothing lost
     with pytest.raises(RuntimeError, match=r"self\(x\)"):
         _fit(_DirectModelModule(LeNet5(input_size=8)), digits, DeepEnsembleStrategy(num_members=2))

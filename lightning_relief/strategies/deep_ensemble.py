@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -10,6 +11,8 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -17,6 +20,8 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_relief.nn.structure import record_structure
 from lightning_relief.uncertainty import functional as U
@@ -33,8 +38,10 @@ from lightning_relief.uncertainty.stacking import (
 )
 
 MODES = ("vectorized", "sequential", "distributed")
-_START_METHODS = ("spawn", "fork", "forkserver", "popen")
+_START_METHODS = ("popen", "spawn", "fork", "forkserver")
 _REBUILD = "lightning_relief.uncertainty.stacking:stack_members"
+# checkpoint key of the per-rank random states (see ``save_checkpoint``)
+_RNG_KEY = "deep_ensemble_rng_states"
 
 
 class DeepEnsembleStrategy(DDPStrategy):
@@ -80,7 +87,13 @@ class DeepEnsembleStrategy(DDPStrategy):
     ``reinitialize`` (``False``: every member starts from the module's current
     weights and members differ only by data order and dropout);
     ``return_member_outputs`` (predict also returns member probabilities);
-    ``start_method``, ``process_group_backend``, ``timeout`` (distributed mode).
+    ``start_method`` (``"popen"`` as Lightning's DDP; processes started by
+    torchrun/SLURM are used as they are), ``process_group_backend``, ``timeout``
+    (distributed mode; members are split over the global ranks of all nodes).
+
+    Checkpoints hold every member's weights and optimizer state and every
+    rank's random states, so a distributed run resumed from an epoch-end
+    checkpoint continues exactly as if it had not stopped.
 
     Requirements: ``forward`` takes the input tensor first and returns logits;
     ``training_step`` gets its predictions through ``self(...)`` and returns a
@@ -116,7 +129,7 @@ class DeepEnsembleStrategy(DDPStrategy):
         bootstrap: bool = False,
         reinitialize: bool = True,
         return_member_outputs: bool = False,
-        start_method: Literal["spawn", "fork", "forkserver", "popen"] = "spawn",
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
         accelerator: Accelerator | None = None,
@@ -173,24 +186,32 @@ class DeepEnsembleStrategy(DDPStrategy):
         return {"num_replicas": 1, "rank": 0}
 
     def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
         if not self.distributed:
             self._launcher = None
-        elif self._start_method == "popen":
-            assert self.cluster_environment is not None
+        elif self._start_method == "popen" or self.cluster_environment.creates_processes_externally:
+            # torchrun/SLURM started the processes already: the script launcher then starts none
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
             self._launcher = _EnsembleLauncher(self, start_method=self._start_method)
 
+    @override
     def setup_environment(self) -> None:
         if self.distributed:
             super().setup_environment()
             return
-        if self.num_processes != 1:
+        # without a process group every node (or externally started process) would train all members
+        external = int(os.environ.get("WORLD_SIZE", "1")) if self._externally_launched() else 1
+        if self.num_processes != 1 or self.num_nodes != 1 or external != 1:
             raise ValueError(
-                f"mode={self.mode!r} trains every member on one device, got {self.num_processes} devices; "
-                "use devices=1, or mode='distributed' to spread members over processes"
+                f"mode={self.mode!r} trains every member in one process, got devices={self.num_processes}, "
+                f"num_nodes={self.num_nodes}, WORLD_SIZE={external}; use devices=1 and num_nodes=1 in one "
+                "process, or mode='distributed' to spread members over processes and nodes"
             )
         super(DDPStrategy, self).setup_environment()
+
+    def _externally_launched(self) -> bool:
+        return self.cluster_environment is not None and self.cluster_environment.creates_processes_externally
 
     def setup(self, trainer: Any) -> None:
         assert self.accelerator is not None and self.model is not None
@@ -283,6 +304,78 @@ class DeepEnsembleStrategy(DDPStrategy):
         self._local_members = list(range(self.num_members))
         member_forward(module).gather = None
 
+    # ------------------------------------------------------------------ optimizer state and RNG in checkpoints
+    def _member_params(self, optimizer: Optimizer) -> list[bool]:
+        """For each parameter of ``optimizer`` in ``state_dict`` order: is it a stacked member tensor?"""
+        stacked = {id(p) for p in self.lightning_module.parameters()}
+        return [id(p) in stacked for group in optimizer.param_groups for p in group["params"]]
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        state = super().optimizer_state(optimizer)
+        if not self._sharded:
+            return state
+        inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        members = self._member_params(inner)
+        params = [p for group in inner.param_groups for p in group["params"]]
+        gathered: dict[int, dict[str, Any]] = {}
+        # every rank takes part in the same gathers in the same order (sorted keys): each rank's
+        # per-member state (momentum, Adam moments) goes into the checkpoint, not only rank 0's
+        for index in sorted(state["state"]):
+            entry = state["state"][index]
+            gathered[index] = {
+                key: self._gather_members_dim(value)
+                if members[index] and isinstance(value, Tensor) and value.shape == params[index].shape
+                else value
+                for key, value in sorted(entry.items())
+            }
+        return {**state, "state": gathered}
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if self._sharded:
+            lo, hi = self._local_members[0], self._local_members[-1] + 1
+            states = []
+            for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
+                members = self._member_params(optimizer)
+                local = {
+                    index: {
+                        key: value[lo:hi]
+                        if members[index] and isinstance(value, Tensor) and value.ndim and value.shape[0] == self.num_members
+                        else value
+                        for key, value in entry.items()
+                    }
+                    for index, entry in opt_state["state"].items()
+                }
+                states.append({**opt_state, "state": local})
+            checkpoint = {**checkpoint, "optimizer_states": states}
+        super().load_optimizer_state_dict(checkpoint)
+        self._restore_rng(checkpoint.get(_RNG_KEY))
+
+    def _restore_rng(self, states: list[dict[str, Any]] | None) -> None:
+        # called while a fit resumes (with the optimizers): nothing draws from the generators between
+        # here and the first training iterator, as nothing did after the save in the uninterrupted run
+        if states is None:
+            return
+        world = self.world_size if self.distributed else 1
+        if len(states) != world:
+            rank_zero_warn(
+                f"DeepEnsembleStrategy: the checkpoint holds random states of {len(states)} processes, this run has "
+                f"{world}; weights and optimizer states resume exactly, dropout draws do not"
+            )
+            return
+        _set_rng_states(states[self.global_rank if self.distributed else 0])
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        # dropout masks and the data loaders' base seeds come from each process's global generators:
+        # keep every rank's, so a resumed run draws what the uninterrupted run would have drawn
+        states = [_rng_states()]
+        if self.distributed and _distributed_is_initialized():
+            states = [None] * self.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(states, _rng_states())
+        super().save_checkpoint({**checkpoint, _RNG_KEY: states}, filepath, storage_options=storage_options)
+
     def on_train_end(self) -> None:
         self._gather_all_members()
 
@@ -368,6 +461,36 @@ class DeepEnsembleStrategy(DDPStrategy):
         for name, value in values.items():
             key = f"{prefix}_{name}" if name.startswith("member") else f"{prefix}_ensemble_{name}"
             module.log(key, value, on_step=False, on_epoch=True, batch_size=n)
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's torch (CPU, CUDA), numpy and Python generator states, as tensors and plain
+    Python values (so ``torch.load(weights_only=True)`` reads them)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": list(random.getstate()),
+    }
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if states["torch.cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, python_gauss = states["python"]
+    random.setstate((version, tuple(internal), python_gauss))
 
 
 def _scale_loss(output: Any, factor: int) -> Any:
