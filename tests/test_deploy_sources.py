@@ -1,0 +1,78 @@
+"""Exports of models as users train them: recurrent layers, torch.compile, several targets in one fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from tvm import relax
+
+from lightning_relief import ClassifierModule, DigitsDataModule
+from lightning_relief.callbacks.tvm_export import TVMExportCallback
+from lightning_relief.deploy import ParityError, check_parity, compile_for_target, load_compiled
+from lightning_relief.models import LeNet5
+
+
+class LastSteps(nn.Module):
+    """Negative indices on the batch, time and feature dimensions (``aten.select.int``)."""
+
+    def forward(self, x):
+        return x[:, -2] * x[-1, -1] + x[:, 1, -3].unsqueeze(1) + x[:, -4]
+
+
+class TinyGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(1, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        _, h = self.gru(x)
+        return self.head(h[-1])
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_negative_indices_count_from_the_end(dynamic, seed):
+    x = torch.randn(3, 4, 5)
+    compiled = compile_for_target(LastSteps(), x, dynamic_batch=dynamic)
+    torch.testing.assert_close(compiled(x), LastSteps()(x), atol=0, rtol=0)
+    if dynamic:  # the GRU's last state, h[-1], as exported (TVM's own conversion read out of bounds)
+        gru = TinyGRU().eval()
+        xs = torch.randn(5, 6, 1)
+        with torch.no_grad():
+            expected = gru(xs)
+        torch.testing.assert_close(compile_for_target(gru, xs)(xs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_parity_failure_inside_a_recurrent_layer_names_it(seed):
+    gru = TinyGRU().eval()
+    x = torch.randn(8, 6, 1)
+
+    def wrong_tanh(node, importer):  # a converter bug inside the GRU's cell
+        return importer.block_builder.emit(relax.op.sigmoid(importer.env[node.args[0]]))
+
+    compiled = compile_for_target(gru, x, custom_convert_map={"tanh.default": wrong_tanh})
+    with pytest.raises(ParityError, match=r"first diverging layer: 'gru' \(GRU\)") as info:
+        check_parity(gru, compiled, x)
+    assert info.value.module_path == "gru" and info.value.layer_type == "GRU"
+
+
+def test_two_export_callbacks_keep_their_own_state(tmp_path, trainer_factory, seed):
+    generic = {"kind": "llvm", "num-cores": 1}  # plain x86-64 code: a second target that runs here
+    host = TVMExportCallback(dirpath=tmp_path / "host", example_input_shape=(1, 1, 8, 8), measure=False)
+    other = TVMExportCallback(generic, dirpath=tmp_path / "generic", example_input_shape=(1, 1, 8, 8), measure=False)
+    assert host.state_key != other.state_key
+    assert TVMExportCallback()._default_folder() != TVMExportCallback(generic)._default_folder()
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[host, other])
+    trainer.fit(ClassifierModule(LeNet5(input_size=8)), DigitsDataModule(size=8))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    states = torch.load(tmp_path / "model.ckpt", weights_only=False)["callbacks"]
+    for callback, folder in ((host, "host"), (other, "generic")):
+        assert states[callback.state_key]["last_export"]["dirpath"] == str(tmp_path / folder)
+        restored = TVMExportCallback(callback.target, dirpath=tmp_path / folder)
+        restored.load_state_dict(states[restored.state_key])
+        assert restored.last_export == callback.last_export
+    meta = {f: json.loads((tmp_path / f / "metadata.json").read_text()) for f in ("host", "generic")}
+    assert meta["generic"]["target"].get("mcpu") is None and meta["host"]["target"]["mcpu"]
