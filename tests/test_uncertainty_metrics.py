@@ -118,3 +118,79 @@ def test_ensemble_model_is_the_mean_of_member_softmax_and_exports():
     torch.testing.assert_close(exported.module()(x), expected)
     with pytest.raises(ValueError, match="at least one"):
         EnsembleModel([])
+
+
+def _two_rank_metrics(rank: int, init_file: str, out: str) -> None:
+    """One gloo rank: update every metric class with this rank's (unequal) share, compute (which syncs)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        member, target, s_in, s_out = _ranked_data()
+        rows = slice(0, 70) if rank == 0 else slice(70, None)  # 70 and 230 rows: a mean of means would differ
+        probs = member.mean(0)
+        values = {}
+        for name, metric, args in [
+            ("nll", NegativeLogLikelihood(), (probs[rows], target[rows])),
+            ("brier", BrierScore(), (probs[rows], target[rows])),
+            ("ece", ExpectedCalibrationError(), (probs[rows], target[rows])),
+            ("aece", AdaptiveCalibrationError(), (probs[rows], target[rows])),
+            ("entropy", PredictiveEntropy(), (probs[rows],)),
+            ("mutual_info", MutualInformation(), (member[:, rows],)),
+            ("disagreement", Disagreement(), (member[:, rows],)),
+        ]:
+            metric.update(*args)
+            values[name] = metric.compute().item()
+        ood_in = s_in[:30] if rank == 0 else s_in[30:]
+        ood_out = s_out[:50] if rank == 0 else s_out[50:]
+        for name, metric in (("auroc", OODAUROC()), ("aupr", OODAUPR()), ("fpr95", FPRAt95TPR())):
+            metric.update(ood_in, is_ood=False)
+            metric.update(ood_out, is_ood=True)
+            values[name] = metric.compute().item()
+        gathered = [None, None]
+        dist.all_gather_object(gathered, values)
+        if rank == 0:
+            torch.save(gathered, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ranked_data():
+    member, target = _data(5)
+    gen = torch.Generator().manual_seed(5)
+    return member, target, torch.randn(200, generator=gen), torch.randn(90, generator=gen) + 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_metrics_reduce_across_two_ranks_to_the_value_on_all_data(tmp_path):
+    """2 gloo processes, each with an unequal share: every metric class gives, on both ranks, the
+    functional form applied to the gathered data (sums and scores reduced, not per-rank values averaged)."""
+    import multiprocessing
+
+    import torch.multiprocessing as tmp
+
+    multiprocessing.set_forkserver_preload(["torch", "torchmetrics"])
+    out = tmp_path / "values.pt"
+    tmp.start_processes(_two_rank_metrics, args=(str(tmp_path / "pg"), str(out)), nprocs=2, start_method="forkserver")
+    per_rank = torch.load(out, weights_only=True)
+    member, target, s_in, s_out = _ranked_data()
+    probs = member.mean(0).double()
+    expected = {
+        "nll": U.negative_log_likelihood(probs, target),
+        "brier": U.brier_score(probs, target),
+        "ece": U.expected_calibration_error(probs, target),
+        "aece": U.adaptive_calibration_error(probs, target),
+        "entropy": U.predictive_entropy(probs).mean(),
+        "mutual_info": U.mutual_information(member.double()).mean(),
+        "disagreement": U.disagreement(member),
+        "auroc": U.ood_auroc(s_in, s_out),
+        "aupr": U.ood_aupr(s_in, s_out),
+        "fpr95": U.fpr_at_95_tpr(s_in, s_out),
+    }
+    for values in per_rank:
+        for name, value in expected.items():
+            assert values[name] == pytest.approx(value.item(), abs=1e-6), name

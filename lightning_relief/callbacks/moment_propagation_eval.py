@@ -10,10 +10,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric, Metric
 
 from lightning_relief.moments.functional import SOFTMAX_METHODS, SoftmaxMethod, softmax_probs
 from lightning_relief.moments.wrapper import MomentPropagationWrapper
 from lightning_relief.uncertainty import functional as U
+from lightning_relief.uncertainty.metrics import (
+    OODAUROC,
+    ExpectedCalibrationError,
+    NegativeLogLikelihood,
+    PredictiveEntropy,
+)
 
 _STAGES = ("validate", "test")
 _SCORES = ("entropy", "variance")
@@ -31,6 +38,11 @@ class MomentPropagationEvalCallback(Callback):
     (OOD = positive; score: predictive entropy, or the summed logit variance).
     OOD data is ``ood_dataloader`` or else the datamodule's ``ood_dataloader()``
     when it was configured with ``ood=...``.
+
+    Under DDP the metrics are reduced from every rank's raw state (bin sums,
+    scores) before they are computed, so they equal the one-process values on
+    the same data (not a mean of per-rank values); each rank takes every
+    ``world_size``-th OOD batch.
 
     Args:
         stages: when to evaluate: ``"validate"`` (every validation epoch of ``fit``
@@ -82,7 +94,7 @@ class MomentPropagationEvalCallback(Callback):
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self._wrapper: MomentPropagationWrapper | None = None
-        self._outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._metrics: dict[str, Metric] = {}
 
     # ---- collecting ----------------------------------------------------------------------------
     def _active(self, trainer: L.Trainer, stage: str) -> bool:
@@ -94,7 +106,15 @@ class MomentPropagationEvalCallback(Callback):
         if isinstance(network, MomentPropagationWrapper):
             network = network.model
         self._wrapper = MomentPropagationWrapper(network)  # traced per epoch: follows structural changes
-        self._outputs = []
+        # torchmetrics states reduce across ranks (sums, concatenated scores) when computed
+        metrics: dict[str, Metric] = {
+            "acc": MeanMetric(),
+            "nll": NegativeLogLikelihood(),
+            "ece": ExpectedCalibrationError(n_bins=15),
+            "entropy": PredictiveEntropy(),
+            "ood_auroc": OODAUROC(),
+        }
+        self._metrics = {k: m.to(pl_module.device) for k, m in metrics.items()}
 
     @torch.no_grad()
     def _moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,7 +125,12 @@ class MomentPropagationEvalCallback(Callback):
     def _collect(self, batch: Any) -> None:
         x, y = batch[0], batch[1]
         mean, var = self._moments(x)
-        self._outputs.append((softmax_probs(mean, var, method=self.softmax).cpu(), var.sum(-1).cpu(), y.cpu()))
+        probs = softmax_probs(mean, var, method=self.softmax)
+        self._metrics["acc"].update((probs.argmax(-1) == y).float())
+        self._metrics["nll"].update(probs, y)
+        self._metrics["ece"].update(probs, y)
+        self._metrics["entropy"].update(probs)
+        self._metrics["ood_auroc"].update(self._score(probs, var.sum(-1)), is_ood=False)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer, "validate"):
@@ -136,32 +161,27 @@ class MomentPropagationEvalCallback(Callback):
         return U.predictive_entropy(probs) if self.ood_score == "entropy" else variance
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not self._outputs:
+        if not self._metrics:
             return
-        probs = torch.cat([o[0] for o in self._outputs])
-        variance = torch.cat([o[1] for o in self._outputs])
-        target = torch.cat([o[2] for o in self._outputs])
-        short = "val" if stage == "validate" else "test"
-        metrics = {
-            "acc": (probs.argmax(-1) == target).float().mean(),
-            "nll": U.negative_log_likelihood(probs, target),
-            "ece": U.expected_calibration_error(probs, target, n_bins=15),
-            "entropy": U.predictive_entropy(probs).mean(),
-        }
         loader = self._ood_loader(trainer)
         if loader is not None:
-            scores = []
-            for batch in loader:
+            for index, batch in enumerate(loader):
+                if index % trainer.world_size != trainer.global_rank:
+                    continue
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 mean, var = self._moments(x.to(pl_module.device))
-                scores.append(self._score(softmax_probs(mean, var, method=self.softmax), var.sum(-1)).cpu())
-            metrics["ood_auroc"] = U.ood_auroc(self._score(probs, variance), torch.cat(scores))
-        named = {f"{self.prefix}{short}_{k}": float(v) for k, v in metrics.items()}
+                probs = softmax_probs(mean, var, method=self.softmax)
+                self._metrics["ood_auroc"].update(self._score(probs, var.sum(-1)), is_ood=True)
+        short = "val" if stage == "validate" else "test"
+        # every rank computes every metric (compute() is a collective), in the same order
+        names = ["acc", "nll", "ece", "entropy"] + (["ood_auroc"] if loader is not None else [])
+        named = {f"{self.prefix}{short}_{k}": float(self._metrics[k].compute()) for k in names}
         for name, value in named.items():
+            # already reduced over ranks: the mean over ranks of equal values is that value
             pl_module.log(name, value, sync_dist=True)
         self.last_metrics = named
         self.history.append({"epoch": float(trainer.current_epoch), **named})
-        self._outputs, self._wrapper = [], None
+        self._metrics, self._wrapper = {}, None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer, "validate"):
