@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_relief.errors import ReliefError
 from lightning_relief.models import MLP, ClassifierModule, LeNet5, resnet8
 from lightning_relief.moments import (
     MomentPropagationWrapper,
@@ -163,16 +164,20 @@ def test_layers_before_the_first_dropout_run_unchanged():
 # ---- errors that name the operation and where it is -------------------------------------------
 
 
-def test_unsupported_module_names_its_class_and_path():
-    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, 8), nn.GELU(), nn.Linear(8, 2))
-    with pytest.raises(UnsupportedOperationError, match=r"GELU.*module '3'"):
-        MomentPropagationWrapper(model)
+def test_unsupported_module_names_its_class_path_and_what_is_supported():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.2)
+            self.rnn = nn.GRU(8, 4, batch_first=True)
 
+        def forward(self, x):
+            return self.rnn(self.drop(x.flatten(2)))[0]
 
-def test_alpha_dropout_is_an_error_not_a_silent_identity():
-    model = nn.Sequential(nn.Flatten(), nn.AlphaDropout(0.2), nn.Linear(64, 2))
-    with pytest.raises(UnsupportedOperationError, match=r"AlphaDropout.*module '1'"):
-        MomentPropagationWrapper(model)
+    with pytest.raises(UnsupportedOperationError, match=r"GRU; supported modules: .*Conv2d.*module 'rnn'") as info:
+        MomentPropagationWrapper(Net())
+    assert (info.value.module_path, info.value.layer_type) == ("rnn", "GRU")
+    assert isinstance(info.value, ReliefError) and isinstance(info.value, NotImplementedError)
 
 
 def test_unsupported_function_names_it_and_the_source_line():
@@ -183,10 +188,11 @@ def test_unsupported_function_names_it_and_the_source_line():
             self.fc = nn.Linear(64, 4)
 
         def forward(self, x):
-            return F.gelu(self.fc(self.block(x)))
+            return torch.cumsum(self.fc(self.block(x)), 1)
 
-    with pytest.raises(UnsupportedOperationError, match=r"gelu.*node 'gelu'.*test_moments_wrapper.py:\d+"):
+    with pytest.raises(UnsupportedOperationError, match=r"cumsum.*node 'cumsum'.*test_moments_wrapper.py:\d+") as info:
         MomentPropagationWrapper(Net())
+    assert (info.value.module_path, info.value.layer_type) == ("", "cumsum")
 
 
 def test_untraceable_forward_is_a_clear_error():

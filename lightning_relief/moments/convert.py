@@ -10,6 +10,7 @@ tensor operations, which ``torch.export`` captures as one graph.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Sequence
@@ -23,11 +24,13 @@ from lightning_relief.moments import functional as MF
 from lightning_relief.moments.rules import (
     FUNCTION_RULES,
     METHOD_RULES,
+    MODULE_RULES,
     STOCHASTIC_FUNCTIONS,
     STOCHASTIC_MODULES,
     Moments,
     RuleContext,
     UnsupportedOperationError,
+    _module_quadrature,
     bayesian_layer_types,
     module_rule,
 )
@@ -53,7 +56,28 @@ class MomentTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if has_moment_protocol(m) or isinstance(m, self._leaf_types):
             return True
+        if isinstance(m, nn.TransformerEncoderLayer):
+            return False  # traced through _plain_encoder_layer: its parts have rules
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if isinstance(m, nn.TransformerEncoderLayer) and not self.is_leaf_module(m, ""):
+            forward = functools.partial(_plain_encoder_layer, m)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _plain_encoder_layer(
+    layer: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None, src_key_padding_mask: Any = None,
+    is_causal: bool = False,
+) -> Any:  # fmt: skip
+    # PyTorch's forward without its fast-path checks (which branch on tensor properties and
+    # cannot be traced); the computation of its regular path, module by module
+    x = src
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return layer.norm2(x + layer._ff_block(x))
 
 
 def trace(model: nn.Module, leaf_types: Sequence[type] = ()) -> fx.GraphModule:
@@ -64,9 +88,59 @@ def trace(model: nn.Module, leaf_types: Sequence[type] = ()) -> fx.GraphModule:
     except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError)
         raise UnsupportedOperationError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); moment propagation "
-            "needs a forward without Python control flow on tensor values"
+            "needs a forward without Python control flow on tensor values",
+            module_path="",
+            layer_type=type(model).__name__,
         ) from err
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def unreached_random_layers(model: nn.Module, leaf_types: Sequence[type] = ()) -> list[str]:
+    """Dropout and Gaussian-weight layers that the (eval-mode) trace does not reach.
+
+    A dropout guarded by ``if self.training:`` is skipped when the network is traced
+    in eval mode and would silently contribute no variance. Modules are found by
+    their absence from the trace; functional dropout by tracing once more in train
+    mode and comparing. Modules inside a layer that is not traced into count as reached.
+    """
+    if has_moment_protocol(model):  # not traced into: it carries its own rule
+        return []
+    stochastic = STOCHASTIC_MODULES + bayesian_layer_types()
+    graph = trace(model, leaf_types).graph
+    called = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+    missed = [
+        f"module '{name}' ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, stochastic) and not any(name == c or name.startswith(c + ".") for c in called)
+    ]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train()
+        train_graph = MomentTracer(leaf_types).trace(model)
+    except Exception:  # noqa: BLE001 (a forward that traces only in eval mode: nothing to compare with)
+        return missed
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+    def functional(g: fx.Graph) -> list[tuple[str, str]]:
+        return [(_module_path(n), _short(n, None)) for n in g.nodes if n.op == "call_function" and n.target in STOCHASTIC_FUNCTIONS]
+
+    reached = functional(graph)
+    for path, name in functional(train_graph):
+        if (path, name) in reached:
+            reached.remove((path, name))
+        else:
+            missed.append(f"{name} in module '{path}'" if path else f"{name} in the root forward")
+    return missed
+
+
+def _module_path(node: fx.Node) -> str:
+    """The dotted path of the module a node is, or sits in (``""`` for the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
 
 
 def _location(node: fx.Node) -> str:
@@ -91,6 +165,32 @@ def _location(node: fx.Node) -> str:
         file, line = frames[-1]
         parts.append(f"{file.rsplit('/', 1)[-1]}:{line}")
     return ", ".join(parts)
+
+
+def _short(node: fx.Node, module: nn.Module | None) -> str:
+    """The layer type as a user names it: ``GRU``, ``gelu``, ``Tensor.cumsum``."""
+    if module is not None:
+        return type(module).__name__
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def _refuse_after_softmax(args: Any, kwargs: Any) -> None:
+    def visit(v: Any) -> Any:
+        if isinstance(v, Moments) and v.before_softmax:
+            raise UnsupportedOperationError(
+                f"{v.before_softmax} is only supported at the output (the logits' moments are returned), "
+                "not inside the network"
+            )
+        return v
+
+    map_aggregate((args, kwargs), visit)
+
+
+def supported_modules() -> list[str]:
+    """Names of the module classes that have a moment rule."""
+    return sorted({cls.__name__ for cls in MODULE_RULES} | {cls.__name__ for cls in bayesian_layer_types()})
 
 
 def _describe(node: fx.Node, module: nn.Module | None) -> str:
@@ -120,11 +220,18 @@ def _protocol_call(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> 
 
 def _output_moments(ctx: RuleContext, value: Any) -> Moments:
     if isinstance(value, Moments):
+        if value.before_softmax:
+            warnings.warn(
+                f"the network ends in {value.before_softmax}: moment propagation returns the moments of the "
+                "logits before it (use output='probs' or 'log_probs' for the predictive distribution)",
+                stacklevel=3,
+            )
+            return Moments(value.mean, value.var)
         return value
     if isinstance(value, (tuple, list)):
         found = [v for v in value if isinstance(v, Moments)]
         if len(found) == 1:  # e.g. (logits, kl) from a network with bayesian-torch layers
-            return found[0]
+            return _output_moments(ctx, found[0])
         raise UnsupportedOperationError(
             f"the network returns a {type(value).__name__} with {len(found)} random outputs; "
             "moment propagation needs exactly one (the logits)"
@@ -145,6 +252,7 @@ def build_moment_graph(
     output: Output = "moments",
     leaf_types: Sequence[type] = (),
     softmax: MF.SoftmaxMethod = "daunizeau",
+    elementwise: Sequence[type] = (),
 ) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
     """The moment-propagating graph of ``model``.
 
@@ -163,7 +271,8 @@ def build_moment_graph(
         moments = ctx.pair(graph.call_function(_protocol_call, (graph.get_attr("model"), mean, var)))
         return _finish(model, graph, ctx, moments, output, constants, softmax)
 
-    traced = trace(model, leaf_types)
+    elementwise = tuple(elementwise)
+    traced = trace(model, tuple(leaf_types) + elementwise)
     modules = dict(traced.named_modules())
     stochastic_modules = STOCHASTIC_MODULES + bayesian_layer_types()
     env: dict[fx.Node, Any] = {}
@@ -200,13 +309,15 @@ def build_moment_graph(
         kwargs = map_aggregate(node.kwargs, lambda n: env[n] if isinstance(n, fx.Node) else n)
         random = _contains_moments(args) or _contains_moments(kwargs)
         module = modules[node.target] if node.op == "call_module" else None
+        where = {"module_path": _module_path(node), "layer_type": _short(node, module)}
         try:
-            env[node] = _convert_node(ctx, node, module, tuple(args), dict(kwargs), random, stochastic_modules)
+            _refuse_after_softmax(args, kwargs)
+            env[node] = _convert_node(ctx, node, module, tuple(args), dict(kwargs), random, stochastic_modules, elementwise)
         except UnsupportedOperationError as err:
-            raise UnsupportedOperationError(f"{err} (at {_location(node)})") from None
+            raise UnsupportedOperationError(f"{err} (at {_location(node)})", **where) from None
         except (TypeError, ValueError) as err:
             raise UnsupportedOperationError(
-                f"{_describe(node, module)} cannot be converted: {err} (at {_location(node)})"
+                f"{_describe(node, module)} cannot be converted: {err} (at {_location(node)})", **where
             ) from err
 
     return _finish(model, graph, ctx, _output_moments(ctx, result), output, constants, softmax)
@@ -229,6 +340,7 @@ def _convert_node(
     kwargs: dict[str, Any],
     random: bool,
     stochastic_modules: tuple[type, ...],
+    elementwise: tuple[type, ...] = (),
 ) -> Any:
     graph = ctx.graph
     if node.op == "call_module":
@@ -237,9 +349,12 @@ def _convert_node(
             return ctx.pair(graph.call_function(_protocol_call, (ctx.attr(node.target), x.mean, x.var)))
         if not random and not isinstance(module, stochastic_modules):
             return graph.call_module(MODEL_PREFIX + node.target, args, kwargs)
-        handler = module_rule(module)
+        handler = _module_quadrature if isinstance(module, elementwise) else module_rule(module)
         if handler is None:
-            raise UnsupportedOperationError(f"no moment rule for {_describe(node, module)}")
+            raise UnsupportedOperationError(
+                f"no moment rule for {_describe(node, module)}; supported modules: {', '.join(supported_modules())}; "
+                "an elementwise activation can be declared with elementwise=(its class,)"
+            )
         return handler(ctx, node, module, args, kwargs)
 
     if node.op == "call_function":
@@ -290,4 +405,7 @@ def _finish(
     return module, constants
 
 
-__all__ = ["MomentTracer", "Output", "build_moment_graph", "has_moment_protocol", "trace"]
+__all__ = [
+    "MomentTracer", "Output", "build_moment_graph", "has_moment_protocol", "supported_modules", "trace",
+    "unreached_random_layers",
+]  # fmt: skip

@@ -34,12 +34,12 @@ __all__ = [
     "avg_pool_moments",
     "batch_norm_moments",
     "conv_moments",
+    "dropout_moments",
     "gaussian_conv_moments",
     "gaussian_linear_moments",
-    "linear_moments",
-    "dropout_moments",
     "gaussian_weight_moments",
     "leaky_relu_moments",
+    "linear_moments",
     "max_moments",
     "max_pool_moments",
     "mean_moments",
@@ -300,18 +300,28 @@ def max_pool_moments(
     padding: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1,
     dims: int = 2,
+    ceil_mode: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Max pooling as a chain of pairwise :func:`max_moments` over each window.
 
     Each intermediate maximum is re-approximated by a Gaussian, so windows of more
-    than two units are an approximation. Padding units are certain and very negative.
+    than two units are an approximation. Padding units are certain and very negative;
+    ``ceil_mode`` adds such units on the right for the last, partial window.
     """
     kernel = _tuple(kernel_size, dims)
     step = _tuple(stride if stride is not None and stride != [] else kernel, dims)
     pad = _tuple(padding, dims)
     dil = _tuple(dilation, dims)
-    if any(pad):
-        flat = [p for p in reversed(pad) for _ in (0, 1)]
+    extra = [0] * dims
+    if ceil_mode:  # PyTorch's rule: one more window if it starts inside the input or left padding
+        for i in range(dims):
+            size, span = mean.shape[-dims + i] + 2 * pad[i], dil[i] * (kernel[i] - 1) + 1
+            out = -(-(size - span) // step[i]) + 1
+            if (out - 1) * step[i] >= mean.shape[-dims + i] + pad[i]:
+                out -= 1
+            extra[i] = max(0, (out - 1) * step[i] + span - size)
+    if any(pad) or any(extra):
+        flat = [v for p, e in zip(reversed(pad), reversed(extra)) for v in (p, p + e)]
         # finite, so that mean * P(...) stays 0 instead of -inf * 0 = nan; its square is still finite
         low = -1e15 if mean.dtype != torch.float16 else -6e4
         mean = F.pad(mean, flat, value=low)
@@ -455,3 +465,235 @@ def _logit_sample_log_probs(mean: Tensor, var: Tensor, dim: int) -> Tensor:
 def softmax_probs(mean: Tensor, var: Tensor, dim: int = -1, method: SoftmaxMethod = "daunizeau") -> Tensor:
     """Expected class probabilities of Gaussian logits: ``softmax_log_probs(...).exp()``."""
     return softmax_log_probs(mean, var, dim, method).exp()
+
+
+# ---- round 2: any elementwise nonlinearity, clipped activations, normalisation, upsampling ----------
+
+
+def elementwise_moments(fn: Callable[[Tensor], Tensor], mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance of ``fn(x)``, ``x ~ N(mean, var)``, for any elementwise ``fn``.
+
+    24-point Gauss-Hermite quadrature: exact at ``var = 0``, accurate to ~1e-4 for
+    smooth functions (GELU, SiLU, Softplus, Mish, ELU) and ~1e-3 relative for
+    functions with a kink in their slope (Hardswish). A new activation needs no
+    hand-written rule.
+    """
+    return _gaussian_expectation(fn, mean, var)
+
+
+_CLIP_Z = 12.0  # Phi(-12) ~ 2e-33: moving a clipping bound further out than 12 std changes nothing
+
+
+def clamp_moments(mean: Tensor, var: Tensor, low: float | None, high: float | None) -> tuple[Tensor, Tensor]:
+    """Exact moments of ``clamp(x, low, high)`` (Hardtanh, ReLU6, Hardsigmoid after its affine map).
+
+    With ``u ~ N(0, 1)``, ``a = (low - mean) / std``, ``b = (high - mean) / std``:
+    ``clamp(x) = mean + std clamp(u, a, b)`` and
+    ``E clamp(u, a, b) = a Phi(a) + b (1 - Phi(b)) + phi(a) - phi(b)``,
+    ``E clamp^2 = a^2 Phi(a) + b^2 (1 - Phi(b)) + Phi(b) - Phi(a) + a phi(a) - b phi(b)``.
+    The mean is written relative to ``clamp(mean)`` so that bounds many std away
+    (clipped to 12 std) lose no precision.
+    """
+    std = _std(var)
+    inf = torch.full_like(mean, _CLIP_Z)
+    a = ((low - mean) / std).clamp(-_CLIP_Z, _CLIP_Z) if low is not None else -inf
+    b = ((high - mean) / std).clamp(-_CLIP_Z, _CLIP_Z) if high is not None else inf
+    pa, pb, fa, fb = _cdf(a), _cdf(b), _pdf(a), _pdf(b)
+    e1 = a * pa + b * (1.0 - pb) + fa - fb
+    e2 = a * a * pa + b * b * (1.0 - pb) + (pb - pa) + a * fa - b * fb
+    centre = torch.clamp(mean, low, high)
+    out_mean = centre + std * (e1 - torch.minimum(torch.maximum(torch.zeros_like(a), a), b))
+    return out_mean, var * (e2 - e1 * e1).clamp_min(0.0)
+
+
+def prelu_moments(mean: Tensor, var: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``PReLU``: :func:`leaky_relu_moments` with one learned slope per channel (dim 1), or one for all."""
+    slope = weight.reshape([1, -1] + [1] * (mean.dim() - 2)) if weight.numel() > 1 else weight.reshape(())
+    return leaky_relu_moments(mean, var, slope)
+
+
+def alpha_dropout_moments(mean: Tensor, var: Tensor | None, p: float) -> tuple[Tensor, Tensor]:
+    """Exact moments of PyTorch's alpha dropout ``y = a m x + a alpha (m - 1 + p)``, ``m ~ Bernoulli(1 - p)``.
+
+    ``alpha = 1.7580993408473766``, ``a = ((alpha^2 p + 1)(1 - p))^(-1/2)`` (ATen's constants):
+    ``E y = a q mean``, ``Var y = a^2 q (var + p (mean + alpha)^2)``, ``q = 1 - p``.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate p must be in [0, 1), got {p}")
+    if var is None:
+        var = torch.zeros_like(mean)
+    if p == 0.0:
+        return mean, var
+    alpha, q = 1.7580993408473766, 1.0 - p
+    a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * q)
+    shifted = mean + alpha
+    return a * q * mean, a * a * q * (var + p * shifted * shifted)
+
+
+def normalized_moments(mean: Tensor, var: Tensor, dims: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
+    """``(x - avg(x)) / sqrt(S + eps)``, ``S = avg((x - avg x)^2)`` over ``dims`` (LayerNorm, GroupNorm).
+
+    Delta method around the means: ``c = mean - avg(mean)``, ``s = E S + eps`` with
+    ``E S = avg(c^2) + avg(var) (1 - 1/d)``. The output mean is ``c / sqrt(s)``; a unit's
+    output depends on input ``j`` through ``a_ij = [i = j] - 1/d - c_i c_j / (d s)`` (the centring
+    and the normaliser's own fluctuation), so with independent inputs
+    ``var_i' = (1/s) [var_i (1 - 2/d - 2 c_i^2 / (d s)) + avg(var)/d + 2 c_i avg(var c) / (d s)
+    + c_i^2 avg(var c^2) / (d s^2)]``. Dropping the normaliser's fluctuation under-estimates
+    units far from the centre several-fold.
+    """
+    dims = tuple(dims)
+    d = math.prod(mean.shape[i] for i in dims)
+    c = mean - mean.mean(dims, keepdim=True)
+    avg_var = var.mean(dims, keepdim=True)
+    s = (c * c).mean(dims, keepdim=True) + avg_var * (1.0 - 1.0 / d) + eps
+    vc = (var * c).mean(dims, keepdim=True)
+    vcc = (var * c * c).mean(dims, keepdim=True)
+    inner = (
+        var * (1.0 - 2.0 / d - 2.0 * c * c / (d * s)) + avg_var / d + 2.0 * c * vc / (d * s) + c * c * vcc / (d * s * s)
+    )
+    return c * torch.rsqrt(s), inner.clamp_min(0.0) / s
+
+
+def layer_norm_moments(
+    mean: Tensor, var: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``F.layer_norm`` over the last ``len(normalized_shape)`` dims (see :func:`normalized_moments`)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    out_mean, out_var = normalized_moments(mean, var, dims, eps)
+    if weight is not None:
+        out_mean, out_var = out_mean * weight, out_var * (weight * weight)
+    if bias is not None:
+        out_mean = out_mean + bias
+    return out_mean, out_var
+
+
+def group_norm_moments(
+    mean: Tensor, var: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``F.group_norm``: channels (dim 1) in ``num_groups`` groups (see :func:`normalized_moments`)."""
+    n, c = mean.shape[:2]
+    grouped = (n, num_groups, c // num_groups, *mean.shape[2:])
+    dims = tuple(range(2, len(grouped)))
+    out_mean, out_var = normalized_moments(mean.reshape(grouped), var.reshape(grouped), dims, eps)
+    out_mean, out_var = out_mean.reshape(mean.shape), out_var.reshape(mean.shape)
+    shape = [1, -1] + [1] * (mean.dim() - 2)
+    if weight is not None:
+        w = weight.reshape(shape)
+        out_mean, out_var = out_mean * w, out_var * (w * w)
+    if bias is not None:
+        out_mean = out_mean + bias.reshape(shape)
+    return out_mean, out_var
+
+
+_CONV_TRANSPOSE = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
+
+
+def conv_transpose_moments(
+    mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+    output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``F.conv_transpose1d/2d/3d`` with fixed weights: linear in the input, so ``var' = op(var, W * W)``."""
+    op = _CONV_TRANSPOSE[weight.dim()]
+    out_mean = op(mean, weight, bias, stride, padding, output_padding, groups, dilation)
+    return out_mean, op(var, weight * weight, None, stride, padding, output_padding, groups, dilation)
+
+
+def max_reduce_moments(mean: Tensor, var: Tensor, dim: int, keepdim: bool = False) -> tuple[Tensor, Tensor]:
+    """``x.amax(dim)`` as a chain of pairwise Clark maxima along ``dim`` (independent units)."""
+    means, variances = mean.unbind(dim), var.unbind(dim)
+    out_mean, out_var = means[0], variances[0]
+    for m, v in zip(means[1:], variances[1:]):
+        out_mean, out_var = max_moments(out_mean, out_var, m, v)
+    if keepdim:
+        out_mean, out_var = out_mean.unsqueeze(dim), out_var.unsqueeze(dim)
+    return out_mean, out_var
+
+
+ACTIVATIONS: dict[str, Callable[..., Tensor]] = {
+    "gelu": F.gelu, "silu": F.silu, "mish": F.mish, "softplus": F.softplus, "elu": F.elu, "celu": F.celu,
+    "selu": F.selu, "hardswish": F.hardswish, "softsign": F.softsign, "logsigmoid": F.logsigmoid,
+    "tanhshrink": F.tanhshrink,
+}  # fmt: skip
+
+
+def activation_moments(mean: Tensor, var: Tensor, name: str, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """:func:`elementwise_moments` of the activation ``ACTIVATIONS[name](x, *args, **kwargs)``.
+
+    By name, so that a generated graph carries a string, not a function object.
+    """
+    fn = ACTIVATIONS[name]
+    return _gaussian_expectation(lambda x: fn(x, *args, **kwargs), mean, var)
+
+
+def adaptive_max_pool_moments(mean: Tensor, var: Tensor, output_size: Any, dims: int = 2) -> tuple[Tensor, Tensor]:
+    """Adaptive max pooling where each output takes the max of an equal, non-overlapping block."""
+    sizes = mean.shape[-dims:]
+    target = _tuple(output_size, dims) if output_size is not None else sizes
+    target = tuple(s if t is None else t for s, t in zip(sizes, target))
+    if any(s % t for s, t in zip(sizes, target)):
+        raise ValueError(
+            f"adaptive max pooling from {tuple(sizes)} to {target} has unequal windows; "
+            "moment propagation needs input sizes that are multiples of the output size"
+        )
+    kernel = tuple(s // t for s, t in zip(sizes, target))
+    return max_pool_moments(mean, var, kernel, kernel, dims=dims)
+
+
+BLOCK_SAMPLES = 64  # draws of a sampled block's inputs (antithetic pairs)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_draws(shape: tuple[int, ...], index: int) -> np.ndarray:
+    # fixed numpy draws (see _logit_draws): the graph stays deterministic and exportable
+    half = np.random.default_rng(1000 + index).standard_normal((BLOCK_SAMPLES // 2, *shape)).astype(np.float32)
+    draws = np.concatenate([half, -half])
+    draws.flags.writeable = False
+    return draws
+
+
+def sampled_attention_moments(
+    attention: torch.nn.MultiheadAttention,
+    means: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    layout: Sequence[int],
+    need_weights: bool,
+    options: dict[str, Any],
+) -> tuple[Tensor, ...]:
+    """Moments of a ``MultiheadAttention`` output by sampling its Gaussian inputs (``BLOCK_SAMPLES`` fixed draws).
+
+    ``means``/``variances`` are the distinct inputs, ``layout`` says which one is the
+    query, key and value (self-attention draws one input once). The samples run as
+    one batch. Attention dropout is active, as in MC dropout; with ``dropout = 0``
+    the result is a deterministic function of the input moments.
+    Returns ``(mean, var)`` of the output, plus those of the weights when ``need_weights``.
+    """
+    batch_dim = 0 if attention.batch_first else 1
+    samples = []
+    for i, (mean, var) in enumerate(zip(means, variances)):
+        eps = torch.tensor(_block_draws(tuple(mean.shape), i), dtype=mean.dtype, device=mean.device)
+        draws = mean + var.sqrt() * eps  # [S, *shape]
+        samples.append(draws.movedim(batch_dim + 1, 1).flatten(0, 1).movedim(0, batch_dim))  # S x batch
+    q, k, v = (samples[i] for i in layout)
+    masks = {}
+    if options.get("key_padding_mask") is not None:  # [N, S]: one row per sample of the repeated batch
+        masks["key_padding_mask"] = options["key_padding_mask"].repeat(BLOCK_SAMPLES, 1)
+    if options.get("attn_mask") is not None:  # [L, S] is shared; [N * heads, L, S] follows the batch
+        mask = options["attn_mask"]
+        masks["attn_mask"] = mask.repeat(BLOCK_SAMPLES, 1, 1) if mask.dim() == 3 else mask
+    rest = {key: value for key, value in options.items() if not key.endswith("mask")}
+    mode = attention.training
+    attention.train(attention.dropout > 0)
+    try:
+        out, weights = attention(q, k, v, need_weights=need_weights, **masks, **rest)
+    finally:
+        attention.train(mode)
+    batch = means[layout[0]].shape[batch_dim]
+
+    def moments(y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        y = y.movedim(dim, 0).unflatten(0, (BLOCK_SAMPLES, batch))
+        m = y.mean(0)
+        return m.movedim(0, dim), ((y - m) ** 2).mean(0).movedim(0, dim)
+
+    result = moments(out, batch_dim)
+    return (*result, *moments(weights, 0)) if need_weights else result
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,19 +20,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from lightning_relief.errors import ReliefError
 from lightning_relief.moments import functional as MF
 
 
 @dataclass(frozen=True)
 class Moments:
-    """A random value in the graph being built: its mean and variance nodes."""
+    """A random value in the graph being built: its mean and variance nodes.
+
+    ``before_softmax`` marks the moments of logits whose (log-)softmax was taken at
+    the output: they may only be returned, never computed with.
+    """
 
     mean: fx.Node
     var: fx.Node
+    before_softmax: str | None = None
 
 
-class UnsupportedOperationError(NotImplementedError):
-    """An operation that moment propagation has no rule for (the message names it and where it is)."""
+class UnsupportedOperationError(ReliefError, NotImplementedError):
+    """An operation that moment propagation has no rule for (the message names it and where it is).
+
+    ``module_path`` is the dotted name of the module it sits in (``""`` for the root) and
+    ``layer_type`` the module class or the function's name, when known.
+    """
+
+    def __init__(self, message: str, module_path: str | None = None, layer_type: str | None = None) -> None:
+        super().__init__(message)
+        self.module_path = module_path
+        self.layer_type = layer_type
 
 
 class RuleContext:
@@ -158,7 +174,7 @@ def _batch_norm_module(ctx, node, module, args, kwargs):
             "by batch statistics, which has no per-unit rule"
         )
     x = ctx.moments(args[0])
-    attr = lambda name: ctx.attr(f"{node.target}.{name}") if getattr(module, name) is not None else None  # noqa: E731
+    attr = lambda name: ctx.attr(f"{node.target}.{name}") if getattr(module, name) is not None else None
     return ctx.rule(
         MF.batch_norm_moments, x.mean, x.var, attr("running_mean"), attr("running_var"), attr("weight"), attr("bias"), module.eps
     )
@@ -236,12 +252,13 @@ def _identity(ctx, node, module, args, kwargs):
 
 def _max_pool_module(dims: int) -> Handler:
     def handler(ctx, node, module, args, kwargs):
-        if module.ceil_mode or module.return_indices:
-            raise UnsupportedOperationError(f"{type(module).__name__} with ceil_mode or return_indices")
+        if module.return_indices:
+            raise UnsupportedOperationError(f"{type(module).__name__} with return_indices")
         x = ctx.moments(args[0])
         return ctx.rule(
-            MF.max_pool_moments, x.mean, x.var, module.kernel_size, module.stride, module.padding, module.dilation, dims=dims
-        )
+            MF.max_pool_moments, x.mean, x.var, module.kernel_size, module.stride, module.padding, module.dilation,
+            dims=dims, ceil_mode=module.ceil_mode,
+        )  # fmt: skip
 
     return handler
 
@@ -251,11 +268,11 @@ def _max_pool_function(dims: int) -> Handler:
         x = _input(ctx, args, kwargs)
         names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
         bound = {name: _arg(args, kwargs, i, name) for i, name in enumerate(names)}
-        if bound["ceil_mode"] or bound["return_indices"]:
-            raise UnsupportedOperationError(f"max_pool{dims}d with ceil_mode or return_indices")
+        if bound["return_indices"]:
+            raise UnsupportedOperationError(f"max_pool{dims}d with return_indices")
         return ctx.rule(
             MF.max_pool_moments, x.mean, x.var, bound["kernel_size"], bound["stride"], bound["padding"] or 0,
-            bound["dilation"] or 1, dims=dims,
+            bound["dilation"] or 1, dims=dims, ceil_mode=bool(bound["ceil_mode"]),
         )  # fmt: skip
 
     return handler
@@ -410,6 +427,228 @@ def _sum(ctx, node, module, args, kwargs):
     return Moments(ctx.call(torch.sum, x.mean, dim, keepdim), ctx.call(torch.sum, x.var, dim, keepdim))
 
 
+# ---- round 2: activations by quadrature or exact clipping, normalisation, upsampling, attention -
+
+
+def _activation_function(name: str, *params: str) -> Handler:
+    """Gauss-Hermite moments of ``F.<name>(input, *params)``, e.g. ``F.elu(x, alpha)``."""
+
+    def handler(ctx, node, module, args, kwargs):
+        x = _input(ctx, args, kwargs)
+        values = {p: _arg(args, kwargs, i + 1, p) for i, p in enumerate(params)}
+        values = {p: v for p, v in values.items() if v is not None}
+        _require_plain(list(values.values()), f"the arguments of {name}")
+        return ctx.rule(MF.activation_moments, x.mean, x.var, name, **values)
+
+    return handler
+
+
+def _module_quadrature(ctx, node, module, args, kwargs):
+    # the module itself is the elementwise function (GELU(approximate=...), Softplus(beta), ELU(alpha), ...)
+    x = ctx.moments(args[0])
+    return ctx.rule(MF.elementwise_moments, ctx.attr(node.target), x.mean, x.var)
+
+
+def _clamp_module(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    return ctx.rule(MF.clamp_moments, x.mean, x.var, float(module.min_val), float(module.max_val))
+
+
+def _hardtanh_function(low: float | None = None, high: float | None = None) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = _input(ctx, args, kwargs)
+        lo = low if low is not None else float(_arg(args, kwargs, 1, "min_val", -1.0))
+        hi = high if high is not None else float(_arg(args, kwargs, 2, "max_val", 1.0))
+        return ctx.rule(MF.clamp_moments, x.mean, x.var, lo, hi)
+
+    return handler
+
+
+def _clamp_function(ctx, node, module, args, kwargs):
+    x = _input(ctx, args, kwargs)
+    low, high = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+    _require_plain([low, high], "the bounds of clamp")
+    if not all(b is None or isinstance(b, (int, float)) for b in (low, high)):
+        raise UnsupportedOperationError("clamp with tensor bounds")
+    return ctx.rule(
+        MF.clamp_moments, x.mean, x.var, None if low is None else float(low), None if high is None else float(high)
+    )
+
+
+def _hardsigmoid(ctx, node, module, args, kwargs):
+    # hardsigmoid(x) = clamp(x / 6 + 1/2, 0, 1): an affine map, then an exact clamp
+    x = _input(ctx, args, kwargs)
+    mean = ctx.call(operator.add, ctx.call(operator.truediv, x.mean, 6.0), 0.5)
+    return ctx.rule(MF.clamp_moments, mean, ctx.call(operator.truediv, x.var, 36.0), 0.0, 1.0)
+
+
+def _prelu_module(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    return ctx.rule(MF.prelu_moments, x.mean, x.var, ctx.attr(f"{node.target}.weight"))
+
+
+def _prelu_function(ctx, node, module, args, kwargs):
+    x = _input(ctx, args, kwargs)
+    weight = _arg(args, kwargs, 1, "weight")
+    _require_plain(weight, "the weight of prelu")
+    return ctx.rule(MF.prelu_moments, x.mean, x.var, weight)
+
+
+def _alpha_dropout(ctx: RuleContext, x: Any, p: float) -> Moments:
+    if isinstance(x, Moments):
+        return ctx.rule(MF.alpha_dropout_moments, x.mean, x.var, float(p))
+    return ctx.rule(MF.alpha_dropout_moments, x, None, float(p))
+
+
+def _alpha_dropout_module(ctx, node, module, args, kwargs):
+    # FeatureAlphaDropout drops whole channels: the per-unit moments are the same
+    return _alpha_dropout(ctx, args[0], module.p)
+
+
+def _alpha_dropout_function(ctx, node, module, args, kwargs):
+    return _alpha_dropout(ctx, _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "p", 0.5))
+
+
+def _softmax_at_output(kind: str) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        x = ctx.moments(args[0])
+        dim = module.dim if module is not None else _arg(args, kwargs, 1, "dim")
+        if dim not in (-1, 1):
+            raise UnsupportedOperationError(f"{kind} over dim {dim} (only the class dim, -1 or 1, at the output)")
+        return Moments(x.mean, x.var, before_softmax=kind)
+
+    return handler
+
+
+def _layer_norm_module(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    attr = lambda name: ctx.attr(f"{node.target}.{name}") if getattr(module, name, None) is not None else None
+    return ctx.rule(
+        MF.layer_norm_moments, x.mean, x.var, tuple(module.normalized_shape), attr("weight"), attr("bias"), module.eps
+    )
+
+
+def _layer_norm_function(ctx, node, module, args, kwargs):
+    x = _input(ctx, args, kwargs)
+    shape, weight = _arg(args, kwargs, 1, "normalized_shape"), _arg(args, kwargs, 2, "weight")
+    bias, eps = _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5)
+    _require_plain([weight, bias], "the affine parameters of layer_norm")
+    return ctx.rule(MF.layer_norm_moments, x.mean, x.var, tuple(shape), weight, bias, eps)
+
+
+def _group_norm_module(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    attr = lambda name: ctx.attr(f"{node.target}.{name}") if getattr(module, name, None) is not None else None
+    return ctx.rule(MF.group_norm_moments, x.mean, x.var, module.num_groups, attr("weight"), attr("bias"), module.eps)
+
+
+def _group_norm_function(ctx, node, module, args, kwargs):
+    x = _input(ctx, args, kwargs)
+    groups, weight = _arg(args, kwargs, 1, "num_groups"), _arg(args, kwargs, 2, "weight")
+    bias, eps = _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5)
+    _require_plain([weight, bias], "the affine parameters of group_norm")
+    return ctx.rule(MF.group_norm_moments, x.mean, x.var, groups, weight, bias, eps)
+
+
+def _conv_transpose_module(ctx, node, module, args, kwargs):
+    if len(args) > 1 or kwargs.get("output_size") is not None:
+        raise UnsupportedOperationError(f"{type(module).__name__} called with output_size")
+    x = ctx.moments(args[0])
+    bias = ctx.attr(f"{node.target}.bias") if module.bias is not None else None
+    return ctx.rule(
+        MF.conv_transpose_moments, x.mean, x.var, ctx.attr(f"{node.target}.weight"), bias, module.stride,
+        module.padding, module.output_padding, module.groups, module.dilation,
+    )  # fmt: skip
+
+
+def _conv_transpose_function(ctx, node, module, args, kwargs):
+    x = _input(ctx, args, kwargs)
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+    defaults = (None, None, None, 1, 0, 0, 1, 1)
+    bound = {name: _arg(args, kwargs, i, name, d) for i, (name, d) in enumerate(zip(names, defaults))}
+    _require_plain([bound["weight"], bound["bias"]], f"the weight of {_name(node.target)}")
+    del bound["input"]
+    return ctx.rule(MF.conv_transpose_moments, x.mean, x.var, **bound)
+
+
+_NEAREST = ("nearest", "nearest-exact")
+
+
+def _upsample_module(ctx, node, module, args, kwargs):
+    if module.mode not in _NEAREST:
+        raise UnsupportedOperationError(f"{type(module).__name__} with mode={module.mode!r} (supported: {_NEAREST})")
+    return _both_module(ctx, node, module, args, kwargs)
+
+
+def _interpolate(ctx, node, module, args, kwargs):
+    mode = _arg(args, kwargs, 3, "mode", "nearest")
+    if mode not in _NEAREST:
+        raise UnsupportedOperationError(f"interpolate with mode={mode!r} (supported: {_NEAREST})")
+    # nearest-neighbour copies units: the same op on mean and variance is exact
+    return _both_function(node.target)(ctx, node, module, args, kwargs)
+
+
+def _adaptive_max_pool_module(dims: int) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        if module.return_indices:
+            raise UnsupportedOperationError(f"{type(module).__name__} with return_indices")
+        x = ctx.moments(args[0])
+        return ctx.rule(MF.adaptive_max_pool_moments, x.mean, x.var, module.output_size, dims=dims)
+
+    return handler
+
+
+def _adaptive_max_pool_function(dims: int) -> Handler:
+    def handler(ctx, node, module, args, kwargs):
+        if _arg(args, kwargs, 2, "return_indices", False):
+            raise UnsupportedOperationError(f"adaptive_max_pool{dims}d with return_indices")
+        x = _input(ctx, args, kwargs)
+        return ctx.rule(MF.adaptive_max_pool_moments, x.mean, x.var, _arg(args, kwargs, 1, "output_size"), dims=dims)
+
+    return handler
+
+
+def _amax(ctx, node, module, args, kwargs):
+    x = ctx.moments(args[0])
+    dim, keepdim = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "keepdim", False)
+    if isinstance(dim, (tuple, list)):
+        if len(dim) != 1:
+            raise UnsupportedOperationError("amax over more than one dim")
+        dim = dim[0]
+    if not isinstance(dim, int):
+        raise UnsupportedOperationError("amax/max without a single integer dim")
+    return ctx.rule(MF.max_reduce_moments, x.mean, x.var, dim, keepdim)
+
+
+def _attention_module(ctx, node, module, args, kwargs):
+    # no closed form for softmax(q k^T) v: sample, but only this block, from fixed draws
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+    bound = {name: _arg(args, kwargs, i, name) for i, name in enumerate(names)}
+    q, k, v = (bound.pop(n) for n in ("query", "key", "value"))
+    _require_plain([bound["key_padding_mask"], bound["attn_mask"]], "the attention masks")
+    need_weights = bound.pop("need_weights")
+    need_weights = True if need_weights is None else bool(need_weights)
+    options = {key: value for key, value in bound.items() if value is not None}
+    distinct: list[Any] = []
+    for value in (q, k, v):
+        if not any(value is seen for seen in distinct):
+            distinct.append(value)
+    layout = tuple(next(i for i, seen in enumerate(distinct) if seen is value) for value in (q, k, v))
+    pairs = [ctx.moments(value) for value in distinct]
+    warnings.warn(
+        f"moment propagation samples the attention block '{node.target}' ({type(module).__name__}) with "
+        f"{MF.BLOCK_SAMPLES} fixed draws of its inputs; the rest of the network is analytic",
+        stacklevel=2,
+    )
+    out = ctx.call(
+        MF.sampled_attention_moments, ctx.attr(node.target), [p.mean for p in pairs], [p.var for p in pairs], layout,
+        need_weights, options,
+    )  # fmt: skip
+    result = Moments(ctx.call(operator.getitem, out, 0), ctx.call(operator.getitem, out, 1))
+    weights = Moments(ctx.call(operator.getitem, out, 2), ctx.call(operator.getitem, out, 3)) if need_weights else None
+    return (result, weights)
+
+
 # ---- registries -------------------------------------------------------------------------------
 
 _SHAPE_FUNCTIONS = (
@@ -446,6 +685,33 @@ MODULE_RULES: dict[type, Handler] = {
     nn.AdaptiveAvgPool2d: _adaptive_avg_pool_module(2),
     nn.Flatten: _both_module,
     nn.Unflatten: _both_module,
+    nn.AlphaDropout: _alpha_dropout_module,
+    nn.FeatureAlphaDropout: _alpha_dropout_module,
+    nn.GELU: _module_quadrature,
+    nn.SiLU: _module_quadrature,
+    nn.Mish: _module_quadrature,
+    nn.Softplus: _module_quadrature,
+    nn.ELU: _module_quadrature,
+    nn.CELU: _module_quadrature,
+    nn.SELU: _module_quadrature,
+    nn.Hardswish: _module_quadrature,
+    nn.Softsign: _module_quadrature,
+    nn.LogSigmoid: _module_quadrature,
+    nn.Tanhshrink: _module_quadrature,
+    nn.Hardtanh: _clamp_module,  # also ReLU6, a Hardtanh(0, 6)
+    nn.Hardsigmoid: _hardsigmoid,
+    nn.PReLU: _prelu_module,
+    nn.Softmax: _softmax_at_output("softmax"),
+    nn.LogSoftmax: _softmax_at_output("log_softmax"),
+    nn.LayerNorm: _layer_norm_module,
+    nn.GroupNorm: _group_norm_module,
+    nn.ConvTranspose1d: _conv_transpose_module,
+    nn.ConvTranspose2d: _conv_transpose_module,
+    nn.ConvTranspose3d: _conv_transpose_module,
+    nn.Upsample: _upsample_module,
+    nn.AdaptiveMaxPool1d: _adaptive_max_pool_module(1),
+    nn.AdaptiveMaxPool2d: _adaptive_max_pool_module(2),
+    nn.MultiheadAttention: _attention_module,
 }
 
 FUNCTION_RULES: dict[Any, Handler] = {
@@ -472,6 +738,40 @@ FUNCTION_RULES: dict[Any, Handler] = {
     F.avg_pool2d: _avg_pool_function(2),
     F.adaptive_avg_pool1d: _adaptive_avg_pool_function(1),
     F.adaptive_avg_pool2d: _adaptive_avg_pool_function(2),
+    F.alpha_dropout: _alpha_dropout_function,
+    F.feature_alpha_dropout: _alpha_dropout_function,
+    F.gelu: _activation_function("gelu", "approximate"),
+    F.silu: _activation_function("silu"),
+    F.mish: _activation_function("mish"),
+    F.softplus: _activation_function("softplus", "beta", "threshold"),
+    F.elu: _activation_function("elu", "alpha"),
+    F.celu: _activation_function("celu", "alpha"),
+    F.selu: _activation_function("selu"),
+    torch.selu: _activation_function("selu"),
+    F.hardswish: _activation_function("hardswish"),
+    F.softsign: _activation_function("softsign"),
+    F.logsigmoid: _activation_function("logsigmoid"),
+    F.tanhshrink: _activation_function("tanhshrink"),
+    F.hardtanh: _hardtanh_function(),
+    F.relu6: _hardtanh_function(0.0, 6.0),
+    torch.clamp: _clamp_function,
+    torch.clip: _clamp_function,
+    F.hardsigmoid: _hardsigmoid,
+    F.prelu: _prelu_function,
+    torch.prelu: _prelu_function,
+    F.softmax: _softmax_at_output("softmax"),
+    torch.softmax: _softmax_at_output("softmax"),
+    F.log_softmax: _softmax_at_output("log_softmax"),
+    torch.log_softmax: _softmax_at_output("log_softmax"),
+    F.layer_norm: _layer_norm_function,
+    F.group_norm: _group_norm_function,
+    F.conv_transpose1d: _conv_transpose_function,
+    F.conv_transpose2d: _conv_transpose_function,
+    F.conv_transpose3d: _conv_transpose_function,
+    F.interpolate: _interpolate,
+    F.adaptive_max_pool1d: _adaptive_max_pool_function(1),
+    F.adaptive_max_pool2d: _adaptive_max_pool_function(2),
+    torch.amax: _amax,
     torch.cat: _concatenate(torch.cat),
     torch.stack: _concatenate(torch.stack),
     operator.getitem: _getitem,
@@ -507,6 +807,11 @@ METHOD_RULES: dict[str, Handler] = {
     "neg": _neg,
     "mean": _mean,
     "sum": _sum,
+    "clamp": _clamp_function,
+    "clip": _clamp_function,
+    "softmax": _softmax_at_output("softmax"),
+    "log_softmax": _softmax_at_output("log_softmax"),
+    "amax": _amax,
     "size": _of_mean_method,
     "dim": _of_mean_method,
     "numel": _of_mean_method,
@@ -514,7 +819,6 @@ METHOD_RULES: dict[str, Handler] = {
 }
 
 # operations that make a deterministic input random: handled even when no input is random
-# (alpha dropout has no rule: listing it makes it an error instead of a silent identity)
 STOCHASTIC_FUNCTIONS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout, F.alpha_dropout, F.feature_alpha_dropout,
 }  # fmt: skip

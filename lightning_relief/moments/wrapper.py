@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, fx, nn
 
 from lightning_relief.models.spec import model_spec
 from lightning_relief.moments import functional as MF
-from lightning_relief.moments.convert import Output, build_moment_graph
+from lightning_relief.moments.convert import (
+    Output,
+    build_moment_graph,
+    unreached_random_layers,
+)
 
 _OUTPUTS = ("moments", "probs", "log_probs")
 
@@ -76,6 +80,7 @@ class MomentPropagationWrapper(nn.Module):
         output: Output = "moments",
         leaf_types: Sequence[type] = (),
         softmax: MF.SoftmaxMethod = "daunizeau",
+        elementwise: Sequence[type] = (),
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -87,14 +92,25 @@ class MomentPropagationWrapper(nn.Module):
         bad = [t for t in leaf_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
         if bad:
             raise TypeError(f"leaf_types must be nn.Module subclasses, got {bad}")
+        bad = [t for t in elementwise if not (isinstance(t, type) and issubclass(t, nn.Module))]
+        if bad:
+            raise TypeError(f"elementwise must be nn.Module subclasses, got {bad}")
         self.model = model.eval()
         self.output = output
         self.leaf_types = tuple(leaf_types)
         self.softmax = softmax
+        self.elementwise = tuple(elementwise)
         # constants created inside the traced forward: buffers so that .to() moves them, not saved
         self.constants = nn.Module()
         self._graphs: dict[tuple[bool, str], fx.GraphModule] = {}
         self._graph(random_input=False, output=output)  # trace now: unsupported operations fail here
+        missed = unreached_random_layers(model, self.leaf_types + self.elementwise)
+        if missed:
+            warnings.warn(
+                "moment propagation does not reach " + "; ".join(missed) + ": the trace (eval mode) skips them, "
+                "so they contribute no variance (e.g. a dropout guarded by `if self.training:`)",
+                stacklevel=2,
+            )
         spec = model_spec(model)
         if spec is not None:  # lets ClassifierModule.load_from_checkpoint rebuild the wrapper
             self.init_args = {"model": spec, "output": output, "softmax": softmax}
@@ -103,8 +119,9 @@ class MomentPropagationWrapper(nn.Module):
         key = (random_input, output)
         if key not in self._graphs:
             graph, constants = build_moment_graph(
-                self.model, random_input=random_input, output=output, leaf_types=self.leaf_types, softmax=self.softmax
-            )
+                self.model, random_input=random_input, output=output, leaf_types=self.leaf_types, softmax=self.softmax,
+                elementwise=self.elementwise,
+            )  # fmt: skip
             for name, value in constants.items():
                 if not hasattr(self.constants, name):
                     self.constants.register_buffer(name, value, persistent=False)
