@@ -29,6 +29,7 @@ REBUILD_STEPS: frozenset[str] = frozenset({
     "lightning_relief.compress.quantize:replay_quantization",
     "lightning_relief.photonic.convert:rebuild_photonic",
     "lightning_relief.uncertainty.stacking:stack_members",
+    "lightning_relief.uncertainty.temperature:rebuild_temperature",
 })
 _ATTR = "_relief_structure"
 
