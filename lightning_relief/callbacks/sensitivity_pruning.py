@@ -265,10 +265,10 @@ class SensitivityPruningCallback(Callback):
         self.report.update({"metric": result.metric, "unit": result.unit, "target": self.config.target,
                             **{k: v for k, v in result.state_dict().items() if k not in ("sensitivity", "evaluated")},
                             "chosen": result.chosen.to_dict(), "candidates": [c.to_dict() for c in result.evaluated]})
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: on every rank
         if trainer.is_global_zero:
             if self.verbose:
                 print_report(result.layers, result.evaluated, result.metric, unit=result.unit)
-            log_dir = Path(trainer.log_dir or trainer.default_root_dir)
             write_json(log_dir / "compression_report.json", self.report)
             pareto_plot(result.evaluated, result.original_cost, result.original_acc, self.config.target, result.metric,
                         log_dir / "compression_pareto.png")

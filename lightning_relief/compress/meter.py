@@ -119,7 +119,8 @@ def model_macs(module: nn.Module, example_shape: tuple[int, ...] | None) -> floa
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # no torch.no_grad(): the counter's module tracker hooks autograd, which brevitas layers trip without it
+        with FlopCounterMode(display=False) as counter:
             module(x)
     finally:
         module.train(was_training)
