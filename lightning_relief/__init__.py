@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "BayesianModel": "lightning_relief.bayes.model",
     "KLDivergenceCallback": "lightning_relief.bayes.kl",
     "MomentPropagationEvalCallback": "lightning_relief.callbacks.moment_propagation_eval",
+    "TemperatureScaling": "lightning_relief.callbacks.temperature_scaling",
 }
 
 __all__ = ["__version__", *_EXPORTS]
