@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import platform
+import shutil
+import sys
 
 import pytest
 import torch
@@ -76,3 +79,15 @@ def test_two_export_callbacks_keep_their_own_state(tmp_path, trainer_factory, se
         assert restored.last_export == callback.last_export
     meta = {f: json.loads((tmp_path / f / "metadata.json").read_text()) for f in ("host", "generic")}
     assert meta["generic"]["target"].get("mcpu") is None and meta["host"]["target"]["mcpu"]
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs Debian's gcc-aarch64-linux-gnu")
+def test_board_preset_cross_compiles_for_aarch64(tmp_path, seed):
+    from lightning_relief.deploy import BOARDS, export_model, library_arch
+
+    summary = export_model(LeNet5(input_size=8).eval(), torch.zeros(1, 1, 8, 8), tmp_path / "rpi4", target="rpi4")
+    assert library_arch(tmp_path / "rpi4" / "model.so") == "aarch64"
+    assert "aarch64" in summary["not_run_here"] and "latency_ms" not in summary and "max_abs_error" not in summary
+    meta = json.loads((tmp_path / "rpi4" / "metadata.json").read_text())
+    assert meta["target"]["mcpu"] == BOARDS["rpi4"]["mcpu"] == "cortex-a72"
+    assert library_arch(sys.executable) == platform.machine() != "aarch64"  # the check reads the header, not the name

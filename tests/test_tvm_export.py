@@ -117,6 +117,7 @@ def test_relief_export_from_checkpoint(tmp_path, trainer_factory, seed, capsys):
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["top1_agreement"] == 1.0 and summary["latency_ms"] > 0
+    assert summary["latency_batch_size"] == 1 and summary["latency_input_shape"] == [1, 1, 8, 8]
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert meta["source_checkpoint_sha256"] == before == sha(ckpt)
     x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)

@@ -14,8 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_relief.deploy.config import ExportConfig
 from lightning_relief.deploy.targets import TargetLike, resolve_target, target_key
-from lightning_relief.deploy.tuning import TuningConfig
 
 _EXPORT_ON = ("fit_end", "best")
 
@@ -31,26 +31,28 @@ class TVMExportCallback(L.Callback):
     arithmetic (:func:`~lightning_relief.deploy.lower_quantized`) before export.
 
     Args:
-        target: TVM target (``"llvm"``: this CPU; a dict or ``"llvm -mtriple=..."`` string).
-        dirpath: artifact folder (default ``<log dir>/tvm_export``).
+        target: where the code runs (``"llvm"``: this CPU; a board preset such as ``"rpi4"``; a
+            TVM target dict or ``"llvm -mtriple=..."`` string); overrides ``config.target``.
+        dirpath: artifact folder (default ``<log dir>/tvm_export``; another target than this
+            CPU gets ``tvm_export_<hash of the target>``).
         example_input_shape: input shape to compile for, e.g. ``(1, 1, 8, 8)``; default:
             the shape of the first validation batch.
-        verify: compare with PyTorch on a real validation batch (max abs error, top-1
-            agreement); a failure raises :class:`~lightning_relief.deploy.ParityError`
-            naming the first diverging layer.
-        atol, rtol, min_top1_agreement: parity tolerances.
-        tuning: ``None`` (untuned), a :class:`~lightning_relief.deploy.TuningConfig`,
-            or an int trial budget; tuned code has the example's fixed batch size.
         export_on: ``"fit_end"`` (the final weights) or ``"best"`` (the best checkpoint
             of the ``ModelCheckpoint`` callback).
-        measure: time the artifact with TVM's time evaluator and log ``tvm_latency_ms``.
-        repeat, number: time evaluator settings.
         strict: re-raise a failed export from ``fit`` (default: warn, ``fit`` succeeds).
+        config: an :class:`~lightning_relief.deploy.ExportConfig` (tuning, parity tolerances,
+            timing), shared with ``export_model`` and ``relief export``.
+        **options: ExportConfig fields that override ``config``'s: ``verify``, ``atol``, ``rtol``,
+            ``min_top1_agreement``, ``tuning``, ``measure``, ``repeat``, ``number``, ``time_batch``.
 
     Several instances (one per target) keep separate state in checkpoints: the state key
     names the target and the folder.
 
-    Example (``tests/test_tvm_export.py`` runs the same)::
+    >>> export = TVMExportCallback("rpi4", example_input_shape=(1, 1, 8, 8), measure=False)
+    >>> export.config.target, export.config.measure, export.config.atol
+    ('rpi4', False, 0.0001)
+
+    In a fit (``tests/test_tvm_export.py`` runs the same)::
 
         import lightning as L
         from lightning_relief import ClassifierModule, DigitsDataModule, TVMExportCallback
@@ -59,31 +61,27 @@ class TVMExportCallback(L.Callback):
         export = TVMExportCallback(target="llvm", dirpath="artifacts/lenet", example_input_shape=(1, 1, 8, 8))
         trainer = L.Trainer(max_epochs=1, callbacks=[export])
         trainer.fit(ClassifierModule(LeNet5(input_size=8)), DigitsDataModule())
-        print(export.last_export)   # latency_ms, max_abs_error, top1_agreement, dirpath
+        print(export.last_export)   # latency_ms (batch 1), max_abs_error, top1_agreement, dirpath
         # later, without PyTorch: lightning_relief.deploy.load_compiled("artifacts/lenet")(x)
     """
 
     def __init__(
         self,
-        target: TargetLike = "llvm",
+        target: TargetLike | None = None,
         dirpath: str | os.PathLike | None = None,
         example_input_shape: Sequence[int] | None = None,
-        verify: bool = True,
-        atol: float = 1e-4,
-        rtol: float = 1e-4,
-        min_top1_agreement: float = 0.99,
-        tuning: TuningConfig | int | dict | None = None,
         export_on: Literal["fit_end", "best"] = "fit_end",
-        measure: bool = True,
-        repeat: int = 10,
-        number: int = 10,
         strict: bool = False,
+        config: ExportConfig | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
+        if target is not None:
+            options["target"] = target
         try:
-            resolve_target(target)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"TVMExportCallback: target {target!r} is invalid: {err}") from err
+            self.config = (config or ExportConfig()).replace(**options)
+        except ValueError as err:
+            raise ValueError(f"TVMExportCallback: {err}") from err
         if example_input_shape is not None:
             shape = tuple(example_input_shape)
             if not shape or not all(isinstance(d, int) and d >= 1 for d in shape):
@@ -91,23 +89,17 @@ class TVMExportCallback(L.Callback):
             example_input_shape = shape
         if export_on not in _EXPORT_ON:
             raise ValueError(f"export_on must be one of {_EXPORT_ON}, got {export_on!r}")
-        if atol < 0 or rtol < 0 or not 0 <= min_top1_agreement <= 1:
-            raise ValueError(f"bad tolerances: atol={atol}, rtol={rtol}, min_top1_agreement={min_top1_agreement}")
-        if repeat < 1 or number < 1:
-            raise ValueError(f"repeat and number must be >= 1, got repeat={repeat}, number={number}")
-        self.target = target
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.example_input_shape = example_input_shape
-        self.verify = verify
-        self.atol, self.rtol, self.min_top1_agreement = atol, rtol, min_top1_agreement
-        self.tuning = TuningConfig.coerce(tuning)
         self.export_on = export_on
-        self.measure = measure
-        self.repeat, self.number = repeat, number
         self.strict = strict
         self.last_export: dict[str, Any] = {}
 
     # -- Lightning hooks -------------------------------------------------------
+    @property
+    def target(self) -> TargetLike:
+        return self.config.target
+
     @property
     @override
     def state_key(self) -> str:
@@ -148,12 +140,10 @@ class TVMExportCallback(L.Callback):
         else:
             raise ValueError("TVMExportCallback: example_input_shape is None and the trainer has no validation or training data")
         dirpath = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / self._default_folder()
-        rank_zero_info(f"TVM export: compiling for {resolve_target(self.target)} ({'tuned' if self.tuning else 'untuned'})")
+        tuned = "tuned" if self.config.tuning else "untuned"
+        rank_zero_info(f"TVM export: compiling for {resolve_target(self.target)} ({tuned})")
         summary = export_model(
-            model, example, dirpath, self.target, self.tuning,
-            verify_batch=(batch if batch is not None else example) if self.verify else None,
-            atol=self.atol, rtol=self.rtol, min_top1_agreement=self.min_top1_agreement,
-            measure=self.measure, repeat=self.repeat, number=self.number, source_checkpoint=checkpoint,
+            model, example, dirpath, self.config, verify_batch=batch, source_checkpoint=checkpoint
         )
         self.last_export = summary
         metrics = {f"tvm_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -22,10 +22,22 @@ from lightning_relief.trust import resolve_class
 _DEFAULT_MODULE = "lightning_relief.models.classifier.ClassifierModule"
 
 
+class _Defaults:  # ExportConfig's defaults, read without importing torch for `--help`
+    def __getattr__(self, name: str) -> Any:
+        import dataclasses
+
+        from lightning_relief.deploy.config import ExportConfig
+
+        return {f.name: f.default for f in dataclasses.fields(ExportConfig)}[name]
+
+
+_DEFAULTS = _Defaults()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relief export", description="Compile a checkpoint for a target with Apache TVM.")
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint to export")
-    p.add_argument("--target", default="llvm", help='TVM target: "llvm" (this CPU), a JSON dict, or "llvm -mtriple=... -mcpu=..."')
+    p.add_argument("--target", default=_DEFAULTS.target, help='TVM target: "llvm" (this CPU), a board (rpi4, x86-avx2, x86-avx512), a JSON dict, or "llvm -mtriple=... -mcpu=..."')
     p.add_argument("--out", required=True, help="artifact folder (model.so, params.npz, metadata.json)")
     p.add_argument("--module-class", default=_DEFAULT_MODULE, help="LightningModule class path to load the checkpoint with")
     p.add_argument("--input-shape", default=None, help="compile for this input shape, e.g. 1,1,8,8 (default: from the data or model)")
@@ -33,11 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-trials", type=int, default=0, help="MetaSchedule trials (0: untuned code)")
     p.add_argument("--tuning-dir", default=None, help="tuning database folder, reused across runs (default .relief_cache/tuning)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
-    p.add_argument("--atol", type=float, default=1e-4)
-    p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--min-top1", type=float, default=0.99, help="minimum top-1 agreement with PyTorch")
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--number", type=int, default=10)
+    p.add_argument("--atol", type=float, default=_DEFAULTS.atol)
+    p.add_argument("--rtol", type=float, default=_DEFAULTS.rtol)
+    p.add_argument("--min-top1", type=float, default=_DEFAULTS.min_top1_agreement, help="minimum top-1 agreement with PyTorch")
+    p.add_argument("--repeat", type=int, default=_DEFAULTS.repeat)
+    p.add_argument("--number", type=int, default=_DEFAULTS.number)
+    p.add_argument("--time-batch", type=int, default=_DEFAULTS.time_batch,
+                   help="batch size to time (default %(default)s; 0: the batch of the data or --input-shape)")
     return p
 
 
@@ -76,19 +90,23 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     import torch
 
-    from lightning_relief.deploy import DeployError, TuningConfig, resolve_target
+    from lightning_relief.deploy import DeployError, ExportConfig, TuningConfig
     from lightning_relief.deploy.export import export_model
     from lightning_relief.deploy.quantized import default_example_input
 
     ckpt = Path(args.ckpt)
     if not ckpt.is_file():
         fail("checkpoint file not found", source=str(ckpt))
-    try:
-        resolve_target(args.target)
-    except (ValueError, TypeError) as err:
-        fail(str(err), key="target")
     if args.tuning_trials < 0:
         fail(f"--tuning-trials must be >= 0, got {args.tuning_trials}", key="tuning-trials")
+    tuning = TuningConfig(trials=args.tuning_trials, work_dir=args.tuning_dir) if args.tuning_trials else None
+    try:
+        config = ExportConfig(
+            target=args.target, tuning=tuning, verify=not args.no_verify, atol=args.atol, rtol=args.rtol,
+            min_top1_agreement=args.min_top1, repeat=args.repeat, number=args.number, time_batch=args.time_batch or None,
+        )
+    except (ValueError, TypeError) as err:
+        fail(str(err), key="target" if "target" in str(err) else "options")
     import lightning as L
 
     module_class = _import(args.module_class, "module-class", L.LightningModule)
@@ -108,13 +126,9 @@ def main(argv: Sequence[str]) -> int:
             example = torch.randn_like(default_example_input(getattr(module, "model", module)))
         except ValueError as err:
             fail(str(err) + " (use --input-shape)", key="input-shape")
-    verify = None if args.no_verify else (batch if batch is not None else torch.randn((16, *example.shape[1:]), generator=torch.Generator().manual_seed(1)))
-    tuning = TuningConfig(trials=args.tuning_trials, work_dir=args.tuning_dir) if args.tuning_trials else None
+    verify = batch if batch is not None else torch.randn((16, *example.shape[1:]), generator=torch.Generator().manual_seed(1))
     try:
-        summary = export_model(
-            module, example, args.out, args.target, tuning, verify_batch=verify, atol=args.atol, rtol=args.rtol,
-            min_top1_agreement=args.min_top1, repeat=args.repeat, number=args.number, source_checkpoint=ckpt,
-        )
+        summary = export_model(module, example, args.out, config, verify_batch=verify, source_checkpoint=ckpt)
     except (DeployError, ValueError) as err:
         fail(str(err), source=str(ckpt))
     print(json.dumps(summary, indent=2, default=str))

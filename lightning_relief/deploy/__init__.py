@@ -21,6 +21,8 @@ Public API (other plugins build on these names):
   MetaSchedule tuning with a database reused across layers, runs and exports.
 * :func:`lower_quantized` ``(model, example_inputs=None) -> nn.Module``: brevitas layers →
   int8 weights, int32 accumulation, requantization, in plain tensor ops.
+* :class:`ExportConfig` and :func:`export_model` ``(model, example, dirpath, config=None, ...)``: the
+  export step of ``TVMExportCallback`` and ``relief export`` (board presets: :data:`BOARDS`).
 * :func:`check_parity` and :class:`RemoteDevice` / :func:`local_rpc_server` (TVM RPC).
 
 Names load lazily, so ``from lightning_relief.deploy import load_compiled`` on a
@@ -55,6 +57,10 @@ _EXPORTS = {
     "resolve_target": "lightning_relief.deploy.targets",
     "host_target_dict": "lightning_relief.deploy.targets",
     "DeployError": "lightning_relief.deploy.errors",
+    "ExportConfig": "lightning_relief.deploy.config",
+    "export_model": "lightning_relief.deploy.export",
+    "BOARDS": "lightning_relief.deploy.targets",
+    "library_arch": "lightning_relief.deploy.artifact",
     "UnsupportedOperatorError": "lightning_relief.deploy.errors",
     "ParityError": "lightning_relief.deploy.errors",
 }

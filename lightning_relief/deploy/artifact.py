@@ -27,6 +27,28 @@ PARAMS = "params.npz"
 METADATA = "metadata.json"
 
 
+_ELF_MACHINES = {0x03: "i386", 0x28: "arm", 0x3E: "x86_64", 0xB7: "aarch64", 0xF3: "riscv64"}
+
+
+def library_arch(path: str | os.PathLike) -> str:
+    """The CPU architecture of a shared library, from its ELF header (``"x86_64"``, ``"aarch64"``...)."""
+    header = Path(path).read_bytes()[:20]
+    if header[:4] != b"\x7fELF":
+        raise ValueError(f"{path} is not an ELF shared library")
+    machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    return _ELF_MACHINES.get(machine, f"elf-machine-{machine:#x}")
+
+
+def check_library_arch(path: str | os.PathLike, target: Any) -> None:
+    """Raise ``DeployError`` unless the library at ``path`` is for ``target``'s architecture."""
+    from lightning_relief.deploy.errors import DeployError
+    from lightning_relief.deploy.targets import target_arch
+
+    want, got = target_arch(target), library_arch(path)
+    if got != want:
+        raise DeployError(f"{path} is built for {got}, but the target {target} is {want}")
+
+
 def _to_numpy(x: Any) -> tuple[np.ndarray, bool]:
     """(array, came_from_torch) without importing torch."""
     if type(x).__module__.startswith("torch"):
@@ -162,7 +184,10 @@ class CompiledModel:
             if self._library_path is not None:
                 shutil.copyfile(self._library_path, staging / LIBRARY)
             else:
-                self.library.export_library(str(staging / LIBRARY))
+                from lightning_relief.deploy.targets import cross_compiler_for
+
+                self.export_library(staging / LIBRARY, cross_compiler_for(self.metadata["target"]))
+            check_library_arch(staging / LIBRARY, self.metadata["target"])
             np.savez(staging / PARAMS, **{f"p{i:04d}": p for i, p in enumerate(self.params)})
             (staging / METADATA).write_text(json.dumps(self.metadata, indent=2, default=str))
             if target.exists():  # replace an older artifact only once the new one is complete

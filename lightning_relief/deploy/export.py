@@ -12,8 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_relief.deploy.targets import TargetLike
-from lightning_relief.deploy.tuning import TuningConfig
+from lightning_relief.deploy.config import ExportConfig
 
 
 def has_brevitas_layers(model: nn.Module) -> bool:
@@ -24,45 +23,65 @@ def export_model(
     model: nn.Module,
     example: Tensor,
     dirpath: str | os.PathLike,
-    target: TargetLike = "llvm",
-    tuning: TuningConfig | int | dict | None = None,
+    config: ExportConfig | None = None,
+    *,
     verify_batch: Tensor | None = None,
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
-    min_top1_agreement: float = 0.99,
-    measure: bool = True,
-    repeat: int = 10,
-    number: int = 10,
     source_checkpoint: str | os.PathLike | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Compile ``model`` and write the artifact to ``dirpath``; returns a summary.
 
-    ``verify_batch`` (a real batch) is compared with PyTorch; pass ``None`` to skip
-    the check. Raises :class:`~lightning_relief.deploy.ParityError` or
+    ``config`` (an :class:`~lightning_relief.deploy.ExportConfig`; ``options`` override its
+    fields, e.g. ``measure=False``) says how. The parity check runs on ``verify_batch`` (a real
+    batch; default ``example``). Raises :class:`~lightning_relief.deploy.ParityError` or
     :class:`~lightning_relief.deploy.UnsupportedOperatorError` before anything is written.
+    Code for a board of another architecture is cross-compiled and neither checked nor timed
+    here (``parity``/``latency`` say so): run those on the board through ``RemoteDevice``.
     """
     from lightning_relief.deploy.compile import compile_for_target
     from lightning_relief.deploy.latency import measure_latency
     from lightning_relief.deploy.parity import check_parity
     from lightning_relief.deploy.quantized import lower_quantized
+    from lightning_relief.deploy.targets import is_foreign, target_arch
 
+    config = config or ExportConfig()
+    if options:
+        config = config.replace(**options)
     integer = has_brevitas_layers(model)
     if integer:
         model = lower_quantized(model, example)
-    compiled = compile_for_target(model, example, target, tuning, source_checkpoint=source_checkpoint)
+    compiled = compile_for_target(model, example, config.target, config.tuning, source_checkpoint=source_checkpoint)
     summary: dict[str, Any] = {
         "dirpath": str(dirpath),
         "source_checkpoint": str(source_checkpoint) if source_checkpoint else None,
         "integer_lowered": integer,
         "tuned": compiled.metadata["tuned"],
     }
-    if verify_batch is not None:
-        report = check_parity(model, compiled, verify_batch, atol=atol, rtol=rtol, min_top1_agreement=min_top1_agreement)
+    foreign = is_foreign(config.target)
+    if foreign:
+        summary["not_run_here"] = f"code for {target_arch(config.target)}: check parity and time it on the board (RemoteDevice)"
+    if config.verify and not foreign:
+        report = check_parity(
+            model, compiled, verify_batch if verify_batch is not None else example,
+            atol=config.atol, rtol=config.rtol, min_top1_agreement=config.min_top1_agreement,
+        )
         compiled.metadata["parity"] = report.as_dict()
         summary.update(max_abs_error=report.max_abs_error, top1_agreement=report.top1_agreement)
     path = compiled.save(dirpath)
     summary["artifact_bytes"] = sum(p.stat().st_size for p in Path(path).iterdir())
-    if measure:
-        result = measure_latency(compiled, example, repeat=repeat, number=number, cache=False)
-        summary.update(latency_ms=result.median_ms, latency_iqr_ms=result.iqr_ms)
+    if config.measure and not foreign:
+        timed = timing_input(compiled, example, config.time_batch)
+        result = measure_latency(compiled, timed, repeat=config.repeat, number=config.number, cache=False)
+        summary.update(latency_ms=result.median_ms, latency_iqr_ms=result.iqr_ms,
+                       latency_batch_size=int(timed.shape[0]), latency_input_shape=list(timed.shape))
     return summary
+
+
+def timing_input(compiled: Any, example: Tensor, time_batch: int | None) -> Tensor:
+    """The input to time: ``time_batch`` rows of ``example`` (repeated if it has fewer), or the
+    compiled batch size when the code has a fixed one."""
+    fixed = None if compiled.metadata.get("dynamic_batch") else compiled.metadata["inputs"][0]["shape"][0]
+    rows = fixed or time_batch or example.shape[0]
+    if rows <= example.shape[0]:
+        return example[:rows]
+    return example.repeat((-(-rows // example.shape[0]),) + (1,) * (example.dim() - 1))[:rows]

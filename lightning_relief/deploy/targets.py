@@ -20,6 +20,21 @@ TargetLike = Union[str, dict, "tvm.target.Target"]
 
 _HOST_ALIASES = ("llvm", "native", "cpu")
 
+# boards by name: the CPU each one has, for code that TVM cross-compiles on this machine
+BOARDS: dict[str, dict[str, Any]] = {
+    "rpi4": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"], "num-cores": 4},
+    "x86-avx2": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
+    "x86-avx512": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"},
+}
+BOARDS["raspberry-pi-4"] = BOARDS["rpi4"]
+
+# the C cross compiler of each foreign architecture, and the Debian package that installs it
+CROSS_COMPILERS: dict[str, tuple[str, str]] = {
+    "aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    "arm": ("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf"),
+    "riscv64": ("riscv64-linux-gnu-gcc", "gcc-riscv64-linux-gnu"),
+}
+
 
 def host_target_dict() -> dict[str, Any]:
     """The dict of this machine's CPU: ``{"kind": "llvm", "mcpu": ..., "num-cores": ...}``."""
@@ -50,6 +65,8 @@ def _parse_string(text: str) -> dict[str, Any]:
         raise ValueError("target must not be empty")
     if parts[0] in _HOST_ALIASES and len(parts) == 1:
         return host_target_dict()
+    if parts[0] in BOARDS and len(parts) == 1:
+        return dict(BOARDS[parts[0]])
     spec: dict[str, Any] = {"kind": parts[0]}
     for part in parts[1:]:
         if not part.startswith("-") or "=" not in part:
@@ -121,3 +138,44 @@ def device_for(target: TargetLike, session: Any = None) -> "tvm.runtime.Device":
     if kind == "metal":
         return owner.metal(0)
     raise ValueError(f"no device known for target kind {kind!r}")
+
+
+def _arch(name: str) -> str:
+    arch = name.split("-", 1)[0]
+    return "arm" if arch.startswith(("armv", "thumb")) or arch == "arm" else "aarch64" if arch == "arm64" else arch
+
+
+def target_arch(target: TargetLike) -> str:
+    """The CPU architecture code for ``target`` runs on (``"x86_64"``, ``"aarch64"``...), from its triple."""
+    import platform
+
+    return _arch(str(target_dict(resolve_target(target)).get("mtriple") or platform.machine()))
+
+
+def is_foreign(target: TargetLike) -> bool:
+    """Whether code for ``target`` cannot run on this machine (a CPU of another architecture)."""
+    import platform
+
+    return is_cpu(target) and target_arch(target) != _arch(platform.machine())
+
+
+def cross_compiler_for(target: TargetLike) -> Any:
+    """TVM's ``fcompile`` for ``export_library`` when ``target`` is another architecture, else ``None``.
+
+    Raises ``DeployError`` naming the Debian package when the cross compiler is not installed.
+    """
+    import shutil
+
+    from lightning_relief.deploy.errors import DeployError
+
+    if not is_foreign(target):
+        return None
+    arch = target_arch(target)
+    if arch not in CROSS_COMPILERS:
+        raise DeployError(f"no cross compiler known for {arch}; known: {', '.join(CROSS_COMPILERS)}")
+    compiler, package = CROSS_COMPILERS[arch]
+    if shutil.which(compiler) is None:
+        raise DeployError(f"building for {arch} needs the cross compiler {compiler}: apt-get install {package}")
+    from tvm.support import cc
+
+    return cc.cross_compiler(compiler)
