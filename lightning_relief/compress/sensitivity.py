@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from lightning_relief.atomic import atomic_save
 from lightning_relief.compress.units import PRUNABLE_TYPES, ModelUnits, pruning_group
 
 IMPORTANCES = ("magnitude", "taylor", "bn_scale", "lamp", "fpgm")
@@ -216,15 +218,21 @@ def fingerprint(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], sett
 
 
 def cached_sensitivity(cache_dir: str | Path | None, key: str, compute: Callable[[], SensitivityTable]) -> tuple[SensitivityTable, bool]:
-    """Load the table for ``key`` from ``cache_dir`` or compute and store it; returns (table, hit)."""
+    """Load the table for ``key`` from ``cache_dir`` or compute and store it; returns (table, hit).
+
+    Entries are written atomically (concurrent searches may share the folder); an entry
+    that cannot be read (truncated, corrupt) is reported once, recomputed and replaced.
+    """
     if cache_dir is None:
         return compute(), False
     path = Path(cache_dir) / f"sensitivity-{key}.pt"
-    if path.exists():
+    try:
         return SensitivityTable.from_state_dict(torch.load(path, weights_only=True)), True
+    except FileNotFoundError:
+        pass
+    except Exception as err:  # any unreadable entry is recomputed, never fatal
+        cause = (str(err).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"sensitivity cache entry {path} is unreadable ({type(err).__name__}: {cause}); recomputing it", stacklevel=2)
     table = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(table.state_dict(), tmp)
-    tmp.replace(path)
+    atomic_save(lambda f: torch.save(table.state_dict(), f), path)
     return table, False

@@ -1,8 +1,9 @@
 """The on-disk cache shared by latency measurements, layer tables and tuning.
 
 Default location: ``$RELIEF_CACHE_DIR``, else ``./.relief_cache``. Entries are
-small JSON files named by a hash of their key, written atomically, so several
-processes (a search and a benchmark) can share one cache.
+small JSON files named by a hash of their key, written atomically (see
+:mod:`lightning_relief.atomic`), so several processes (a search and a benchmark)
+can share one cache; an unreadable entry counts as a miss and is rewritten.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from lightning_relief.atomic import atomic_write_text
 
 _ENV = "RELIEF_CACHE_DIR"
 
@@ -38,17 +40,15 @@ class JsonCache:
         path = self._path(key)
         try:
             entry = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # missing, or truncated/corrupt (then rewritten by the next put)
+            return None
+        if not isinstance(entry, dict):
             return None
         # a hash collision or an edited file must not return someone else's figure
         return entry.get("value") if entry.get("key") == json.loads(json.dumps(key, default=str)) else None
 
     def put(self, key: Any, value: dict[str, Any]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key, "value": value}, f, default=str, indent=1)
-        os.replace(tmp, self._path(key))
+        atomic_write_text(self._path(key), json.dumps({"key": key, "value": value}, default=str, indent=1))
 
     def __len__(self) -> int:
         return len(list(self.directory.glob("*.json"))) if self.directory.is_dir() else 0

@@ -22,6 +22,7 @@ from tvm import relax
 from tvm.relax import transform
 
 from lightning_relief.deploy.cache import default_cache_dir
+from lightning_relief.deploy.tuning_db import locked_database
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,8 @@ def tune_module(mod: tvm.IRModule, target: tvm.target.Target, config: TuningConf
         if config.weight_prepack
         else []
     )
-    with target:
+    # one process at a time per database folder: records name workloads by line number (see tuning_db)
+    with target, locked_database(config.work_dir):
         mod = tvm.transform.Sequential(
             [transform.DecomposeOpsForInference(), transform.CanonicalizeBindings(), relax.get_pipeline("zero"), *pre]
         )(mod)
