@@ -15,6 +15,8 @@ MODULES = [
     "lightning_relief.uncertainty.functional",
     "lightning_relief.uncertainty.metrics",
     "lightning_relief.uncertainty.ensemble",
+    "lightning_relief.uncertainty.temperature",
+    "lightning_relief.callbacks.temperature_scaling",
     "lightning_relief.uncertainty.plot",
     "lightning_relief.strategies.deep_ensemble",
     "lightning_relief.bayes.convert",
@@ -56,3 +58,14 @@ def test_recipe_fits_tests_and_reloads(recipe, tmp_path, monkeypatch):
 
             assert len(bayesian_layers(module.model)) == 5
             torch.testing.assert_close(predict_mean(module, x), predict_mean(module, x))
+
+
+def test_temperature_scaling_example_in_the_docs_runs(tmp_path, monkeypatch):
+    text = (ROOT / "docs" / "uncertainty.md").read_text()
+    section = text[text.index("## Temperature scaling"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[: code.index("```")]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "docs/uncertainty.md", "exec"), namespace)
+    assert (tmp_path / "calibrated.ckpt").exists() and namespace["scaling"].temperature > 0

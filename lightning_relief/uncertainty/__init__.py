@@ -1,4 +1,4 @@
-"""Calibration, uncertainty and OOD-detection metrics; the ensemble module.
+"""Calibration, uncertainty and OOD-detection metrics; the ensemble module; temperature scaling.
 
 Every metric has a functional form (:mod:`lightning_relief.uncertainty.functional`)
 and a torchmetrics ``Metric`` class (:mod:`lightning_relief.uncertainty.metrics`).
@@ -33,6 +33,7 @@ from lightning_relief.uncertainty.metrics import (
 )
 from lightning_relief.uncertainty.plot import plot_reliability_diagram
 from lightning_relief.uncertainty.stacking import ensemble_model
+from lightning_relief.uncertainty.temperature import apply_temperature, fit_temperature, temperature_of
 
 __all__ = [
     "OODAUPR",
@@ -47,11 +48,13 @@ __all__ = [
     "NegativeLogLikelihood",
     "PredictiveEntropy",
     "adaptive_calibration_error",
+    "apply_temperature",
     "brier_score",
     "calibration_bins",
     "disagreement",
     "ensemble_model",
     "expected_calibration_error",
+    "fit_temperature",
     "fpr_at_95_tpr",
     "mutual_information",
     "negative_log_likelihood",
@@ -59,4 +62,5 @@ __all__ = [
     "ood_auroc",
     "plot_reliability_diagram",
     "predictive_entropy",
+    "temperature_of",
 ]

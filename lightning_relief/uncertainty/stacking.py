@@ -183,16 +183,23 @@ def _check_untied(module: nn.Module) -> None:
 
 
 def reinitialize(module: nn.Module, seed: int) -> list[str]:
-    """Draw fresh weights for ``module`` with ``reset_parameters`` under ``seed``.
+    """Draw fresh weights for ``module`` with ``reset_parameters`` (or ``_reset_parameters``) under ``seed``.
 
     Returns the names of parameters that no ``reset_parameters`` covers (they
     keep their values).
     """
     covered: set[str] = set()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    # fork every generator that is seeded here, and only those: torch.manual_seed on a process whose CUDA
+    # is not initialised yet queues a seed for every GPU that would later replace the user's seed_everything
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        if cuda:
+            torch.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
         for prefix, sub in module.named_modules():
-            reset = getattr(sub, "reset_parameters", None)
+            # nn.MultiheadAttention (and others) only have the private form
+            reset = getattr(sub, "reset_parameters", None) or getattr(sub, "_reset_parameters", None)
             if callable(reset):
                 reset()
                 covered.update(f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters(recurse=False))
