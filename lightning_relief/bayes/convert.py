@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 
@@ -12,7 +12,8 @@ from lightning_relief.errors import UnsupportedLayerError, UnsupportedModelError
 from lightning_relief.nn.structure import record_structure
 
 _REBUILD = "lightning_relief.bayes.convert:rebuild_bayesian"
-_TYPES = ("Reparameterization", "Flipout")
+BayesLayerType = Literal["Reparameterization", "Flipout"]
+_TYPES: tuple[str, ...] = get_args(BayesLayerType)
 
 
 def bayesian_layers(model: nn.Module) -> list[nn.Module]:
@@ -135,7 +136,7 @@ def to_bayesian(
     prior_sigma: float = 1.0,
     posterior_mu_init: float = 0.0,
     posterior_rho_init: float = -3.0,
-    type: Literal["Reparameterization", "Flipout"] = "Reparameterization",
+    type: BayesLayerType = "Reparameterization",
     moped_enable: bool = False,
     moped_delta: float = 0.5,
     inplace: bool = False,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_relief.bayes.convert import to_bayesian
+from lightning_relief.bayes.convert import BayesLayerType, to_bayesian
 from lightning_relief.models.spec import model_spec
 
 
@@ -36,7 +36,7 @@ class BayesianModel(nn.Module):
         prior_sigma: float = 1.0,
         posterior_mu_init: float = 0.0,
         posterior_rho_init: float = -3.0,
-        type: Literal["Reparameterization", "Flipout"] = "Reparameterization",
+        type: BayesLayerType = "Reparameterization",
         moped_enable: bool = False,
         moped_delta: float = 0.5,
     ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -14,7 +15,8 @@ from torch.utils.data import TensorDataset
 from lightning_relief.data import shifts
 from lightning_relief.data.splits import SplitDataModule
 
-OOD_KINDS = ("heldout", "rotate", "noise", "invert")
+DigitsOOD = Literal["heldout", "rotate", "noise", "invert"]
+OOD_KINDS: tuple[str, ...] = get_args(DigitsOOD)
 _SIZES = (8, 16, 32)
 
 
@@ -50,7 +52,7 @@ class DigitsDataModule(SplitDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 0,
-        ood: str | None = None,
+        ood: DigitsOOD | None = None,
         heldout_classes: Sequence[int] = (8, 9),
         ood_severity: float | None = None,
         num_workers: int = 0,

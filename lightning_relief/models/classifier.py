@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -14,8 +14,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from lightning_relief.models.spec import build_model, model_spec
 from lightning_relief.nn.structure import RestorableStructureMixin
 
-_OPTIMIZERS = ("adam", "adamw", "sgd")
-_SCHEDULERS = ("cosine", "none")
+Optimizer = Literal["adam", "adamw", "sgd"]
+Scheduler = Literal["cosine", "none"]
+_OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+_SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 
 class ClassifierModule(RestorableStructureMixin, L.LightningModule):
@@ -50,9 +52,9 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
         num_classes: int = 10,
         lr: float = 1e-2,
         weight_decay: float = 5e-4,
-        optimizer: Literal["adam", "adamw", "sgd"] = "adam",
+        optimizer: Optimizer = "adam",
         momentum: float = 0.9,
-        scheduler: Literal["cosine", "none"] = "cosine",
+        scheduler: Scheduler = "cosine",
         label_smoothing: float = 0.0,
         kl_weight: float = 1.0,
     ) -> None:

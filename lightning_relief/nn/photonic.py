@@ -52,7 +52,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +64,8 @@ __all__ = ["PhotonicConv2d", "PhotonicLinear", "PhotonicSamplerLayer"]
 
 BandwidthMode = Literal["fixed", "layer", "weight"]
 SamplingMode = Literal["local", "exact"]
-_BANDWIDTH_MODES = ("fixed", "layer", "weight")
-_SAMPLING_MODES = ("local", "exact")
+_BANDWIDTH_MODES: tuple[str, ...] = get_args(BandwidthMode)
+_SAMPLING_MODES: tuple[str, ...] = get_args(SamplingMode)
 # variances below this are treated as zero so sqrt never sees 0 (its gradient is infinite there)
 _VAR_FLOOR = 1e-20
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,8 @@ from lightning_relief.nn.photonic import PhotonicSamplerLayer
 from lightning_relief.uncertainty.functional import mutual_information, predictive_entropy
 
 __all__ = ["PhotonicPrediction", "photonic_samples", "predictive", "sample_logits", "summarize_samples"]
+
+FanOut = Literal["auto", "layer", "input"]
 
 
 def _layers(model: nn.Module) -> list[PhotonicSamplerLayer]:
@@ -91,7 +93,7 @@ def sample_logits(
     *,
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    fan_out: Literal["auto", "layer", "input"] = "auto",
+    fan_out: FanOut = "auto",
 ) -> Tensor:
     """``num_samples`` forward samples of ``model`` on ``x``: ``[K, N, *out]``.
 
@@ -105,8 +107,8 @@ def sample_logits(
     on a shape mismatch); ``"auto"`` tries ``"layer"`` and on such a failure
     reruns with ``"input"`` from the same random state.
     """
-    if fan_out not in ("auto", "layer", "input"):
-        raise ValueError(f"fan_out must be 'auto', 'layer' or 'input', got {fan_out!r}")
+    if fan_out not in get_args(FanOut):
+        raise ValueError(f"fan_out must be one of {get_args(FanOut)}, got {fan_out!r}")
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
     if seed is not None:
