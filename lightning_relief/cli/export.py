@@ -28,7 +28,10 @@ class _Defaults:  # ExportConfig's defaults, read without importing torch for `-
 
         from lightning_relief.deploy.config import ExportConfig
 
-        return {f.name: f.default for f in dataclasses.fields(ExportConfig)}[name]
+        defaults = {f.name: f.default for f in dataclasses.fields(ExportConfig)}
+        if name not in defaults:
+            raise AttributeError(name)  # a KeyError here breaks inspect/doctest, which probe attributes
+        return defaults[name]
 
 
 _DEFAULTS = _Defaults()
