@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_relief.errors import UnsupportedLayerError
 from lightning_relief.nn.structure import record_structure
 from lightning_relief.uncertainty import functional as U
 from lightning_relief.uncertainty.sampling import member_dataloader
@@ -98,6 +99,8 @@ class DeepEnsembleStrategy(DDPStrategy):
     Requirements: ``forward`` takes the input tensor first and returns logits;
     ``training_step`` gets its predictions through ``self(...)`` and returns a
     loss that is a mean over the batch; automatic optimization; no tied weights.
+    Recurrent layers (``nn.RNNBase``) need ``mode="sequential"``: ``vmap`` has no
+    batching rule for them (``UnsupportedLayerError`` at setup otherwise).
     Gradient clipping by norm sees all members together.
 
     Example::
@@ -233,12 +236,16 @@ class DeepEnsembleStrategy(DDPStrategy):
         world, rank = (self.world_size, self.global_rank) if self.distributed else (1, 0)
         if self.num_members % world:
             raise ValueError(f"num_members={self.num_members} must be divisible by the {world} processes")
+        if self.mode != "sequential":
+            _check_vmappable(module, self.mode)
         per_rank = self.num_members // world
         self._local_members = list(range(rank * per_rank, (rank + 1) * per_rank))
         held = num_members(module)
         if held == 0:
             self._stack_fresh(module)
-            record_structure(module, _REBUILD, {"num_members": self.num_members})
+            # a reloaded module runs its members the same way (recurrent layers cannot be vectorized)
+            execution = "sequential" if self.mode == "sequential" else "vectorized"
+            record_structure(module, _REBUILD, {"num_members": self.num_members, "execution": execution})
         elif held != self.num_members:
             raise ValueError(f"the module already holds {held} ensemble members, but num_members={self.num_members}")
         elif per_rank != held:
@@ -461,6 +468,19 @@ class DeepEnsembleStrategy(DDPStrategy):
         for name, value in values.items():
             key = f"{prefix}_{name}" if name.startswith("member") else f"{prefix}_ensemble_{name}"
             module.log(key, value, on_step=False, on_epoch=True, batch_size=n)
+
+
+def _check_vmappable(module: Any, mode: str) -> None:
+    # torch.func has no batching rule for the fused RNN kernels (aten::gru.input, aten::lstm.input...)
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.RNNBase):
+            raise UnsupportedLayerError(
+                f"DeepEnsembleStrategy(mode={mode!r})",
+                name,
+                sub,
+                hint="torch.func.vmap has no batching rule for recurrent layers; use mode='sequential' "
+                "(a loop over the members) for this model",
+            )
 
 
 def _rng_states() -> dict[str, Any]:
