@@ -91,3 +91,29 @@ def test_board_preset_cross_compiles_for_aarch64(tmp_path, seed):
     meta = json.loads((tmp_path / "rpi4" / "metadata.json").read_text())
     assert meta["target"]["mcpu"] == BOARDS["rpi4"]["mcpu"] == "cortex-a72"
     assert library_arch(sys.executable) == platform.machine() != "aarch64"  # the check reads the header, not the name
+
+
+def test_onnxruntime_backend_through_export_model(tmp_path, digits, seed):
+    from lightning_relief.deploy import ExportConfig, OnnxRuntimeBackend, export_model, get_backend
+
+    model = LeNet5(input_size=8).eval()
+    x = next(iter(digits.val_dataloader()))[0][:16]
+    summary = export_model(model, x, tmp_path / "ort", ExportConfig(backend="onnxruntime", repeat=2, number=2))
+    assert summary["backend"] == "onnxruntime" and summary["top1_agreement"] == 1.0 and summary["max_abs_error"] < 1e-5
+    assert summary["latency_batch_size"] == 1 and summary["latency_ms"] > 0
+    loaded = get_backend("lightning_relief.deploy.onnx_backend.OnnxRuntimeBackend").load(tmp_path / "ort")
+    assert isinstance(get_backend("onnxruntime"), OnnxRuntimeBackend)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:5]), model(x[:5]), atol=1e-5, rtol=1e-5)
+
+
+def test_backend_errors_name_what_to_do():
+    from lightning_relief.deploy import MissingExtraError, get_backend
+    from lightning_relief.deploy.extras import require
+
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'.*'onnxruntime', 'tvm'"):
+        get_backend("tensorrt")
+    with pytest.raises(TypeError, match="is not a Backend"):
+        get_backend("collections.OrderedDict")
+    with pytest.raises(MissingExtraError, match=r"pip install 'lightning-relief\[onnx\]'"):
+        require("onnxruntime.no_such_part", "the ONNX Runtime backend")

@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relief export", description="Compile a checkpoint for a target with Apache TVM.")
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint to export")
     p.add_argument("--target", default=_DEFAULTS.target, help='TVM target: "llvm" (this CPU), a board (rpi4, x86-avx2, x86-avx512), a JSON dict, or "llvm -mtriple=... -mcpu=..."')
+    p.add_argument("--backend", default=_DEFAULTS.backend, help='"tvm", "onnxruntime", or a Backend class path')
     p.add_argument("--out", required=True, help="artifact folder (model.so, params.npz, metadata.json)")
     p.add_argument("--module-class", default=_DEFAULT_MODULE, help="LightningModule class path to load the checkpoint with")
     p.add_argument("--input-shape", default=None, help="compile for this input shape, e.g. 1,1,8,8 (default: from the data or model)")
@@ -107,6 +108,7 @@ def main(argv: Sequence[str]) -> int:
         config = ExportConfig(
             target=args.target, tuning=tuning, verify=not args.no_verify, atol=args.atol, rtol=args.rtol,
             min_top1_agreement=args.min_top1, repeat=args.repeat, number=args.number, time_batch=args.time_batch or None,
+            backend=args.backend,
         )
     except (ValueError, TypeError) as err:
         fail(str(err), key="target" if "target" in str(err) else "options")

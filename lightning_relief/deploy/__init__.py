@@ -23,6 +23,8 @@ Public API (other plugins build on these names):
   int8 weights, int32 accumulation, requantization, in plain tensor ops.
 * :class:`ExportConfig` and :func:`export_model` ``(model, example, dirpath, config=None, ...)``: the
   export step of ``TVMExportCallback`` and ``relief export`` (board presets: :data:`BOARDS`).
+* :func:`get_backend` ``("tvm" | "onnxruntime" | "pkg.module.Class") -> Backend``: the seam,
+  ``Backend.compile(model, example, config) -> Artifact`` (``__call__``, ``time``, ``save``; ``Backend.load``).
 * :func:`check_parity` and :class:`RemoteDevice` / :func:`local_rpc_server` (TVM RPC).
 
 Names load lazily, so ``from lightning_relief.deploy import load_compiled`` on a
@@ -58,6 +60,13 @@ _EXPORTS = {
     "host_target_dict": "lightning_relief.deploy.targets",
     "DeployError": "lightning_relief.deploy.errors",
     "ExportConfig": "lightning_relief.deploy.config",
+    "Backend": "lightning_relief.deploy.backend",
+    "Artifact": "lightning_relief.deploy.backend",
+    "get_backend": "lightning_relief.deploy.backend",
+    "TVMBackend": "lightning_relief.deploy.tvm_backend",
+    "OnnxRuntimeBackend": "lightning_relief.deploy.onnx_backend",
+    "OnnxArtifact": "lightning_relief.deploy.onnx_artifact",
+    "MissingExtraError": "lightning_relief.deploy.extras",
     "export_model": "lightning_relief.deploy.export",
     "BOARDS": "lightning_relief.deploy.targets",
     "library_arch": "lightning_relief.deploy.artifact",

@@ -27,6 +27,8 @@ class ExportConfig:
         atol, rtol, min_top1_agreement: parity tolerances (max abs error ``<= atol + rtol * max|ref|``).
         measure: time the artifact with TVM's time evaluator.
         repeat, number: time evaluator settings.
+        backend: ``"tvm"`` (default), ``"onnxruntime"``, or the class path of a
+            :class:`~lightning_relief.deploy.backend.Backend`.
         time_batch: the batch size timed (default 1, the latency of one request); ``None`` times
             the example's batch. Code compiled for a fixed batch is timed at that batch.
 
@@ -45,6 +47,7 @@ class ExportConfig:
     repeat: int = 10
     number: int = 10
     time_batch: int | None = 1
+    backend: str = "tvm"
 
     def __post_init__(self) -> None:
         try:
@@ -58,6 +61,8 @@ class ExportConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"backend must be a name or a class path, got {self.backend!r}")
         if self.time_batch is not None and (not isinstance(self.time_batch, int) or self.time_batch < 1):
             raise ValueError(f"time_batch must be an integer >= 1 or None, got {self.time_batch!r}")
 

@@ -47,6 +47,8 @@ def export_model(
     config = config or ExportConfig()
     if options:
         config = config.replace(**options)
+    if config.backend != "tvm":
+        return _export_with(config, model, example, dirpath, verify_batch)
     integer = has_brevitas_layers(model)
     if integer:
         model = lower_quantized(model, example)
@@ -85,3 +87,37 @@ def timing_input(compiled: Any, example: Tensor, time_batch: int | None) -> Tens
     if rows <= example.shape[0]:
         return example[:rows]
     return example.repeat((-(-rows // example.shape[0]),) + (1,) * (example.dim() - 1))[:rows]
+
+
+def _export_with(config: ExportConfig, model: nn.Module, example: Tensor, dirpath: str | os.PathLike,
+                 verify_batch: Tensor | None) -> dict[str, Any]:
+    """The same steps through another :class:`~lightning_relief.deploy.backend.Backend`."""
+    import statistics
+
+    import torch
+
+    from lightning_relief.deploy.backend import get_backend
+    from lightning_relief.deploy.errors import ParityError
+    from lightning_relief.deploy.frontend import frozen_copy
+    from lightning_relief.deploy.parity import compare
+
+    backend = get_backend(config.backend)
+    artifact = backend.compile(model, example, config)
+    summary: dict[str, Any] = {"dirpath": str(dirpath), "backend": backend.name}
+    if config.verify:
+        batch = verify_batch if verify_batch is not None else example
+        with torch.no_grad():
+            reference = frozen_copy(model)(batch)
+        report = compare(reference, artifact(batch), config.atol, config.rtol, config.min_top1_agreement)
+        if not report.ok:
+            raise ParityError(f"{backend.name} output differs from PyTorch: {report.summary()}", report)
+        artifact.metadata["parity"] = report.as_dict()
+        summary.update(max_abs_error=report.max_abs_error, top1_agreement=report.top1_agreement)
+    path = artifact.save(dirpath)
+    summary["artifact_bytes"] = sum(p.stat().st_size for p in Path(path).iterdir())
+    if config.measure:
+        timed = timing_input(artifact, example, config.time_batch)
+        seconds = artifact.time(timed, repeat=config.repeat, number=config.number)
+        summary.update(latency_ms=statistics.median(seconds) * 1e3, latency_batch_size=int(timed.shape[0]),
+                       latency_input_shape=list(timed.shape))
+    return summary
