@@ -199,7 +199,7 @@ def analyze(model: nn.Module, example_inputs: Tensor, ignored_layers: Sequence[s
     frozen = set(ignored_modules) - {named[classifier]} | {m for _, m in unsupported_layers(model)}
     module_names = {m: n for n, m in model.named_modules()}
     groups: list[PruneGroup] = []
-    for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=PRUNABLE_TYPES):
+    for group in _all_groups(graph, ignored_modules):
         if _touches_frozen(graph, group, frozen):
             continue
         root_module = group[0].dep.target.module
@@ -225,6 +225,28 @@ def analyze(model: nn.Module, example_inputs: Tensor, ignored_layers: Sequence[s
             by_name[name].in_group = index
         groups.append(pg)
     return ModelUnits(layers=layers, groups=groups, graph=graph, example_inputs=example_inputs)
+
+
+def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]):
+    """torch-pruning's ``get_all_groups``, except that a root whose group torch-pruning cannot build
+    (its channels run into a layer it does not model, such as a GRU) is skipped, not fatal."""
+    visited: set[nn.Module] = set()
+    ignored_set = set(ignored) | set(graph.IGNORED_LAYERS_IN_TRACING)
+    for module in list(graph.module2node):
+        if module in ignored_set or module in visited or not isinstance(module, PRUNABLE_TYPES):
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        channels = pruner.get_out_channels(module) if pruner is not None else None
+        if channels is None:
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        except (IndexError, KeyError, ValueError, RuntimeError):
+            continue
+        outs = [item.dep.target.module for item in group if graph.is_out_channel_pruning_fn(item.dep.handler)]
+        visited.update(outs)
+        if not any(m in ignored_set for m in outs):
+            yield group
 
 
 def _touches_frozen(graph: tp.DependencyGraph, group, frozen: set) -> bool:

@@ -1,0 +1,175 @@
+"""The compression engine and its meters: MACs against a direct count, bad input, torch.compile, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import quiet_trainer
+from lightning_relief import ClassifierModule, SensitivityPruningCallback
+from lightning_relief.compress import (
+    AnalyticMeter, CompressionConfig, UnreachableTargetError, analyze, compress, plan, quantized_bits,
+)
+from lightning_relief.errors import UnsupportedLayerError, UnsupportedModelError
+from lightning_relief.models import LeNet5
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batches(shape=(1, 8, 8), n=2, size=16):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn((size, *shape), generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+class Attention(nn.Module):
+    """Functional attention between two linears: matmuls no conv/linear counter sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        tokens = x.reshape(x.shape[0], 8, 8)
+        q = self.q(tokens)
+        mixed = torch.softmax(q @ tokens.transpose(1, 2), dim=-1) @ tokens
+        return self.head(mixed.mean(1))
+
+
+def test_macs_count_the_whole_forward_directly():
+    model = Attention()
+    meter = AnalyticMeter("macs")
+    meter.cost_model(analyze(model, torch.zeros(1, 1, 8, 8)), model)
+    # by hand: q 8·8·8, two batched matmuls 8·8·8 each, head 8·10
+    assert meter.measure(model) == pytest.approx((3 * 8 * 8 * 8 + 8 * 10) / 1e6)
+
+
+def test_quantized_conv1d_counts_bytes_at_its_bits():
+    model = nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 38, 10))
+    result = compress(model, _batches((1, 40)), CompressionConfig(target=0.5, methods=("quantize",), bit_widths=(4, 8)),
+                      AnalyticMeter("size"))
+    assert quantized_bits(model) == result.policy.quantized_layers() != {}
+    assert result.chosen.measured_cost <= 0.5 * result.original_cost
+    assert AnalyticMeter("size").measure(model) == pytest.approx(result.chosen.measured_cost)
+
+
+def test_unreachable_target_names_budget_and_best_value_and_leaves_the_model():
+    model = LeNet5(input_size=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = CompressionConfig(target=0.01, methods=("prune",), prune_ratios=(0.25, 0.5))
+    with pytest.raises(UnreachableTargetError, match=r"budget .* cannot be reached: the strongest compression .* measures") as info:
+        compress(model, _batches(), config, AnalyticMeter("macs"))
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the value named is the true boundary: just above it is reachable, just below is not
+    best = info.value.best / info.value.original
+    assert info.value.budget < info.value.best
+    reached = compress(model, _batches(), CompressionConfig(**{**vars(config), "target": best * 1.001}), AnalyticMeter("macs"))
+    assert reached.chosen.measured_cost == pytest.approx(info.value.best)
+    with pytest.raises(UnreachableTargetError):
+        plan(LeNet5(input_size=8), _batches(), CompressionConfig(**{**vars(config), "target": best * 0.99}),
+             AnalyticMeter("macs"))
+
+
+def test_unreachable_target_inside_fit_raises_before_touching_the_model(digits, seed, tmp_path):
+    module = ClassifierModule(LeNet5(input_size=8))
+    cb = SensitivityPruningCallback(target=0.01, metric="params", methods=("prune",), start_epoch=0,
+                                    prune_ratios=(0.25,), calibration_batches=1, verbose=False)
+    before = sum(p.numel() for p in module.parameters())
+    with pytest.raises(UnreachableTargetError, match="params budget"):
+        quiet_trainer(max_epochs=1, callbacks=[cb], default_root_dir=tmp_path).fit(module, digits)
+    assert sum(p.numel() for p in module.parameters()) == before and cb.phase == "waiting"
+
+
+def test_nothing_compressible_and_unsupported_layers_are_typed_errors():
+    only_head = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(UnsupportedModelError, match="nothing is compressible"):
+        plan(only_head, _batches(), CompressionConfig(methods=("prune",)), AnalyticMeter("macs"))
+    gru = nn.GRU(8, 8, batch_first=True)
+    with pytest.raises(UnsupportedLayerError, match=r"'rnn' \(GRU\)"):
+        analyze(nn.ModuleDict({"rnn": gru}), torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="AnalyticMeter metric"):
+        AnalyticMeter("latency")
+    with pytest.raises(TypeError, match="meter must be"):
+        SensitivityPruningCallback(meter="macs")
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 8, 3, padding=1)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        _, h = self.gru(F.relu(self.conv(x)).transpose(1, 2))
+        return self.head(h[-1])
+
+
+def test_an_ignored_layer_is_left_alone_and_nothing_it_touches_is_pruned():
+    model = Recurrent()
+    units = analyze(model, torch.zeros(1, 1, 40), ignored_layers=("gru",))
+    assert units.groups == []  # the conv's channels feed the GRU: not prunable
+    result = compress(model, _batches((1, 40)), CompressionConfig(target=0.9, bit_widths=(8,), ignored_layers=("gru",)),
+                      AnalyticMeter("size"))
+    assert "gru" not in result.policy.quantized_layers() and isinstance(model.gru, nn.GRU)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["compiled-submodule", "compiled-lightning-module"])
+def test_torch_compile_is_compressed_underneath_and_recompiled(digits, seed, tmp_path, whole):
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    torch._dynamo.reset()
+    net = LeNet5(input_size=8)
+    module = ClassifierModule(net if whole else torch.compile(net, backend="eager"), lr=1e-2)
+    cb = SensitivityPruningCallback(target=0.5, metric="macs", start_epoch=1, calibration_batches=1,
+                                    prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,), recovery_steps=2, verbose=False)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=3, callbacks=[cb], default_root_dir=tmp_path)
+    trainer.fit(torch.compile(module, backend="eager") if whole else module, digits)
+    assert cb.phase == "compressed" and cb.chosen.measured_cost <= 0.5 * cb.original_cost
+    if not whole:
+        assert isinstance(module.model, OptimizedModule)  # compiled again around the compressed model
+    eager = module.model._orig_mod if not whole else module.model
+    assert eager.features[0][0].out_channels < 6 or cb.policy.quantized_layers()
+    x = digits.dataset("val").tensors[0][:8]
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), eager(x))
+    path = tmp_path / "compiled.ckpt"
+    trainer.save_checkpoint(path)
+    again = LeNet5(input_size=8)
+    reloaded = ClassifierModule.load_from_checkpoint(path, model=again if whole else torch.compile(again, backend="eager"))
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), module(x))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_ddp_ranks_apply_one_plan_and_the_checkpoint_reloads_on_one(tmp_path, digits):
+    """2 CPU processes (gloo): rank 0 plans, both apply the same structure, fine-tune in sync; the
+    checkpoint reloads into a single-process module."""
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_compress_script.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=360, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["policy"] == ranks[1]["policy"] and any(ranks[0]["policy"]["prune"].values())
+    assert ranks[0]["shapes"] == ranks[1]["shapes"]
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]  # the rebuilt DDP kept the ranks in step
+    assert ranks[0]["optimizer_holds_model"] and ranks[1]["optimizer_holds_model"]
+    reloaded = ClassifierModule.load_from_checkpoint(out / "last.ckpt", weights_only=False).eval()
+    assert {k: list(v.shape) for k, v in reloaded.state_dict().items()} == ranks[0]["shapes"]
+    checksums = {k: v.double().sum().item() for k, v in reloaded.state_dict().items() if v.is_floating_point()}
+    assert checksums == pytest.approx(ranks[0]["checksums"])
+    assert quiet_trainer().validate(reloaded, digits, verbose=False)[0]["val_acc"] > 0.3
