@@ -64,7 +64,7 @@ def test_model_accuracy_on_aihwkit_matches_our_pcm_noise():
     quiet_trainer(max_epochs=3, limit_val_batches=0).fit(module, digits)
     times = [3600.0, ONE_YEAR]
     ref = evaluate_aihwkit(module, digits, times=times, repeats=3, ideal_periphery=True)
-    ours = evaluate_robustness(module, digits, PCMNoise(), times=times, repeats=6, show=False, progress=False)
+    ours = evaluate_robustness(module, digits, PCMNoise(out_noise=0.0), placement="weights", times=times, repeats=6, show=False, progress=False)
     assert ref.clean_accuracy == pytest.approx(ours.clean_accuracy)
     for a, b, sa, sb in zip(ref.accuracy_mean, ours.accuracy_mean, ref.accuracy_std, ours.accuracy_std):
         assert abs(a - b) < 0.03 + 2 * (sa + sb), (ref.accuracy_mean, ours.accuracy_mean)

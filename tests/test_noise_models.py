@@ -161,7 +161,23 @@ def test_pcm_output_noise_scales_with_input_weight_and_drift_compensation():
     outs = torch.stack([pcm.apply(y, torch.tensor(ONE_YEAR_S), gen(s), "outputs", layer, (x,)) - y for s in range(300)])
     for b in range(4):
         assert_std(outs[:, b].flatten(), 0.06 * float(x[b].abs().max()) * float(layer.weight.abs().max()) * gain)
-    assert torch.equal(PCMNoise().apply(y, torch.tensor(1.0), gen(), "outputs", layer, (x,)), y)  # out_noise=0: none
+    assert torch.equal(PCMNoise(out_noise=0.0).apply(y, torch.tensor(1.0), gen(), "outputs", layer, (x,)), y)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_output_noise_is_relative_to_each_receptive_field(dims):
+    """aihwkit multiplies unfolded patches: each output's noise scales with max|x| of its own patch."""
+    conv = (torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d)(3, 4, 3, stride=2, padding=1)
+    x = torch.randn(2, 3, *([9] * dims))
+    x[..., :2] *= 10  # a few loud inputs: a per-sample max would overstate the noise of most outputs
+    y = conv(x).detach()
+    outs = torch.stack([WeightNoise(out_noise=0.1).apply(y, torch.tensor(1.0), gen(s), "outputs", conv, (x,)) - y for s in range(400)])
+    x2 = x if dims == 2 else x[..., None]
+    kernel, pad, stride = (3, 3) if dims == 2 else (3, 1), (1, 1) if dims == 2 else (1, 0), (2, 2) if dims == 2 else (2, 1)
+    patch_max = torch.nn.functional.unfold(x2, kernel, padding=pad, stride=stride).abs().amax(1)  # [N, positions]
+    expected = 0.1 * patch_max * float(conv.weight.abs().max())
+    measured = outs.std(0).flatten(2).mean(1)  # [N, positions], pooled over the 4 output channels
+    torch.testing.assert_close(measured, expected, rtol=0.12, atol=0)
 
 
 def test_pcm_gradient_is_straight_through():

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 SITES = ("weights", "activations", "outputs")
@@ -40,6 +41,36 @@ def broadcast_level(level: Tensor, like: Tensor) -> Tensor:
 
 def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+_POOLS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def input_abs_max(module: nn.Module | None, x_in: Tensor, y: Tensor) -> Tensor:
+    """max|x| of the input vector behind each output of an analog MVM, shaped to broadcast over ``y``.
+
+    aihwkit's noise management (``ABS_MAX``) scales each input vector of a tile
+    by its own absolute max, and its output noise is relative to that scale: a
+    ``Linear`` input vector is one row (one sample, or one token), a
+    convolution's is one receptive field (its tile multiplies unfolded
+    patches). Other layers fall back to the sample's max.
+    """
+    x = x_in.detach().abs()
+    if isinstance(module, nn.Linear):
+        return x.amax(-1, keepdim=True)
+    if (
+        isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and module.groups == 1
+        and not isinstance(module.padding, str)
+        and x.dim() == module.weight.dim()
+    ):
+        channel_max = x.amax(1, keepdim=True)
+        pads = [p for pad in reversed(module.padding) for p in (pad, pad)]
+        if any(pads):
+            channel_max = F.pad(channel_max, pads)  # zeros: |x| >= 0 never loses the max to padding
+        return _POOLS[x.dim() - 2](channel_max, module.kernel_size, module.stride, 0, module.dilation)
+    per_sample = x.flatten(1).amax(1) if x.dim() > 1 else x.amax().reshape(1)
+    return per_sample.reshape(-1, *([1] * (y.dim() - 1)))
 
 
 class NoiseModel:
@@ -154,8 +185,9 @@ class WeightNoise(NoiseModel):
     On ``weights``: ``w + level·w_noise·max|w|·ε`` (aihwkit's additive weight
     modifier, relative to the layer's largest weight). On ``outputs`` of a
     conv/linear layer: ``y + level·out_noise·max|x|·max|w|·ε`` -- aihwkit adds
-    ``out_noise`` to the normalised MVM result, where inputs are scaled by their
-    per-sample max and weights by their max. The level is a scale factor: 1.0
+    ``out_noise`` to the normalised MVM result, where each input vector (a row,
+    or a convolution's receptive field) is scaled by its own max and weights by
+    their max (:func:`input_abs_max`). The level is a scale factor: 1.0
     is the preset (0.0175 weight noise, 0.04 output noise), 0 is clean.
 
     >>> import torch
@@ -182,7 +214,5 @@ class WeightNoise(NoiseModel):
         weight = getattr(module, "weight", None)
         if weight is None or not inputs:
             raise ValueError("WeightNoise on outputs needs a layer with a weight (Conv/Linear)")
-        x_in = inputs[0].detach()
-        x_max = x_in.abs().flatten(1).amax(1) if x_in.dim() > 1 else x_in.abs().amax().reshape(1)
-        bound = x_max.reshape(-1, *([1] * (x.dim() - 1))) * weight.detach().abs().amax()
-        return x + scale * self.out_noise * bound * randn_like(x, generator)
+        bound = input_abs_max(module, inputs[0], x) * weight.detach().abs().amax()
+        return torch.addcmul(x, scale * self.out_noise * bound, randn_like(x, generator))

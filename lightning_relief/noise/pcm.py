@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_relief.noise.models import NoiseModel, randn_like
+from lightning_relief.noise.models import NoiseModel, input_abs_max, randn_like
 
 G_MAX = 25.0  # µS
 T0 = 20.0  # s, first read after programming
@@ -71,10 +71,18 @@ class PCMNoise(NoiseModel):
             by about ``(t/t0)^-0.05``.
         prog_noise_scale, read_noise_scale, drift_scale: scale each noise source
             (1.0 = the measured device; aihwkit's arguments of the same name).
-        out_noise: with ``placement=["weights", "outputs"]``, also the analog
-            periphery's output noise (aihwkit's ``forward.out_noise``, 0.06 by
-            default there), relative to max|x|·max|w| and amplified by the
-            drift compensation, as aihwkit applies it after drift.
+        out_noise: on ``"outputs"``, the analog periphery's output noise
+            (aihwkit's ``forward.out_noise``, 0.06 there), relative to
+            max|x| of each input vector times max|w| and amplified by the
+            drift compensation, as aihwkit applies it after drift. 0 models
+            an ideal periphery (aihwkit's ``forward.is_perfect``).
+
+    The defaults mirror aihwkit's inference preset: ``InferenceRPUConfig()``
+    with ``PCMLikeNoiseModel(g_max=25)``, ``GlobalDriftCompensation()`` and
+    ``mapping.weight_scaling_omega=1`` (what
+    :func:`~lightning_relief.noise.aihwkit_backend.pcm_rpu_config` builds),
+    noise on the weights and on every conv/linear output. Not modelled: its
+    7-bit input and 9-bit output quantisation and its bound management.
 
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
@@ -86,7 +94,7 @@ class PCMNoise(NoiseModel):
 
     level_kind: ClassVar[str] = "time"
     supported_sites: ClassVar[tuple[str, ...]] = ("weights", "outputs")
-    default_sites: ClassVar[tuple[str, ...]] = ("weights",)
+    default_sites: ClassVar[tuple[str, ...]] = ("weights", "outputs")
     default_level: ClassVar[float | None] = None
 
     def __init__(
@@ -96,7 +104,7 @@ class PCMNoise(NoiseModel):
         prog_noise_scale: float = 1.0,
         read_noise_scale: float = 1.0,
         drift_scale: float = 1.0,
-        out_noise: float = 0.0,
+        out_noise: float = 0.06,
         t0: float = T0,
         t_read: float = T_READ,
     ) -> None:
@@ -202,10 +210,8 @@ class PCMNoise(NoiseModel):
         weight = getattr(module, "weight", None)
         if weight is None or not inputs:
             raise ValueError("PCMNoise output noise needs a layer with a weight (Conv/Linear)")
-        x_in = inputs[0].detach()
-        x_max = x_in.abs().flatten(1).amax(1) if x_in.dim() > 1 else x_in.abs().amax().reshape(1)
         gain = self._gain.get(id(module), 1.0)
-        bound = x_max.reshape(-1, *([1] * (y.dim() - 1))) * weight.detach().abs().amax() * gain
+        bound = input_abs_max(module, inputs[0], y) * weight.detach().abs().amax() * gain
         return torch.addcmul(y, self.out_noise * bound, randn_like(y, generator))
 
 
