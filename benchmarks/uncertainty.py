@@ -3,7 +3,9 @@
 Rows: single model, MC dropout (x30), deep ensemble x5 trained vectorized, the
 same ensemble trained sequentially (a loop over members in each step), the same
 members trained as 5 separate fits, and a bayesian-torch BNN (MC x30 and mean
-weights). Columns: accuracy, NLL, ECE (15 bins), Brier, OOD AUROC/AUPR/FPR@95
+weights); the single model and the vectorized ensemble also temperature-scaled
+(``..._ts``: T fitted on the validation set). Then the same calibration and
+fit-time comparison on MNIST-1D with its CNN (``mnist1d_...`` rows). Columns: accuracy, NLL, ECE (15 bins), Brier, OOD AUROC/AUPR/FPR@95
 (predictive entropy as the score), training seconds per epoch and inference
 latency. Training times are taken side by side in this one run (same process,
 same threads) and compared as ratios.
@@ -34,13 +36,14 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_relief import ClassifierModule, DeepEnsembleStrategy, DigitsDataModule  # noqa: E402
+from lightning_relief import ClassifierModule, DeepEnsembleStrategy, DigitsDataModule, MNIST1DDataModule  # noqa: E402
 from lightning_relief.bayes import BayesianModel, mc_predict, predict_mean  # noqa: E402
-from lightning_relief.models import MLP, LeNet5  # noqa: E402
+from lightning_relief.models import MLP, LeNet5, MNIST1DCNN  # noqa: E402
 from lightning_relief.uncertainty import EnsembleModel, plot_reliability_diagram  # noqa: E402
 from lightning_relief.uncertainty import functional as U  # noqa: E402
 from lightning_relief.uncertainty.sampling import MemberBatchSampler  # noqa: E402
 from lightning_relief.uncertainty.stacking import reinitialize  # noqa: E402
+from lightning_relief.uncertainty.temperature import fit_temperature  # noqa: E402
 from _machine import machine_info  # noqa: E402
 from _results import result_path  # noqa: E402
 
@@ -79,6 +82,24 @@ class EpochTimer(L.Callback):
         return self._typical(self.wall)
 
 
+class FitTimer(L.Callback):
+    """CPU and wall seconds of the whole ``fit`` (data set-up, loops, optimizer steps), as a user sees it."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.wall = time.perf_counter() - self._start[0]
+        self.cpu = time.process_time() - self._start[1]
+
+
+def _temperature_scaled(module: torch.nn.Module, x_val: Tensor, y_val: Tensor) -> tuple[Callable[[Tensor], Tensor], float]:
+    """``softmax(module(x) / T)`` with T fitted on the validation set (what ``TemperatureScaling`` does)."""
+    with torch.no_grad():
+        temperature = float(fit_temperature(module(x_val), y_val))
+    return (lambda x: (module(x) / temperature).softmax(-1)), temperature
+
+
 def _trainer(epochs: int, timer: EpochTimer, **kwargs: Any) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
@@ -89,7 +110,7 @@ def _trainer(epochs: int, timer: EpochTimer, **kwargs: Any) -> L.Trainer:
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[timer],
+        callbacks=[timer, *kwargs.pop("callbacks", [])],
         **kwargs,
     )
 
@@ -174,11 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/5] single LeNet-5, {args.epochs} epochs", flush=True)
     L.seed_everything(0, verbose=False)
     single = _classifier(_lenet(args.size), args.lr)
-    timer = EpochTimer()
-    _trainer(args.epochs, timer).fit(single, dm)
+    timer, fit_timers = EpochTimer(), {"single": FitTimer()}
+    _trainer(args.epochs, timer, callbacks=[fit_timers["single"]]).fit(single, dm)
     single.eval()
     single_epoch, single_wall = timer.per_epoch(), timer.per_epoch_wall()
     record("single", lambda x: single(x).softmax(-1), single_epoch, "one LeNet-5", single_wall)
+    x_val, y_val = dm.dataset("val").tensors
+    predict, temperature = _temperature_scaled(single, x_val, y_val)
+    record("single_ts", predict, single_epoch, f"the single model, temperature-scaled (T={temperature:.3f})", single_wall)
     record(
         f"mc_dropout_x{args.mc_samples}",
         lambda x: mc_predict(single, x, args.mc_samples, mc_dropout=True)[0],
@@ -194,13 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{step}/5] deep ensemble x{args.members}, {mode}", flush=True)
         L.seed_everything(0, verbose=False)
         module = _classifier(_lenet(args.size), args.lr)
-        timer = EpochTimer()
-        _trainer(args.epochs, timer, strategy=DeepEnsembleStrategy(num_members=args.members, mode=mode)).fit(module, dm)
+        timer, fit_timers[mode] = EpochTimer(), FitTimer()
+        _trainer(args.epochs, timer, callbacks=[fit_timers[mode]],
+                 strategy=DeepEnsembleStrategy(num_members=args.members, mode=mode)).fit(module, dm)
         module.eval()
         ensembles[mode] = module
         epoch_times[mode] = timer.per_epoch()
         record(f"ensemble_x{args.members}_{mode}", lambda x, m=module: m(x).exp(), epoch_times[mode],
                f"DeepEnsembleStrategy(mode={mode!r})", timer.per_epoch_wall())
+        if mode == "vectorized":
+            predict, temperature = _temperature_scaled(module, x_val, y_val)
+            record(f"ensemble_x{args.members}_vectorized_ts", predict, epoch_times[mode],
+                   f"the vectorized ensemble's mixture, temperature-scaled (T={temperature:.3f})", timer.per_epoch_wall())
 
     # -- the same members trained as separate fits, one after another
     print(f"[4/5] the same {args.members} members as separate fits", flush=True)
@@ -252,6 +281,35 @@ def main(argv: list[str] | None = None) -> int:
             total += timer.per_epoch()
         mlp_times[mode] = total
 
+    # -- MNIST-1D with its CNN: calibration with and without temperature scaling, fit time side by side
+    print(f"[extra] MNIST-1D CNN: single and {args.members} members (vectorized, sequential), {args.epochs} epochs",
+          flush=True)
+    m1d = MNIST1DDataModule(batch_size=100, seed=0, ood="heldout", heldout_classes=(8, 9))
+    m1d.setup()
+    m1d_test, m1d_target = m1d.dataset("test").tensors
+    m1d_ood = m1d.dataset("ood").tensors[0]
+    m1d_val, m1d_val_target = m1d.dataset("val").tensors
+    m1d_rows: dict[str, dict[str, Any]] = {}
+    m1d_fit: dict[str, FitTimer] = {}
+    for mode in ("single", "vectorized", "sequential"):
+        L.seed_everything(0, verbose=False)
+        module = _classifier(MNIST1DCNN(dropout=0.1), args.lr)
+        timer, m1d_fit[mode] = EpochTimer(), FitTimer()
+        strategy = "auto" if mode == "single" else DeepEnsembleStrategy(num_members=args.members, mode=mode)
+        _trainer(args.epochs, timer, callbacks=[m1d_fit[mode]], strategy=strategy).fit(module, m1d)
+        module.eval()
+        raw = (lambda x, m=module: m(x).softmax(-1)) if mode == "single" else (lambda x, m=module: m(x).exp())
+        scaled, temperature = _temperature_scaled(module, m1d_val, m1d_val_target)
+        for name, predict in ((mode, raw), (f"{mode}_ts", scaled)):
+            with torch.no_grad():
+                row = _scores(predict(m1d_test), m1d_target, predict(m1d_ood))
+            row.update(train_s_per_epoch=timer.per_epoch(), fit_cpu_s=m1d_fit[mode].cpu, fit_wall_s=m1d_fit[mode].wall)
+            if name.endswith("_ts"):
+                row["temperature"] = temperature
+            m1d_rows[name] = row
+            print(f"  mnist1d {name}: acc {row['accuracy']:.4f}  nll {row['nll']:.4f}  ece {row['ece']:.4f}  "
+                  f"auroc {row['ood_auroc']:.4f}  fit {row['fit_cpu_s']:.1f} s CPU", flush=True)
+
     # -- ratios, goals, plots, JSON
     vec, seq, sep = epoch_times["vectorized"], epoch_times["sequential"], epoch_times["separate"]
     ens = results[f"ensemble_x{args.members}_vectorized"]
@@ -263,12 +321,23 @@ def main(argv: list[str] | None = None) -> int:
         "mlp_train_speedup_vectorized_vs_sequential": mlp_times["sequential"] / mlp_times["vectorized"],
         "mlp_train_speedup_vectorized_vs_separate_fits": mlp_times["separate"] / mlp_times["vectorized"],
         "mlp_train_time_vectorized_vs_single": mlp_times["vectorized"] / mlp_times["single"],
+        "fit_time_vectorized_vs_single_digits_lenet": fit_timers["vectorized"].cpu / fit_timers["single"].cpu,
+        "fit_time_vectorized_vs_single_mnist1d_cnn": m1d_fit["vectorized"].cpu / m1d_fit["single"].cpu,
+        "fit_speedup_vectorized_vs_sequential_mnist1d_cnn": m1d_fit["sequential"].cpu / m1d_fit["vectorized"].cpu,
     }
+    ens_ts = results[f"ensemble_x{args.members}_vectorized_ts"]
     goals = {
         "vectorized_at_least_2.5x_faster_than_sequential": ratios["train_speedup_vectorized_vs_sequential"] >= 2.5,
         "vectorized_at_least_2.5x_faster_than_separate_fits": ratios["train_speedup_vectorized_vs_separate_fits"] >= 2.5,
         "ensemble_nll_better_than_single": ens["nll"] < one["nll"],
         "ensemble_ood_auroc_better_than_single": ens["ood_auroc"] > one["ood_auroc"],
+        "digits_scaled_ensemble_ece_le_single": ens_ts["ece"] <= one["ece"],
+        "digits_scaled_ensemble_nll_le_single": ens_ts["nll"] <= one["nll"],
+        "mnist1d_scaled_ensemble_ece_le_single": m1d_rows["vectorized_ts"]["ece"] <= m1d_rows["single"]["ece"],
+        "mnist1d_scaled_ensemble_nll_le_single": m1d_rows["vectorized_ts"]["nll"] <= m1d_rows["single"]["nll"],
+        "fit_time_vectorized_le_1.5x_single_digits_lenet": ratios["fit_time_vectorized_vs_single_digits_lenet"] <= 1.5,
+        "fit_time_vectorized_le_1.5x_single_mnist1d_cnn": ratios["fit_time_vectorized_vs_single_mnist1d_cnn"] <= 1.5,
+        "mlp_vectorized_at_least_2x_faster_than_sequential": ratios["mlp_train_speedup_vectorized_vs_sequential"] >= 2.0,
     }
     plots = {}
     for name in ("single", f"mc_dropout_x{args.mc_samples}", f"ensemble_x{args.members}_vectorized",
@@ -283,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "method".ljust(width) + "".join(c[:12].rjust(13) for c in columns))
     for name, row in results.items():
         print(name.ljust(width) + "".join(f"{row[c]:13.4f}" for c in columns))
+    m1d_columns = ("accuracy", "nll", "ece", "brier", "ood_auroc", "fit_cpu_s", "fit_wall_s")
+    print("\nMNIST-1D CNN".ljust(width + 1) + "".join(c[:12].rjust(13) for c in m1d_columns))
+    for name, row in m1d_rows.items():
+        print(name.ljust(width) + "".join(f"{row[c]:13.4f}" for c in m1d_columns))
     print()
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
@@ -312,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
         "mlp_train_s_per_epoch": mlp_times,
+        "digits_fit_s": {k: {"cpu": t.cpu, "wall": t.wall} for k, t in fit_timers.items()},
+        "mnist1d_cnn": {"config": "MNIST1DCNN(dropout=0.1), Adam, cosine, batch 100, OOD = held-out classes 8 and 9",
+                        "results": m1d_rows},
         "ratios": ratios,
         "goals": goals,
         "reliability_diagrams": plots,
