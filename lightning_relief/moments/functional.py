@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -301,12 +302,18 @@ def max_pool_moments(
     dilation: int | Sequence[int] = 1,
     dims: int = 2,
     ceil_mode: bool = False,
+    covariances: dict[tuple[int, ...], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Max pooling as a chain of pairwise :func:`max_moments` over each window.
 
     Each intermediate maximum is re-approximated by a Gaussian, so windows of more
     than two units are an approximation. Padding units are certain and very negative;
     ``ceil_mode`` adds such units on the right for the last, partial window.
+
+    ``covariances`` maps each offset of :func:`pool_offsets` to ``Cov(x_p, x_{p + offset})``
+    (e.g. from :func:`conv_neighbour_cov`); the chain then uses Clark's formulas for
+    correlated maxima (:func:`_correlated_max`). Without it units are independent, which
+    is far off for the outputs of a convolution with Gaussian weights.
     """
     kernel = _tuple(kernel_size, dims)
     step = _tuple(stride if stride is not None and stride != [] else kernel, dims)
@@ -328,10 +335,134 @@ def max_pool_moments(
         var = F.pad(var, flat, value=0.0)
     means = _window_slices(mean, dims, kernel, step, dil)
     variances = _window_slices(var, dims, kernel, step, dil)
+    if covariances:
+        flat = [v for p, e in zip(reversed(pad), reversed(extra)) for v in (p, p + e)]
+        windows = {d: _window_slices(F.pad(c, flat) if any(flat) else c, dims, kernel, step, dil) for d, c in covariances.items()}
+        offsets = window_offsets(kernel, dil)
+
+        def cov(a: int, b: int) -> Tensor:  # Cov(unit a, unit b) of every window, a < b
+            delta = tuple(ob - oa for oa, ob in zip(offsets[a], offsets[b]))
+            return windows[delta][a] if delta in windows else windows[tuple(-d for d in delta)][b]
+
+        return _correlated_max(means, variances, cov)
     out_mean, out_var = means[0], variances[0]
     for m, v in zip(means[1:], variances[1:]):
         out_mean, out_var = max_moments(out_mean, out_var, m, v)
     return out_mean, out_var
+
+
+def window_offsets(kernel: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, ...]]:
+    """Offsets of a pooling window's units, in the order of :func:`_window_slices`."""
+    return [tuple(k * d for k, d in zip(ks, dilation)) for ks in itertools.product(*(range(k) for k in kernel))]
+
+
+def canonical_offset(delta: Sequence[int]) -> tuple[int, ...]:
+    """``delta`` or ``-delta``, whichever has its first non-zero component positive."""
+    first = next((d for d in delta if d != 0), 0)
+    return tuple(delta) if first >= 0 else tuple(-d for d in delta)
+
+
+def pool_offsets(kernel_size: Any, dilation: Any, dims: int) -> list[tuple[int, ...]]:
+    """The unit offsets between two units of one pooling window (one of each +-pair)."""
+    offsets = window_offsets(_tuple(kernel_size, dims), _tuple(dilation, dims))
+    return sorted({canonical_offset([b - a for a, b in zip(oa, ob)]) for i, oa in enumerate(offsets) for ob in offsets[i + 1 :]})
+
+
+def _correlated_max(
+    means: Sequence[Tensor], variances: Sequence[Tensor], cov: Callable[[int, int], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Clark's maximum of correlated Gaussians, chained over a window, in the stable form of :func:`max_moments`.
+
+    With ``h`` the larger-mean operand, ``max = h + relu(l - h)``, ``d = l - h``,
+    ``Var d = v_h + v_l - 2 c``: ``Var max = v_h + Var relu(d) + 2 (c - v_h) P(d > 0)`` and,
+    for a later unit ``j``, ``Cov(max, x_j) = c_hj + (c_lj - c_hj) P(d > 0)`` (Stein's lemma).
+    """
+    n = len(means)
+    out_mean, out_var = means[0], variances[0]
+    running = [None] + [cov(0, j) for j in range(1, n)]  # Cov(running max, unit j)
+    for i in range(1, n):
+        c = running[i]
+        first = out_mean >= means[i]
+        mean_h, var_h = torch.where(first, out_mean, means[i]), torch.where(first, out_var, variances[i])
+        mean_l = torch.where(first, means[i], out_mean)
+        r_mean, r_var, p = _rectified(mean_l - mean_h, (out_var + variances[i] - 2.0 * c).clamp_min(0.0))
+        for j in range(i + 1, n):
+            c_mj, c_ij = running[j], cov(i, j)
+            c_hj = torch.where(first, c_mj, c_ij)
+            running[j] = c_hj + (torch.where(first, c_ij, c_mj) - c_hj) * p
+        out_mean, out_var = mean_h + r_mean, (var_h + r_var + 2.0 * (c - var_h) * p).clamp_min(0.0)
+    return out_mean, out_var
+
+
+def _shift(x: Tensor, axis: int, s: int) -> Tensor:
+    """``y[i] = x[i - s]`` along ``axis``, zero where ``i - s`` falls outside."""
+    size = x.shape[axis]
+    if abs(s) >= size:
+        return torch.zeros_like(x)
+    y = x.movedim(axis, -1)
+    y = F.pad(y[..., : size - s], (s, 0)) if s >= 0 else F.pad(y[..., -s:], (0, -s))
+    return y.movedim(-1, axis)
+
+
+def _conv_padding(padding: Any, weight: Tensor, dilation: Sequence[int], dims: int) -> list[int]:
+    """``F.pad`` widths (last dim first) of a convolution's zero padding, ``"same"``/``"valid"`` included."""
+    if padding == "valid":
+        return [0] * (2 * dims)
+    if padding == "same":
+        flat = []
+        for i in reversed(range(dims)):
+            total = dilation[i] * (weight.shape[2 + i] - 1)
+            flat += [total // 2, total - total // 2]
+        return flat
+    return [v for p in reversed(_tuple(padding, dims)) for v in (p, p)]
+
+
+def conv_neighbour_cov(
+    mean: Tensor, var: Tensor, weight_mean: Tensor, weight_var: Tensor | None, bias_var: Tensor | None,
+    stride: Any, padding: Any, dilation: Any, groups: int, offset: Sequence[int],
+) -> Tensor:  # fmt: skip
+    """``Cov(y_p, y_{p + offset})`` of a convolution's outputs ``y`` (same channel), at every ``p``.
+
+    Inputs independent with moments ``(mean, var)``; weights fixed, or Gaussian
+    ``N(weight_mean, weight_var)`` drawn once for all positions (bayesian-torch). Two
+    outputs share input units through different weights, and (Gaussian weights) the same
+    weights through different inputs, which makes neighbours strongly correlated:
+    ``conv(var, W (.) shift_j(W)) + conv(mean (.) shift_{-delta}(mean), weight_var) + bias_var``,
+    ``delta = offset * stride`` in input units, ``j = delta / dilation``.
+    Values where ``p + offset`` lies outside the output are meaningless (never used).
+    """
+    dims = weight_mean.dim() - 2
+    step, dil = _tuple(stride, dims), _tuple(dilation, dims)
+    flat = _conv_padding(padding, weight_mean, dil, dims)
+    if any(flat):
+        mean, var = F.pad(mean, flat), F.pad(var, flat)
+    op = _CONV[weight_mean.dim()]
+    delta = [o * s for o, s in zip(offset, step)]
+    out = None
+    if all(d % k == 0 for d, k in zip(delta, dil)):
+        shifted = weight_mean
+        for i, d in enumerate(delta):
+            shifted = _shift(shifted, 2 + i, d // dil[i])
+        out = op(var, weight_mean * shifted, None, step, 0, dil, groups)
+    if weight_var is not None:
+        shifted = mean
+        for i, d in enumerate(delta):
+            shifted = _shift(shifted, mean.dim() - dims + i, -d)
+        term = op(mean * shifted, weight_var, None, step, 0, dil, groups)
+        out = term if out is None else out + term
+    if out is None:
+        out = torch.zeros_like(op(var, weight_mean, None, step, 0, dil, groups))
+    if bias_var is not None:
+        out = out + bias_var.reshape([1, -1] + [1] * dims)
+    return out
+
+
+def batch_norm_scale_squared(running_var: Tensor, weight: Tensor | None, eps: float, ndim: int) -> Tensor:
+    """The squared per-channel scale of eval-mode batch norm, shaped to broadcast over ``ndim``-d inputs."""
+    scale = 1.0 / (running_var + eps)
+    if weight is not None:
+        scale = scale * weight * weight
+    return scale.reshape([1, -1] + [1] * (ndim - 2))
 
 
 def avg_pool_moments(

@@ -13,7 +13,7 @@ import builtins
 import operator
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,11 +30,19 @@ class Moments:
 
     ``before_softmax`` marks the moments of logits whose (log-)softmax was taken at
     the output: they may only be returned, never computed with.
+
+    ``cov``, when known, emits ``Cov(x_p, x_{p + offset})`` of same-channel neighbours
+    (set by convolutions, carried through batch norm and dropout); ``pre`` is
+    ``(input, reapply)`` of a monotone elementwise function, so that a max pool can
+    take the max of its correlated Gaussian input and apply the function after
+    (``max(f(a), f(b)) = f(max(a, b))``).
     """
 
     mean: fx.Node
     var: fx.Node
     before_softmax: str | None = None
+    cov: Callable[[tuple[int, ...]], fx.Node] | None = field(default=None, compare=False)
+    pre: tuple[Moments, Callable[[Moments], Any]] | None = field(default=None, compare=False)
 
 
 class UnsupportedOperationError(ReliefError, NotImplementedError):
@@ -111,14 +119,22 @@ def _dropout(ctx: RuleContext, x: Any, p: float) -> Moments:
     return ctx.rule(MF.dropout_moments, x, None, float(p))
 
 
+def _keep_cov(x: Any, out: Moments) -> Moments:
+    # independent masks with mean 1 leave the covariance of two different units unchanged
+    return replace(out, cov=x.cov) if isinstance(x, Moments) and x.cov is not None else out
+
+
 def _dropout_module(ctx, node, module, args, kwargs):
     # Dropout1d/2d/3d drop whole channels: the per-unit moments are the same, their correlation is ignored
-    return _dropout(ctx, args[0], module.p)
+    out = _dropout(ctx, args[0], module.p)
+    return _keep_cov(args[0], out) if type(module) is nn.Dropout else out
 
 
 def _dropout_function(ctx, node, module, args, kwargs):
     # the traced ``training`` flag is ignored on purpose: MC dropout samples at test time
-    return _dropout(ctx, _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "p", 0.5))
+    x = _arg(args, kwargs, 0, "input")
+    out = _dropout(ctx, x, _arg(args, kwargs, 1, "p", 0.5))
+    return _keep_cov(x, out) if node.target is F.dropout else out
 
 
 def _torch_dropout(ctx, node, module, args, kwargs):
@@ -149,10 +165,24 @@ def _linear_module(ctx, node, module, args, kwargs):
 
 
 def _conv_module(ctx, node, module, args, kwargs):
+    random = isinstance(args[0], Moments)
     x, padding = _conv_input(ctx, module, ctx.moments(args[0]))
     bias = ctx.attr(f"{node.target}.bias") if module.bias is not None else None
     weight = ctx.attr(f"{node.target}.weight")
-    return ctx.rule(MF.conv_moments, x.mean, x.var, weight, bias, module.stride, padding, module.dilation, module.groups)
+    out = ctx.rule(MF.conv_moments, x.mean, x.var, weight, bias, module.stride, padding, module.dilation, module.groups)
+    if not random:
+        return out
+    conv = (module.stride, padding, module.dilation, module.groups)
+    return replace(out, cov=_conv_cov(ctx, x, weight, None, None, conv))
+
+
+def _conv_cov(ctx: RuleContext, x: Moments, weight_mean: Any, weight_var: Any, bias_var: Any, conv: tuple) -> Callable:
+    """Emits the neighbour covariance of a convolution's output on demand (only a max pool asks)."""
+
+    def emit(offset: tuple[int, ...]) -> fx.Node:
+        return ctx.call(MF.conv_neighbour_cov, x.mean, x.var, weight_mean, weight_var, bias_var, *conv, offset)
+
+    return emit
 
 
 def _weight_function(rule: Callable[..., tuple[Tensor, Tensor]]) -> Handler:
@@ -187,7 +217,8 @@ def _batch_norm_function(ctx, node, module, args, kwargs):
         raise UnsupportedOperationError("F.batch_norm without running statistics has no per-unit rule")
     weight, bias = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
     eps = _arg(args, kwargs, 7, "eps", 1e-5)
-    return ctx.rule(MF.batch_norm_moments, x.mean, x.var, running_mean, running_var, weight, bias, eps)
+    out = ctx.rule(MF.batch_norm_moments, x.mean, x.var, running_mean, running_var, weight, bias, eps)
+    return _scaled_cov(ctx, x, out, running_var, weight, eps)
 
 
 # ---- Gaussian-weight layers (bayesian-torch) --------------------------------------------------
@@ -211,10 +242,10 @@ def _bayesian_layer(ctx, node, module, args, kwargs):
     if hasattr(module, "mu_weight"):
         out = ctx.rule(MF.gaussian_linear_moments, x.mean, x.var, weight_mean, weight_var, bias_mean, bias_var)
     else:
-        out = ctx.rule(
-            MF.gaussian_conv_moments, x.mean, x.var, weight_mean, weight_var, bias_mean, bias_var,
-            module.stride, module.padding, module.dilation, module.groups,
-        )  # fmt: skip
+        conv = (module.stride, module.padding, module.dilation, module.groups)
+        out = ctx.rule(MF.gaussian_conv_moments, x.mean, x.var, weight_mean, weight_var, bias_mean, bias_var, *conv)
+        # one weight draw serves every position: neighbours are strongly correlated
+        out = replace(out, cov=_conv_cov(ctx, x, weight_mean, weight_var, bias_var, conv))
     returns_kl = _arg(args, kwargs, 1, "return_kl", True) and not getattr(module, "dnn_to_bnn_flag", False)
     if returns_kl:
         # the layer returns (out, kl); the KL is deterministic and is usually dropped from the graph
@@ -254,13 +285,26 @@ def _max_pool_module(dims: int) -> Handler:
     def handler(ctx, node, module, args, kwargs):
         if module.return_indices:
             raise UnsupportedOperationError(f"{type(module).__name__} with return_indices")
-        x = ctx.moments(args[0])
-        return ctx.rule(
-            MF.max_pool_moments, x.mean, x.var, module.kernel_size, module.stride, module.padding, module.dilation,
-            dims=dims, ceil_mode=module.ceil_mode,
-        )  # fmt: skip
+        options = {"dims": dims, "ceil_mode": module.ceil_mode}
+        return _max_pool(ctx, args[0], (module.kernel_size, module.stride, module.padding, module.dilation), options)
 
     return handler
+
+
+def _max_pool(ctx: RuleContext, x: Any, window: tuple, options: dict[str, Any]) -> Moments:
+    """Max pooling; with the neighbour covariance of a convolution before it, Clark's correlated form.
+
+    A monotone activation between the convolution and the pool commutes with the max:
+    the max is taken over its Gaussian input and the activation applied after.
+    """
+    x = ctx.moments(x)
+    base, after = (x.pre[0], x.pre[1]) if x.pre is not None and x.pre[0].cov is not None else (x, None)
+    if base.cov is None:
+        return ctx.rule(MF.max_pool_moments, x.mean, x.var, *window, **options)
+    offsets = MF.pool_offsets(window[0], window[3], options["dims"])
+    covariances = {offset: base.cov(offset) for offset in offsets}
+    pooled = ctx.rule(MF.max_pool_moments, base.mean, base.var, *window, **options, covariances=covariances)
+    return after(pooled) if after is not None else pooled
 
 
 def _max_pool_function(dims: int) -> Handler:
@@ -270,10 +314,8 @@ def _max_pool_function(dims: int) -> Handler:
         bound = {name: _arg(args, kwargs, i, name) for i, name in enumerate(names)}
         if bound["return_indices"]:
             raise UnsupportedOperationError(f"max_pool{dims}d with return_indices")
-        return ctx.rule(
-            MF.max_pool_moments, x.mean, x.var, bound["kernel_size"], bound["stride"], bound["padding"] or 0,
-            bound["dilation"] or 1, dims=dims, ceil_mode=bool(bound["ceil_mode"]),
-        )  # fmt: skip
+        window = (bound["kernel_size"], bound["stride"], bound["padding"] or 0, bound["dilation"] or 1)
+        return _max_pool(ctx, x, window, {"dims": dims, "ceil_mode": bool(bound["ceil_mode"])})
 
     return handler
 
@@ -825,6 +867,35 @@ STOCHASTIC_FUNCTIONS = {
 STOCHASTIC_MODULES: tuple[type, ...] = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
 )  # fmt: skip
+
+
+def _monotone(handler: Handler) -> Handler:
+    """Records ``(input, reapply)`` on the output of a non-decreasing elementwise function of a correlated input."""
+
+    def wrapped(ctx, node, module, args, kwargs):
+        out = handler(ctx, node, module, args, kwargs)
+        x = args[0] if args else None
+        if not (isinstance(out, Moments) and isinstance(x, Moments) and x.cov is not None):
+            return out
+        if getattr(module, "negative_slope", 0.0) < 0 or (node.target is F.leaky_relu and _arg(args, kwargs, 1, "negative_slope", 0.01) < 0):
+            return out
+
+        def reapply(m: Moments) -> Any:
+            return handler(ctx, node, module, (m, *args[1:]), kwargs)
+
+        return replace(out, pre=(x, reapply))
+
+    return wrapped
+
+
+_MONOTONE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.ELU, nn.Softplus, nn.Hardsigmoid, nn.SELU, nn.CELU)
+_MONOTONE_FUNCTIONS = (F.relu, torch.relu, F.leaky_relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.relu6, F.elu, F.softplus, F.hardsigmoid, F.selu, torch.clamp)
+for _cls in _MONOTONE_MODULES:
+    MODULE_RULES[_cls] = _monotone(MODULE_RULES[_cls])
+for _fn in _MONOTONE_FUNCTIONS:
+    FUNCTION_RULES[_fn] = _monotone(FUNCTION_RULES[_fn])
+for _name_ in ("relu", "relu_", "sigmoid", "tanh", "clamp"):
+    METHOD_RULES[_name_] = _monotone(METHOD_RULES[_name_])
 
 
 def bayesian_layer_types() -> tuple[type, ...]:
