@@ -189,7 +189,7 @@ def test_ood_extremes():
 
 
 def test_bad_input_names_the_problem():
-    probs = torch.rand(4, 3)
+    probs = torch.rand(4, 3).softmax(-1)
     with pytest.raises(ValueError, match="probs must be"):
         U.negative_log_likelihood(probs[0], torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="target labels"):
@@ -200,3 +200,34 @@ def test_bad_input_names_the_problem():
         U.mutual_information(probs)
     with pytest.raises(ValueError, match="at least one"):
         U.ood_auroc(torch.tensor([]), torch.tensor([1.0]))
+
+
+def test_bad_inputs_are_refused_with_a_clear_error():
+    from lightning_relief.uncertainty import OODAUROC, ExpectedCalibrationError
+
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(20, 4, generator=gen)
+    target = torch.randint(0, 4, (20,), generator=gen)
+    for function in (U.expected_calibration_error, U.negative_log_likelihood, U.brier_score,
+                     U.adaptive_calibration_error):
+        with pytest.raises(ValueError, match="looks like logits"):
+            function(logits, target)
+    with pytest.raises(ValueError, match="looks like logits"):
+        ExpectedCalibrationError().update(logits, target)
+    with pytest.raises(ValueError, match="looks like logits"):
+        U.mutual_information(logits.unsqueeze(0))
+    probs = logits.softmax(-1)
+    probs[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        U.expected_calibration_error(probs, target)
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        U.expected_calibration_error(probs[0], target)
+    # NaN OOD scores: scikit-learn raises too, rather than giving a number
+    scores = torch.tensor([0.1, float("nan"), 0.3])
+    with pytest.raises(ValueError, match="NaN"):
+        U.ood_auroc(scores, torch.tensor([0.5, 0.6]))
+    with pytest.raises(ValueError, match="NaN"):
+        OODAUROC().update(scores, is_ood=False)
+    # float16 softmax outputs are accepted (rows sum to 1 within rounding)
+    half = logits.half().softmax(-1)
+    assert U.expected_calibration_error(half.float(), target) >= 0

@@ -45,13 +45,32 @@ __all__ = [
 # probabilities below this are clamped before a log: a member that is certain
 # and wrong gives a large, finite NLL instead of inf
 _EPS = 1e-12
+# rows of probabilities must sum to 1 within this (float16 softmax outputs stay well inside it)
+_SUM_TOLERANCE = 1e-2
+
+
+def _check_distribution(probs: Tensor, name: str) -> None:
+    """Finite, in [0, 1], rows summing to 1: otherwise a clear error (logits are the usual mistake)."""
+    if not probs.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {probs.dtype}")
+    if probs.numel() == 0:
+        return
+    if not torch.isfinite(probs).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    sums = probs.sum(-1)
+    low, high = float(probs.min()), float(probs.max())
+    if low < 0 or high > 1 + _SUM_TOLERANCE or (sums - 1).abs().max() > _SUM_TOLERANCE:
+        raise ValueError(
+            f"{name} must be probabilities (in [0, 1], each row summing to 1); got values in [{low:.4g}, {high:.4g}] "
+            f"and row sums in [{float(sums.min()):.4g}, {float(sums.max()):.4g}]: this looks like logits, "
+            "apply softmax first"
+        )
 
 
 def _check_probs(probs: Tensor, name: str = "probs") -> None:
     if probs.ndim != 2:
         raise ValueError(f"{name} must be [N, C] probabilities, got shape {tuple(probs.shape)}")
-    if not probs.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {probs.dtype}")
+    _check_distribution(probs, name)
 
 
 def _check_n_bins(n_bins: int) -> None:
@@ -69,6 +88,7 @@ def _check_target(probs: Tensor, target: Tensor) -> None:
 def _check_members(member_probs: Tensor) -> None:
     if member_probs.ndim != 3:
         raise ValueError(f"member_probs must be [M, N, C], got shape {tuple(member_probs.shape)}")
+    _check_distribution(member_probs, "member_probs")
 
 
 def _entropy(probs: Tensor) -> Tensor:
@@ -187,6 +207,10 @@ def _ood_labels(score_in: Tensor, score_out: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"need at least one in-distribution and one OOD score, got {score_in.numel()} and {score_out.numel()}"
         )
+    for name, scores in (("score_in", score_in), ("score_out", score_out)):
+        if not torch.isfinite(scores).all():
+            bad = int((~torch.isfinite(scores)).sum())
+            raise ValueError(f"{name} holds {bad} NaN or infinite scores; OOD metrics need finite scores")
     scores = torch.cat([score_in, score_out]).double()
     labels = torch.cat([torch.zeros(score_in.numel()), torch.ones(score_out.numel())]).double()
     return scores, labels.to(scores.device)

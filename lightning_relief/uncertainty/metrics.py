@@ -179,6 +179,8 @@ class _OODScore(_Concatenating):
     def update(self, score: Tensor, is_ood: bool | Tensor) -> None:
         if score.ndim != 1:
             raise ValueError(f"score must be 1-D [N], got shape {tuple(score.shape)}")
+        if not torch.isfinite(score).all():
+            raise ValueError("score holds NaN or infinite values; OOD metrics need finite scores")
         label = torch.as_tensor(is_ood, dtype=torch.bool, device=score.device)
         if label.ndim == 0:
             label = label.expand(score.shape[0])
