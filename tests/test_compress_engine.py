@@ -123,7 +123,9 @@ def test_an_ignored_layer_is_left_alone_and_nothing_it_touches_is_pruned():
     assert "gru" not in result.policy.quantized_layers() and isinstance(model.gru, nn.GRU)
 
 
-@pytest.mark.parametrize("whole", [False, True], ids=["compiled-submodule", "compiled-lightning-module"])
+# dynamo compiles the whole module's training_step with its logging (minutes on 2 cores): slow
+@pytest.mark.parametrize("whole", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["compiled-submodule", "compiled-lightning-module"])
 def test_torch_compile_is_compressed_underneath_and_recompiled(digits, seed, tmp_path, whole):
     from torch._dynamo.eval_frame import OptimizedModule
 
