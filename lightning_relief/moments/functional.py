@@ -268,7 +268,7 @@ def max_moments(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> tup
     """
     first = mean1 >= mean2
     mean_h, var_h = torch.where(first, mean1, mean2), torch.where(first, var1, var2)
-    mean_l, var_l = torch.where(first, mean2, mean1), torch.where(first, var2, var1)
+    mean_l = torch.where(first, mean2, mean1)
     r_mean, r_var, p = _rectified(mean_l - mean_h, var1 + var2)
     return mean_h + r_mean, (var_h + r_var - 2.0 * var_h * p).clamp_min(0.0)
 
@@ -485,7 +485,7 @@ def avg_pool_moments(
     kernel = _tuple(kernel_size, dims)
     step = _tuple(stride if stride is not None and stride != [] else kernel, dims)
     pool = F.avg_pool2d if dims == 2 else F.avg_pool1d
-    options = dict(kernel_size=kernel, stride=step, padding=padding, ceil_mode=ceil_mode)
+    options = {"kernel_size": kernel, "stride": step, "padding": padding, "ceil_mode": ceil_mode}
     if dims == 2:
         out_mean = pool(mean, count_include_pad=count_include_pad, divisor_override=divisor_override, **options)
     elif divisor_override is None:

@@ -205,9 +205,22 @@ def _batch_norm_module(ctx, node, module, args, kwargs):
         )
     x = ctx.moments(args[0])
     attr = lambda name: ctx.attr(f"{node.target}.{name}") if getattr(module, name) is not None else None
-    return ctx.rule(
+    out = ctx.rule(
         MF.batch_norm_moments, x.mean, x.var, attr("running_mean"), attr("running_var"), attr("weight"), attr("bias"), module.eps
     )
+    return _scaled_cov(ctx, x, out, attr("running_var"), attr("weight"), module.eps)
+
+
+def _scaled_cov(ctx: RuleContext, x: Moments, out: Moments, running_var: Any, weight: Any, eps: float) -> Moments:
+    # a per-channel affine map scales same-channel covariances by the squared scale
+    if x.cov is None:
+        return out
+
+    def emit(offset: tuple[int, ...]) -> fx.Node:
+        scale = ctx.call(MF.batch_norm_scale_squared, running_var, weight, eps, ctx.method("dim", x.mean))
+        return ctx.call(operator.mul, x.cov(offset), scale)
+
+    return replace(out, cov=emit)
 
 
 def _batch_norm_function(ctx, node, module, args, kwargs):
