@@ -127,3 +127,20 @@ def test_callback_refuses_bad_arguments_and_missing_validation_data(digits, seed
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[TemperatureScaling()])
     with pytest.raises(ValueError, match="validation data"):
         trainer.fit(ClassifierModule(LeNet5(input_size=8)), train_dataloaders=digits.train_dataloader())
+
+
+@pytest.mark.slow
+def test_scaled_ensemble_compiles_through_tvm_with_its_temperature(digits, seed, tmp_path):
+    """What TVMExportCallback (on_fit_end, after TemperatureScaling's on_train_end) compiles: the scaled module."""
+    from lightning_relief.deploy import compile_for_target
+    from lightning_relief.deploy.frontend import frozen_copy
+
+    module = ClassifierModule(MLP(in_features=64, hidden=(16,)), lr=1e-2)
+    _, scaling = _fit_with_scaling(module, digits, tmp_path, strategy=DeepEnsembleStrategy(num_members=2))
+    x = digits.dataset("val").tensors[0][:8]
+    with torch.no_grad():
+        expected = module.eval()(x)
+    compiled = compile_for_target(frozen_copy(module), (x,))
+    torch.testing.assert_close(torch.as_tensor(compiled(x)), expected, rtol=1e-4, atol=1e-5)
+    # the unscaled outputs would not pass the comparison above
+    assert not torch.allclose(expected * scaling.temperature, expected, rtol=1e-4, atol=1e-5)
