@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_relief.bayes.convert import bayesian_layers
 
@@ -94,6 +95,7 @@ class KLDivergenceCallback(L.Callback):
     def _model(self, pl_module: L.LightningModule) -> nn.Module:
         return getattr(pl_module, self.attribute) if self.attribute else pl_module
 
+    @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = self._model(pl_module)
         if not bayesian_layers(model) or self.weight == 0:
@@ -105,9 +107,11 @@ class KLDivergenceCallback(L.Callback):
         self.last_kl = float(kl.detach())
         pl_module.log("train_kl", kl.detach(), on_step=False, on_epoch=True)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"dataset_size": self.dataset_size, "weight": self.weight, "attribute": self.attribute}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.dataset_size = state_dict["dataset_size"]
         self.weight = state_dict["weight"]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
+from typing_extensions import override
 
 from lightning_relief.data import shifts
 from lightning_relief.data.splits import SplitDataModule
@@ -117,6 +118,7 @@ class DigitsDataModule(SplitDataModule):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return x.repeat(1, self.channels, 1, 1)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:
             return

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
+from typing_extensions import override
 
 from lightning_relief.data.mnist1d_generate import PAPER, generate
 from lightning_relief.data.splits import SplitDataModule
@@ -89,6 +90,7 @@ class MNIST1DDataModule(SplitDataModule):
     def input_shape(self) -> tuple[int, int]:
         return (1, self.length)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
+from typing_extensions import override
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -59,15 +60,19 @@ class SplitDataModule(L.LightningDataModule):
         sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 
 class SyntheticDataModule(L.LightningDataModule):
@@ -43,6 +44,7 @@ class SyntheticDataModule(L.LightningDataModule):
         self.seed = seed
         self._splits: dict[str, TensorDataset] | None = None
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:
             return
@@ -60,15 +62,19 @@ class SyntheticDataModule(L.LightningDataModule):
         assert self._splits is not None
         return self._splits[split]
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(self.seed))
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("val"), batch_size=self.batch_size)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("test"), batch_size=self.batch_size)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -7,9 +7,10 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from typing_extensions import override
 
 from lightning_relief.models.spec import build_model, model_spec
 from lightning_relief.nn.structure import RestorableStructureMixin
@@ -94,6 +95,7 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
         self.val_ece = MulticlassCalibrationError(num_classes, n_bins=15)
         self.test_ece = MulticlassCalibrationError(num_classes, n_bins=15)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
         # bayesian-torch layers may return (out, kl); the KL is recomputed in training_step
@@ -107,6 +109,7 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
 
         return kl_term(self.model, training_set_size(self.trainer), self.hparams.kl_weight)
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
@@ -133,16 +136,20 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
         self.log(f"{stage}_ece", ece)
         return nll
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._evaluate(batch, "val")
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._evaluate(batch, "test")
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).softmax(-1)
 
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
