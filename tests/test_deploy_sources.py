@@ -117,3 +117,21 @@ def test_backend_errors_name_what_to_do():
         get_backend("collections.OrderedDict")
     with pytest.raises(MissingExtraError, match=r"pip install 'lightning-relief\[onnx\]'"):
         require("onnxruntime.no_such_part", "the ONNX Runtime backend")
+
+
+def test_call_path_without_copies_keeps_results_apart(seed):
+    model = LeNet5(input_size=8).eval()
+    compiled = compile_for_target(model, torch.zeros(1, 1, 8, 8), dynamic_batch=False)
+    a, b = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
+    first = compiled(a)
+    kept = first.clone()
+    second = compiled(b)  # a later call must not write into the first result (outputs are DLPack views)
+    with torch.no_grad():
+        torch.testing.assert_close(first, kept, atol=0, rtol=0)
+        torch.testing.assert_close(first, model(a), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(second, model(b), atol=1e-5, rtol=1e-5)
+        unaligned = torch.randn(65)[1:].view(1, 1, 8, 8)  # TVM takes only 64-byte aligned buffers as they are
+        torch.testing.assert_close(compiled(unaligned), model(unaligned), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(compiled(b.numpy())), model(b), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"expected shape \[1, 1, 8, 8\]"):
+        compiled(torch.zeros(2, 1, 8, 8))

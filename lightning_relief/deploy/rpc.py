@@ -35,7 +35,7 @@ import numpy as np
 import tvm
 from tvm import relax, rpc
 
-from lightning_relief.deploy.artifact import CompiledModel, _flatten, _to_numpy
+from lightning_relief.deploy.artifact import CompiledModel, _flatten_tvm, _to_numpy
 from lightning_relief.deploy.errors import DeployError
 from lightning_relief.deploy.targets import TargetLike, device_for, target_dict
 
@@ -114,7 +114,7 @@ class RemoteDevice:
         _session, device, vm, params = self._load(compiled)
         vm.set_input("main", *[tvm.runtime.tensor(a, device) for a in arrays], *params)
         vm.invoke_stateful("main")
-        outputs = _flatten(vm.get_outputs("main"))
+        outputs = [o.numpy() for o in _flatten_tvm(vm.get_outputs("main"))]
         del vm, params, _session  # end the session now: a server serves one at a time
         gc.collect()
         return outputs
