@@ -70,3 +70,18 @@ def test_bad_arguments_are_named():
         MomentPropagationEvalCallback(stages=("fit",))
     with pytest.raises(ValueError, match="ood_score"):
         MomentPropagationEvalCallback(ood_score="margin")
+
+
+def test_mutual_information_score_and_its_ood_auroc_equal_a_direct_computation(digits, trainer_factory, seed):
+    loader = torch.utils.data.DataLoader(torch.randn(64, 1, 8, 8) * 3, batch_size=32)
+    callback = MomentPropagationEvalCallback(ood_dataloader=loader, ood_score="mutual_information")
+    module = ClassifierModule(LeNet5(input_size=8, dropout=0.3))
+    metrics = trainer_factory(callbacks=[callback]).test(module, digits, verbose=False)[0]
+    x = digits.dataset("test").tensors[0]
+    wrapper = MomentPropagationWrapper(module.model)
+    with torch.no_grad():
+        score_in = wrapper.uncertainty(x)["mutual_information"].numpy()
+        score_out = torch.cat([wrapper.uncertainty(b)["mutual_information"] for b in loader]).numpy()
+    assert metrics["mp_test_mutual_information"] == pytest.approx(score_in.mean(), rel=1e-4)
+    labels = np.r_[np.zeros(len(score_in)), np.ones(len(score_out))]
+    assert metrics["mp_test_ood_auroc"] == pytest.approx(roc_auc_score(labels, np.r_[score_in, score_out]), abs=1e-4)

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, Metric
 
-from lightning_relief.moments.functional import SOFTMAX_METHODS, SoftmaxMethod, softmax_probs
+from lightning_relief.moments.functional import SOFTMAX_METHODS, SoftmaxMethod, logit_uncertainty, softmax_probs
+from lightning_relief.moments.metrics import MomentUncertainty
 from lightning_relief.moments.wrapper import MomentPropagationWrapper
 from lightning_relief.uncertainty import functional as U
 from lightning_relief.uncertainty.metrics import (
@@ -23,7 +24,7 @@ from lightning_relief.uncertainty.metrics import (
 )
 
 _STAGES = ("validate", "test")
-_SCORES = ("entropy", "variance")
+_SCORES = ("entropy", "variance", "mutual_information")
 
 
 class MomentPropagationEvalCallback(Callback):
@@ -34,8 +35,10 @@ class MomentPropagationEvalCallback(Callback):
     sharing its weights, at the start of each evaluation epoch; each batch gets
     the predictive probabilities of the moment-propagated logits (one pass, no
     sampling). At epoch end it logs ``{prefix}{stage}_acc``, ``_nll``, ``_ece``
-    (15 bins), ``_entropy`` and, with OOD data, ``{prefix}{stage}_ood_auroc``
-    (OOD = positive; score: predictive entropy, or the summed logit variance).
+    (15 bins), ``_entropy``, ``_mutual_information`` (the epistemic part, from the logit
+    moments: :class:`~lightning_relief.moments.MomentUncertainty`) and, with OOD data,
+    ``{prefix}{stage}_ood_auroc`` (OOD = positive; score: predictive entropy, the mutual
+    information, or the summed logit variance).
     OOD data is ``ood_dataloader`` or else the datamodule's ``ood_dataloader()``
     when it was configured with ``ood=...``.
 
@@ -48,7 +51,7 @@ class MomentPropagationEvalCallback(Callback):
         stages: when to evaluate: ``"validate"`` (every validation epoch of ``fit``
             and ``trainer.validate``) and/or ``"test"``.
         ood_dataloader: batches of out-of-distribution inputs (``x`` or ``(x, y)``).
-        ood_score: ``"entropy"`` or ``"variance"``.
+        ood_score: ``"entropy"``, ``"mutual_information"`` or ``"variance"``.
         prefix: prefix of the logged names.
         softmax: ``"daunizeau"`` or ``"mean_field"`` (see ``MomentPropagationWrapper``).
 
@@ -71,7 +74,7 @@ class MomentPropagationEvalCallback(Callback):
         self,
         stages: Sequence[Literal["validate", "test"]] = ("test",),
         ood_dataloader: DataLoader | None = None,
-        ood_score: Literal["entropy", "variance"] = "entropy",
+        ood_score: Literal["entropy", "variance", "mutual_information"] = "entropy",
         prefix: str = "mp_",
         softmax: SoftmaxMethod = "daunizeau",
     ) -> None:
@@ -112,6 +115,7 @@ class MomentPropagationEvalCallback(Callback):
             "nll": NegativeLogLikelihood(),
             "ece": ExpectedCalibrationError(n_bins=15),
             "entropy": PredictiveEntropy(),
+            "mutual_information": MomentUncertainty("mutual_information"),
             "ood_auroc": OODAUROC(),
         }
         self._metrics = {k: m.to(pl_module.device) for k, m in metrics.items()}
@@ -130,7 +134,8 @@ class MomentPropagationEvalCallback(Callback):
         self._metrics["nll"].update(probs, y)
         self._metrics["ece"].update(probs, y)
         self._metrics["entropy"].update(probs)
-        self._metrics["ood_auroc"].update(self._score(probs, var.sum(-1)), is_ood=False)
+        self._metrics["mutual_information"].update(mean, var)
+        self._metrics["ood_auroc"].update(self._score(probs, mean, var), is_ood=False)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer, "validate"):
@@ -157,8 +162,10 @@ class MomentPropagationEvalCallback(Callback):
             return datamodule.ood_dataloader()
         return None
 
-    def _score(self, probs: Tensor, variance: Tensor) -> Tensor:
-        return U.predictive_entropy(probs) if self.ood_score == "entropy" else variance
+    def _score(self, probs: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        if self.ood_score == "entropy":
+            return U.predictive_entropy(probs)
+        return logit_uncertainty(mean, var)[2] if self.ood_score == "mutual_information" else var.sum(-1)
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self._metrics:
@@ -171,10 +178,10 @@ class MomentPropagationEvalCallback(Callback):
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 mean, var = self._moments(x.to(pl_module.device))
                 probs = softmax_probs(mean, var, method=self.softmax)
-                self._metrics["ood_auroc"].update(self._score(probs, var.sum(-1)), is_ood=True)
+                self._metrics["ood_auroc"].update(self._score(probs, mean, var), is_ood=True)
         short = "val" if stage == "validate" else "test"
         # every rank computes every metric (compute() is a collective), in the same order
-        names = ["acc", "nll", "ece", "entropy"] + (["ood_auroc"] if loader is not None else [])
+        names = ["acc", "nll", "ece", "entropy", "mutual_information"] + (["ood_auroc"] if loader is not None else [])
         named = {f"{self.prefix}{short}_{k}": float(self._metrics[k].compute()) for k in names}
         for name, value in named.items():
             # already reduced over ranks: the mean over ranks of equal values is that value

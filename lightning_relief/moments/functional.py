@@ -828,3 +828,21 @@ def sampled_attention_moments(
     result = moments(out, batch_dim)
     return (*result, *moments(weights, 0)) if need_weights else result
 
+
+
+def logit_uncertainty(mean: Tensor, var: Tensor, dim: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+    """Predictive entropy, expected entropy and mutual information of Gaussian logits ``N(mean, var)``.
+
+    Over the fixed ``LOGIT_SAMPLES`` antithetic draws of :func:`softmax_log_probs`'s
+    ``"logit_samples"`` (sampling only the C logits, after the one analytic pass):
+    ``H[E p]`` (total), ``E H[p]`` (aleatoric) and their difference, the mutual
+    information between the prediction and the network's randomness (epistemic; the
+    score MC dropout users rank OOD inputs by). Each has the shape of ``mean`` without ``dim``.
+    """
+    mean, var = mean.movedim(dim, -1), var.movedim(dim, -1)
+    draws = torch.tensor(_logit_draws(mean.shape[-1]), dtype=mean.dtype, device=mean.device)
+    log_p = torch.log_softmax(mean.unsqueeze(-2) + var.sqrt().unsqueeze(-2) * draws, dim=-1)  # [..., K, C]
+    expected = -(log_p.exp() * log_p).sum(-1).mean(-1)
+    log_mean = _logsumexp(log_p, dim=-2) - math.log(LOGIT_SAMPLES)
+    total = -(log_mean.exp() * log_mean).sum(-1)
+    return total, expected, (total - expected).clamp_min(0.0)

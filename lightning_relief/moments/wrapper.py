@@ -72,6 +72,8 @@ class MomentPropagationWrapper(nn.Module):
         >>> probs = wrapper.predict_proba(torch.randn(4, 1, 8, 8))  # Daunizeau's softmax approximation
         >>> torch.allclose(probs.sum(-1), torch.ones(4))
         True
+        >>> sorted(wrapper.uncertainty(torch.randn(4, 1, 8, 8)))  # per-sample scores from the logit moments
+        ['expected_entropy', 'mutual_information', 'predictive_entropy']
     """
 
     def __init__(
@@ -145,6 +147,15 @@ class MomentPropagationWrapper(nn.Module):
     def predict_proba(self, x: Tensor) -> Tensor:
         """Predictive class probabilities (the ``softmax`` approximation)."""
         return self._graph(False, "probs")(x)
+
+    def uncertainty(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-sample ``predictive_entropy``, ``expected_entropy`` and ``mutual_information`` from the logit moments.
+
+        See :func:`~lightning_relief.moments.functional.logit_uncertainty` (the C logits
+        are sampled after the one analytic pass; the network is not).
+        """
+        total, expected, mutual = MF.logit_uncertainty(*self.moments(x))
+        return {"predictive_entropy": total, "expected_entropy": expected, "mutual_information": mutual}
 
     def propagate_moments(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         """The protocol: moments of the logits for a Gaussian input ``N(mean, var)``."""
