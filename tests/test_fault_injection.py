@@ -222,3 +222,89 @@ def test_tuning_database_two_concurrent_tuners_then_kill_and_partial_line(tmp_pa
     assert "unreadable or orphaned" in err  # reported, repaired, and the compile succeeds
     assert all(json.loads(line) for line in records.read_text().splitlines())
     assert "unreadable or orphaned" not in _finish(_tune(work, 32, 0))
+
+
+# --- compiled artifacts --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    from lightning_relief.deploy import compile_for_target
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    return model, compile_for_target(model, torch.zeros(1, 4))
+
+
+def test_artifact_kill_between_the_two_renames_keeps_the_old_version(compiled, tmp_path):
+    from lightning_relief.deploy import load_compiled
+    from lightning_relief.deploy.artifact_files import old_path
+
+    model, artifact = compiled
+    target = artifact.save(tmp_path / "art")
+    before = (target / "metadata.json").read_text()
+    # the state a SIGKILL right after `target.rename(old)` leaves: the old folder aside, a complete staging one
+    target.rename(old_path(target))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    staging = tmp_path / f".art.{int(dead.stdout)}.0123abcd.staging"
+    staging.mkdir()
+    (staging / "model.so").write_bytes(b"half a library")
+    with pytest.warns(UserWarning, match="restored the previous version"):
+        loaded = load_compiled(target)
+    assert (target / "metadata.json").read_text() == before
+    assert not old_path(target).exists() and not staging.exists()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(loaded(x), model(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_artifact_save_killed_midway_leaves_the_previous_artifact(compiled, tmp_path):
+    model, artifact = compiled
+    target = artifact.save(tmp_path / "art")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    writer = _python(f"""
+        import numpy as np, time
+        from lightning_relief.deploy import load_compiled
+        import lightning_relief.deploy.artifact as artifact_module
+        compiled = load_compiled({str(target)!r})
+        def slow_savez(path, **arrays):  # the params are being written when the kill comes
+            open(path, "wb").write(b"PK partial")
+            print("writing", flush=True)
+            time.sleep(60)
+        artifact_module.np.savez = slow_savez
+        compiled.save({str(target)!r})
+    """)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    from lightning_relief.deploy import load_compiled
+
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    load_compiled(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # the killed writer's staging folder is gone
+    assert oct(target.stat().st_mode & 0o777) != oct(0o700)
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda d: (d / "model.so").write_bytes((d / "model.so").read_bytes()[:-16] + b"\0" * 16), "model.so does not match the SHA-256"),
+        (lambda d: np_save_wrong_shape(d), "params.npz does not match the SHA-256"),
+        (lambda d: (d / "metadata.json").write_text('{"inputs": [{"na'), "metadata.json is unreadable"),
+        (lambda d: (d / "metadata.json").write_text('{"target": "llvm"}'), "'inputs' must be a list"),
+    ],
+    ids=["swapped-library", "wrong-params", "truncated-metadata", "metadata-without-fields"],
+)
+def test_damaged_artifact_is_refused_before_the_library_loads(compiled, tmp_path, damage, words):
+    from lightning_relief.deploy import load_compiled
+    from lightning_relief.deploy.artifact_files import ArtifactError
+
+    target = compiled[1].save(tmp_path / "art")
+    damage(target)
+    with pytest.raises(ArtifactError, match=words):
+        load_compiled(target)
+
+
+def np_save_wrong_shape(directory: Path) -> None:
+    import numpy as np
+
+    np.savez(directory / "params.npz", p0000=np.zeros((5, 5), "float32"), p0001=np.zeros(3, "float32"))
