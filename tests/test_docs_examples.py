@@ -70,6 +70,8 @@ def test_every_doc_has_been_found():
 
 @pytest.mark.parametrize("name, code", python_blocks())
 def test_doc_block_runs(name, code, tmp_path, monkeypatch):
+    if "aihwkit" in code:  # built by `make install` (the analog extra); a venv without it cannot run the block
+        pytest.importorskip("aihwkit")
     monkeypatch.chdir(tmp_path)
     for key, value in TRAINER_ENV.items():
         monkeypatch.setenv(key, value)
