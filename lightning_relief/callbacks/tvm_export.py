@@ -172,7 +172,7 @@ class TVMExportCallback(L.Callback):
 
         model = frozen_copy(pl_module)
         if self.export_on == "best" and checkpoint is not None:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             if hasattr(model, "on_load_checkpoint"):
                 model.on_load_checkpoint(state)  # replays structural steps the checkpoint recorded
             # the copy has no torch.compile wrappers: their "_orig_mod." prefix is not in its keys
