@@ -43,7 +43,21 @@ def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-_POOLS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+def _window_max(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+    """Max of non-negative ``x`` over every convolution window: separable, one spatial dim at a time.
+
+    The max over a box is the max over each of its axes in turn; 1-d pooling
+    is an order of magnitude cheaper on CPU than 2-d/3-d pooling of one channel.
+    """
+    for axis, (k, st, pad, dil) in enumerate(zip(kernel, stride, padding, dilation), start=2):
+        moved = x.movedim(axis, -1)
+        shape = moved.shape
+        line = moved.reshape(-1, 1, shape[-1])
+        if pad:
+            line = F.pad(line, (pad, pad))  # zeros: |x| >= 0 never loses the max to padding
+        pooled = F.max_pool1d(line, k, st, 0, dil)
+        x = pooled.reshape(*shape[:-1], pooled.shape[-1]).movedim(-1, axis)
+    return x
 
 
 def input_abs_max(module: nn.Module | None, x_in: Tensor, y: Tensor) -> Tensor:
@@ -64,11 +78,7 @@ def input_abs_max(module: nn.Module | None, x_in: Tensor, y: Tensor) -> Tensor:
         and not isinstance(module.padding, str)
         and x.dim() == module.weight.dim()
     ):
-        channel_max = x.amax(1, keepdim=True)
-        pads = [p for pad in reversed(module.padding) for p in (pad, pad)]
-        if any(pads):
-            channel_max = F.pad(channel_max, pads)  # zeros: |x| >= 0 never loses the max to padding
-        return _POOLS[x.dim() - 2](channel_max, module.kernel_size, module.stride, 0, module.dilation)
+        return _window_max(x.amax(1, keepdim=True), module.kernel_size, module.stride, module.padding, module.dilation)
     per_sample = x.flatten(1).amax(1) if x.dim() > 1 else x.amax().reshape(1)
     return per_sample.reshape(-1, *([1] * (y.dim() - 1)))
 
@@ -214,5 +224,5 @@ class WeightNoise(NoiseModel):
         weight = getattr(module, "weight", None)
         if weight is None or not inputs:
             raise ValueError("WeightNoise on outputs needs a layer with a weight (Conv/Linear)")
-        bound = input_abs_max(module, inputs[0], x) * weight.detach().abs().amax()
-        return torch.addcmul(x, scale * self.out_noise * bound, randn_like(x, generator))
+        bound = input_abs_max(module, inputs[0], x) * (weight.detach().abs().amax() * self.out_noise) * scale
+        return x + randn_like(x, generator).mul_(bound)  # both in x's layout (see PCMNoise._output_noise)

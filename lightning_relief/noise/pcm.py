@@ -36,23 +36,23 @@ ONE_YEAR = 365 * 24 * 3600.0
 def prog_noise_std(g_target: Tensor, g_max: float = G_MAX) -> Tensor:
     """σ_prog (µS) of programming a device to ``g_target`` (µS)."""
     g = g_target / g_max
-    sigma = PROG_COEFF[0] + PROG_COEFF[1] * g + PROG_COEFF[2] * g * g
-    return sigma * (g_max / G_MAX)
+    sigma = g.mul(PROG_COEFF[2]).add_(PROG_COEFF[1]).mul_(g).add_(PROG_COEFF[0])  # Horner: c0 + c1·g + c2·g²
+    return sigma.mul_(g_max / G_MAX) if g_max != G_MAX else sigma
 
 
 def drift_nu_params(g_target: Tensor, g_max: float = G_MAX) -> tuple[Tensor, Tensor]:
     """(μ_ν, σ_ν) of the drift exponent of a device at ``g_target``."""
-    g = (g_target / g_max).abs().clamp(min=1e-7)
-    mu = (-0.0155 * torch.log(g) + 0.0244).clamp(0.049, 0.1)
-    sigma = (-0.0125 * torch.log(g) - 0.0059).clamp(0.008, 0.045)
+    log_g = (g_target / g_max).abs_().clamp_(min=1e-7).log_()
+    mu = log_g.mul(-0.0155).add_(0.0244).clamp_(0.049, 0.1)
+    sigma = log_g.mul_(-0.0125).sub_(0.0059).clamp_(0.008, 0.045)
     return mu, sigma
 
 
 def read_noise_q(g_prog: Tensor, g_max: float = G_MAX) -> Tensor:
     """Q_s of the 1/f read noise of a device at ``g_prog``."""
     # exp(0.65·ln ĝ) is ĝ^0.65, at a fraction of pow's cost on CPU
-    g_pow = torch.exp(0.65 * torch.log(g_prog.abs() / g_max))
-    return (0.0088 / g_pow.clamp(min=1e-3)).clamp(max=0.2)
+    g_pow = (g_prog.abs() / g_max).log_().mul_(0.65).exp_()
+    return g_pow.clamp_(min=1e-3).reciprocal_().mul_(0.0088).clamp_(max=0.2)
 
 
 def read_noise_time_factor(t_inference: float, t0: float = T0, t_read: float = T_READ) -> float:
@@ -130,10 +130,15 @@ class PCMNoise(NoiseModel):
     # -- the device model on a tensor of conductances (µS), any shape
     def program(self, g_target: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Programmed conductances and drift exponents ν of devices targeted at ``g_target``."""
-        sigma = prog_noise_std(g_target, self.g_max)
-        g_prog = (g_target + self.prog_noise_scale * sigma * randn_like(g_target, generator)).clamp(min=0.0)
+        # in-place on fresh tensors only: a PCM step is a few dozen ops over every weight twice
+        g_prog = randn_like(g_target, generator).mul_(prog_noise_std(g_target, self.g_max))
+        if self.prog_noise_scale != 1.0:
+            g_prog.mul_(self.prog_noise_scale)
+        g_prog.add_(g_target).clamp_(min=0.0)
         mu_nu, sigma_nu = drift_nu_params(g_target, self.g_max)
-        nu = (mu_nu + sigma_nu * randn_like(g_target, generator)).abs() * self.drift_scale
+        nu = randn_like(g_target, generator).mul_(sigma_nu).add_(mu_nu).abs_()
+        if self.drift_scale != 1.0:
+            nu.mul_(self.drift_scale)
         return g_prog, nu
 
     def drift(self, g_prog: Tensor, nu: Tensor, t_inference: float, generator: torch.Generator | None = None) -> Tensor:
@@ -141,10 +146,10 @@ class PCMNoise(NoiseModel):
         if t_inference < 0:
             raise ValueError(f"t_inference must be >= 0 seconds, got {t_inference}")
         t = t_inference + self.t0
-        g_drift = g_prog * torch.exp(nu * -math.log(t / self.t0)) if t_inference > 0 else g_prog  # (t/t0)^-ν
-        sigma = read_noise_q(g_prog, self.g_max) * read_noise_time_factor(t_inference, self.t0, self.t_read)
-        g_final = g_drift + g_drift.abs() * self.read_noise_scale * sigma * randn_like(g_prog, generator)
-        return g_final.clamp(min=0.0)
+        # (t/t0)^-ν; g_prog >= 0, so the drifted conductance is too
+        g_drift = torch.mul(nu, -math.log(t / self.t0)).exp_().mul_(g_prog) if t_inference > 0 else g_prog
+        sigma = read_noise_q(g_prog, self.g_max).mul_(self.read_noise_scale * read_noise_time_factor(t_inference, self.t0, self.t_read))
+        return randn_like(g_prog, generator).mul_(sigma).mul_(g_drift).add_(g_drift).clamp_(min=0.0)
 
     def weights_at(self, w: Tensor, t_inference: float, generator: torch.Generator | None = None) -> Tensor:
         """``w`` programmed onto PCM pairs and read ``t_inference`` seconds later."""
@@ -160,29 +165,25 @@ class PCMNoise(NoiseModel):
             return []
         sizes = [w.numel() for w in weights]
         flat = torch.cat([w.detach().reshape(-1) for w in weights])
-        counts = torch.tensor(sizes, device=flat.device)
-
-        def per_element(values: Tensor) -> Tensor:  # one value per tensor -> one per element
-            return torch.repeat_interleave(values, counts, output_size=flat.numel())
-
-        w_max = torch.stack([w.detach().abs().amax() for w in weights]).to(flat.dtype)
-        scale = per_element(self.g_max / w_max.clamp(min=1e-7))
-        inv_scale = per_element(w_max.clamp(min=1e-7) / self.g_max)
-        scaled = flat * scale
+        w_max = torch.stack([w.detach().abs().amax() for w in weights]).to(flat.dtype).clamp_(min=1e-7)
+        scaled = flat  # cat's fresh copy: scaled in place, tensor by tensor (views: no gather)
+        for part, factor in zip(torch.split(scaled, sizes), (self.g_max / w_max).unbind()):
+            part.mul_(factor)
         g_target = torch.stack([scaled, -scaled]).clamp_(0.0, self.g_max)  # the pair: (g+, g-)
         g_prog, nu = self.program(g_target, generator)
         g_final = self.drift(g_prog, nu, t_inference, generator)
-        w_drift = (g_final[0] - g_final[1]) * inv_scale
-        if self.drift_compensation:
-            w_prog = (g_prog[0] - g_prog[1]) * inv_scale
-            segment_means = [
-                torch.stack([part.abs().mean() for part in torch.split(x, sizes)]).clamp(min=1e-4) for x in (w_prog, w_drift)
-            ]
-            gains = segment_means[0] / segment_means[1]
-            w_drift = w_drift * per_element(gains)
-        else:
-            gains = torch.ones(len(sizes), device=flat.device, dtype=flat.dtype)
-        self._last_gains = gains
+        inv_scales = (w_max / self.g_max).unbind()
+        w_drift = torch.sub(g_final[0], g_final[1])
+        w_prog = torch.sub(g_prog[0], g_prog[1]).split(sizes) if self.drift_compensation else [None] * len(sizes)
+        gains = []
+        for part, prog_part, inv_scale in zip(torch.split(w_drift, sizes), w_prog, inv_scales):
+            part.mul_(inv_scale)
+            if prog_part is not None:
+                # global drift compensation: the programmed mean |w| over the drifted one, per tensor
+                gain = prog_part.abs().mean().mul_(inv_scale).clamp_(min=1e-4) / part.abs().mean().clamp_(min=1e-4)
+                part.mul_(gain)
+                gains.append(gain)
+        self._last_gains = torch.stack(gains) if gains else torch.ones(len(sizes), device=flat.device, dtype=flat.dtype)
         return [part.reshape(w.shape) for part, w in zip(torch.split(w_drift, sizes), weights)]
 
     def apply_weights(self, weights, level, generator=None, modules=None):  # noqa: D102
@@ -211,8 +212,9 @@ class PCMNoise(NoiseModel):
         if weight is None or not inputs:
             raise ValueError("PCMNoise output noise needs a layer with a weight (Conv/Linear)")
         gain = self._gain.get(id(module), 1.0)
-        bound = input_abs_max(module, inputs[0], y) * weight.detach().abs().amax() * gain
-        return torch.addcmul(y, self.out_noise * bound, randn_like(y, generator))
+        bound = input_abs_max(module, inputs[0], y) * (weight.detach().abs().amax() * gain * self.out_noise)
+        # y + noise, both in y's layout (an addcmul with the (N, 1, ...) bound may pick channels-last)
+        return y + randn_like(y, generator).mul_(bound)
 
 
 def _seconds(level: Tensor | float) -> float:
