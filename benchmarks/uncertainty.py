@@ -19,6 +19,7 @@ Writes benchmarks/results/uncertainty.json and reliability diagrams (PNG) next t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -98,6 +99,34 @@ def _temperature_scaled(module: torch.nn.Module, x_val: Tensor, y_val: Tensor) -
     with torch.no_grad():
         temperature = float(fit_temperature(module(x_val), y_val))
     return (lambda x: (module(x) / temperature).softmax(-1)), temperature
+
+
+def _step_profile(module: ClassifierModule, x: Tensor, y: Tensor, members: int, steps: int) -> dict[str, float]:
+    """Median CPU ms of forward, backward and Adam step of one training step as the strategy runs it
+    (``members`` batches concatenated, member forward in "members" mode; 0 members: the plain module)."""
+    from lightning_relief.uncertainty.stacking import member_forward
+
+    module.train()
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    copies = max(members, 1)
+    xb, yb = torch.cat([x] * copies), torch.cat([y] * copies)
+    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    for _ in range(steps):
+        start = time.process_time()
+        if members:
+            with member_forward(module).using("members"):
+                loss = torch.nn.functional.cross_entropy(module(xb), yb) * members
+        else:
+            loss = torch.nn.functional.cross_entropy(module(xb), yb)
+        forward = time.process_time()
+        optimizer.zero_grad()
+        loss.backward()
+        backward = time.process_time()
+        optimizer.step()
+        times["forward"].append(forward - start)
+        times["backward"].append(backward - forward)
+        times["optimizer"].append(time.process_time() - backward)
+    return {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}
 
 
 def _trainer(epochs: int, timer: EpochTimer, **kwargs: Any) -> L.Trainer:
@@ -291,12 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     m1d_val, m1d_val_target = m1d.dataset("val").tensors
     m1d_rows: dict[str, dict[str, Any]] = {}
     m1d_fit: dict[str, FitTimer] = {}
+    step_profile: dict[str, dict[str, float]] = {}
+    x_step, y_step = m1d.dataset("train").tensors[0][:100], m1d.dataset("train").tensors[1][:100]
     for mode in ("single", "vectorized", "sequential"):
         L.seed_everything(0, verbose=False)
         module = _classifier(MNIST1DCNN(dropout=0.1), args.lr)
         timer, m1d_fit[mode] = EpochTimer(), FitTimer()
         strategy = "auto" if mode == "single" else DeepEnsembleStrategy(num_members=args.members, mode=mode)
         _trainer(args.epochs, timer, callbacks=[m1d_fit[mode]], strategy=strategy).fit(module, m1d)
+        # where a training step's time goes, on the trained module (one batch of 100 per member)
+        step_profile[mode] = _step_profile(copy.deepcopy(module), x_step, y_step, 0 if mode == "single" else args.members,
+                                           10 if args.quick else 40)
         module.eval()
         raw = (lambda x, m=module: m(x).softmax(-1)) if mode == "single" else (lambda x, m=module: m(x).exp())
         scaled, temperature = _temperature_scaled(module, m1d_val, m1d_val_target)
@@ -356,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nMNIST-1D CNN".ljust(width + 1) + "".join(c[:12].rjust(13) for c in m1d_columns))
     for name, row in m1d_rows.items():
         print(name.ljust(width) + "".join(f"{row[c]:13.4f}" for c in m1d_columns))
+    print("\nMNIST-1D CNN training step, CPU ms (batch 100 per member)")
+    for mode, row in step_profile.items():
+        print(f"  {mode:<11}" + "  ".join(f"{k} {v:7.2f}" for k, v in row.items()))
     print()
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
@@ -387,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         "mlp_train_s_per_epoch": mlp_times,
         "digits_fit_s": {k: {"cpu": t.cpu, "wall": t.wall} for k, t in fit_timers.items()},
         "mnist1d_cnn": {"config": "MNIST1DCNN(dropout=0.1), Adam, cosine, batch 100, OOD = held-out classes 8 and 9",
-                        "results": m1d_rows},
+                        "results": m1d_rows,
+                        "train_step_cpu_ms": step_profile},
         "ratios": ratios,
         "goals": goals,
         "reliability_diagrams": plots,
