@@ -252,3 +252,12 @@ def test_bounded_yaml_rejects_bombs_depth_and_size_fast(tmp_path, capsys, text, 
 def test_shipped_recipes_are_within_the_bounds():
     for recipe in RECIPES.glob("*.yaml"):
         check(recipe.read_text())
+
+
+def test_no_load_in_the_package_unpickles_arbitrary_objects():
+    offenders = []
+    for source in (ROOT / "lightning_relief").rglob("*.py"):
+        for number, line in enumerate(source.read_text().splitlines(), 1):
+            if re.search(r"weights_only\s*=\s*False|allow_pickle\s*=\s*True|(?<![\w.])pickle\.loads?\(|(?<![\w])yaml\.(unsafe_)?load\(", line):
+                offenders.append(f"{source.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, offenders
