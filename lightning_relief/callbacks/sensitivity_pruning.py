@@ -19,6 +19,7 @@ from lightning_relief.compress.cost import METRICS
 from lightning_relief.compress.engine import DEFAULT_RATIOS, CompressionConfig, CompressionResult, apply_plan, plan
 from lightning_relief.compress.meter import AnalyticMeter, Meter
 from lightning_relief.compress.report import Progress, pareto_plot, print_report, write_json
+from lightning_relief.compress.units import check_supported
 from lightning_relief.nn.structure import RestorableStructureMixin, rebuild_structure, save_structure
 
 
@@ -45,13 +46,15 @@ class SensitivityPruningCallback(Callback):
 
     Example::
 
+        >>> import tempfile
         >>> import lightning as L
         >>> from lightning_relief import ClassifierModule, DigitsDataModule, SensitivityPruningCallback
         >>> from lightning_relief.models import LeNet5
         >>> module = ClassifierModule(LeNet5(input_size=8))
         >>> prune = SensitivityPruningCallback(target=0.5, metric="macs", start_epoch=1, verbose=False)
         >>> trainer = L.Trainer(max_epochs=2, callbacks=[prune], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
+        ...                     enable_progress_bar=False, enable_model_summary=False,
+        ...                     default_root_dir=tempfile.mkdtemp())  # the report goes there
         >>> trainer.fit(module, DigitsDataModule())
         >>> prune.chosen.measured_cost <= 0.5 * prune.original_cost
         True
@@ -154,6 +157,9 @@ class SensitivityPruningCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._compress_epoch = self._resolve_start(trainer)
+            if self.phase == "waiting":
+                with uncompiled(pl_module):  # a layer it cannot handle fails the run now, not epochs later
+                    check_supported(pl_module, self.config.ignored_layers)
         if not isinstance(pl_module, RestorableStructureMixin) and "on_load_checkpoint" not in pl_module.__dict__:
             # replay the recorded structure before the weights load, for modules without the mixin
             pl_module.__dict__["on_load_checkpoint"] = types.MethodType(_replaying_on_load_checkpoint, pl_module)
