@@ -220,3 +220,28 @@ def test_recurrent_layer_is_a_typed_error_naming_it():
     with pytest.raises(UnsupportedOperationError) as info:
         MomentPropagationWrapper(Net())
     assert (info.value.module_path, info.value.layer_type) == ("lstm", "LSTM")
+
+
+@pytest.mark.slow
+def test_new_rules_compile_to_one_tvm_graph_matching_pytorch():
+    pytest.importorskip("tvm")
+    from lightning_relief.deploy import compile_for_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Dropout(0.2), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),  # correlated pool
+        nn.ConvTranspose2d(4, 4, 2, stride=2), nn.GELU(), nn.Upsample(scale_factor=0.5), nn.GroupNorm(2, 4),
+        nn.Hardswish(), nn.Flatten(), nn.Linear(64, 16), nn.LayerNorm(16), nn.ReLU6(), nn.Hardsigmoid(),
+        nn.Linear(16, 3), nn.LogSoftmax(-1),
+    ).eval()  # fmt: skip
+    x = torch.randn(4, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ends in log_softmax
+        wrapper = MomentPropagationWrapper(model)
+    assert "conv_neighbour_cov" in wrapper.code
+    compiled = compile_for_target(wrapper, x)
+    assert len(compiled.metadata["outputs"]) == 2
+    mean, var = compiled(x)
+    expected_mean, expected_var = wrapper(x)
+    torch.testing.assert_close(mean, expected_mean.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var, expected_var.detach(), rtol=1e-4, atol=1e-6)
