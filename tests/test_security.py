@@ -221,6 +221,21 @@ def test_robustness_recipe_slots_are_typed_like_fit(tmp_path, marker, capsys, wh
     assert ".".join(where) in err
 
 
+class RejectsInSetup(L.Callback):
+    """A callback that finds the configuration unusable when the run starts."""
+
+    def setup(self, trainer, pl_module, stage):
+        raise ValueError(f"needs max_epochs >= 5, got {trainer.max_epochs}")
+
+
+def test_configuration_rejected_in_setup_is_one_line_and_leaves_no_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = _recipe(tmp_path, "quickstart.yaml", lambda c: c["trainer"]["callbacks"].append({"class_path": f"{__name__}.RejectsInSetup"}))
+    err = _one_line_exit_2(capsys, lambda: relief(["fit", "--config", str(recipe), "--trainer.max_epochs", "1"]))
+    assert "ValueError: needs max_epochs >= 5, got 1" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [recipe.name]
+
+
 BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
 )

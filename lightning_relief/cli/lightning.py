@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
@@ -43,10 +45,35 @@ class ReliefCLI(LightningCLI):
             key, cause = summarize(str(err))
             fail(cause, source=_source, key=key or _section_of(err))
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A callback or module that rejects the configuration in its `setup` hook (e.g. a compression
+        # start epoch past max_epochs) is the recipe's fault too: one line, exit 2, no empty log folders.
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, TypeError) as err:
+            hooks = {frame.name for frame in traceback.extract_tb(err.__traceback__)}
+            if not hooks & {"_call_setup_hook", "_call_configure_model"}:
+                raise
+            _remove_empty_run_folders(self.trainer)
+            key, cause = summarize(str(err))
+            fail(f"{type(err).__name__}: {cause}", source=_source, key=key)
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             ckpt = "best" if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def _remove_empty_run_folders(trainer: L.Trainer) -> None:
+    """Remove the log and checkpoint folders a failed start left empty (never above the working directory)."""
+    cwd = Path.cwd().resolve()
+    folders = [getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) for logger in trainer.loggers]
+    folders += [getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks]
+    for folder in filter(None, folders):
+        path = Path(folder).resolve()
+        while path != cwd and cwd in path.parents and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+            path = path.parent
 
 
 def _section_of(err: Exception) -> str | None:
