@@ -139,23 +139,29 @@ def test_strategy_string_is_registered_and_single_device_runs_in_process(seed):
 
 
 def test_deep_ensemble_with_noise_callback(seed):
-    """Noise reaches every member of a vectorized ensemble; each member draws its own noise."""
-    noise = AnalogNoise(AdditiveGaussian(), 0.3)
+    """Noise reaches every member of a vectorized ensemble: outputs (each member its own draw) and the stacked weights."""
+    noise = AnalogNoise(WeightNoise(), 2.0)  # weights and outputs
     module = ClassifierModule(LeNet5(input_size=8, dropout=0.0), optimizer="sgd", lr=1e-3, scheduler="none")
     strategy = DeepEnsembleStrategy(num_members=2, mode="vectorized", reinitialize=False)
-    outputs = []
+    outputs, noisy_w, clean_w = [], [], []
 
     class Capture(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            x = batch[0][:8]
             from lightning_relief.uncertainty.stacking import member_forward
 
+            x = batch[0][:8]
+            noisy_w.append(pl_module.model.classifier[1].weight.detach().clone())
             with member_forward(pl_module).using("members"):
                 outputs.append(pl_module(torch.cat([x, x])).detach())
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            clean_w.append(pl_module.model.classifier[1].weight.detach().clone())
 
     trainer = quiet_trainer(strategy=strategy, callbacks=[noise, Capture()], max_steps=2, limit_val_batches=0)
     trainer.fit(module, digits())
     assert noise.injector.batches_done == 2
+    assert noisy_w[0].shape[0] == 2  # the stacked [members, out, in] weight is the one perturbed
+    assert all(not torch.equal(n, c) for n, c in zip(noisy_w, clean_w))
     # before the first step the members hold the same weights (no re-initialisation): any difference is noise
     first, second = outputs[0].chunk(2)
     assert not torch.allclose(first, second)

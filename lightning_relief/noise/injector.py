@@ -101,7 +101,7 @@ class NoiseInjector:
         self._generator: torch.Generator | None = None  # re-seeded for every batch, so it holds no state
         self._model: nn.Module | None = None
         self._handles: list[Any] = []
-        self._weights: list[tuple[str, nn.Module, nn.Parameter]] = []
+        self._weights: list[tuple[str, nn.Module]] = []
         self._saved: list[tuple[nn.Parameter, Tensor]] = []
         self._level: Tensor | None = None  # set while a step is active
         self._step_generator: torch.Generator | None = None
@@ -150,10 +150,9 @@ class NoiseInjector:
             for name, module in placement.select(model):
                 names.append(name)
                 if placement.site == "weights":
-                    param = module.weight
-                    if id(param) not in seen:
-                        seen.add(id(param))
-                        self._weights.append((name, module, param))
+                    if id(module) not in seen:
+                        seen.add(id(module))
+                        self._weights.append((name, module))
                 else:
                     self._handles.append(module.register_forward_hook(self._make_hook(placement.site)))
             if not names:
@@ -201,10 +200,13 @@ class NoiseInjector:
         self._level = level
         if self._weights:
             weight_level = level.reshape(-1)[0] if level.dim() else level  # one weight draw per batch
+            # the weight is looked up now: a strategy may have replaced the parameter since attach
+            # (DeepEnsembleStrategy stacks the members' weights at setup); tied weights are perturbed once
+            params = list({id(m.weight): (m.weight, m) for _, m in self._weights}.values())
             with torch.no_grad():
-                clean = [param.detach().clone() for _, _, param in self._weights]
-                noisy = self.noise.apply_weights(clean, weight_level, generator, [m for _, m, _ in self._weights])
-                for (_, _, param), value, saved in zip(self._weights, noisy, clean):
+                clean = [param.detach().clone() for param, _ in params]
+                noisy = self.noise.apply_weights(clean, weight_level, generator, [m for _, m in params])
+                for (param, _), value, saved in zip(params, noisy, clean):
                     self._saved.append((param, saved))
                     param.copy_(value)
 
