@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
@@ -204,7 +206,8 @@ class DeepEnsembleStrategy(DDPStrategy):
             super().setup_environment()
             return
         # without a process group every node (or externally started process) would train all members
-        external = int(os.environ.get("WORLD_SIZE", "1")) if self._externally_launched() else 1
+        assert self.cluster_environment is not None
+        external = int(os.environ.get("WORLD_SIZE", "1")) if self.cluster_environment.creates_processes_externally else 1
         if self.num_processes != 1 or self.num_nodes != 1 or external != 1:
             raise ValueError(
                 f"mode={self.mode!r} trains every member in one process, got devices={self.num_processes}, "
@@ -212,9 +215,6 @@ class DeepEnsembleStrategy(DDPStrategy):
                 "process, or mode='distributed' to spread members over processes and nodes"
             )
         super(DDPStrategy, self).setup_environment()
-
-    def _externally_launched(self) -> bool:
-        return self.cluster_environment is not None and self.cluster_environment.creates_processes_externally
 
     def setup(self, trainer: Any) -> None:
         assert self.accelerator is not None and self.model is not None
@@ -486,24 +486,17 @@ def _check_vmappable(module: Any, mode: str) -> None:
 def _rng_states() -> dict[str, Any]:
     """This process's torch (CPU, CUDA), numpy and Python generator states, as tensors and plain
     Python values (so ``torch.load(weights_only=True)`` reads them)."""
-    import random
-
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # CUDA's generators only once CUDA is in use: reading them would initialise it
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
         "python": list(random.getstate()),
     }
 
 
 def _set_rng_states(states: Mapping[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(states["torch"])
     if states["torch.cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["torch.cuda"])
