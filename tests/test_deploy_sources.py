@@ -135,3 +135,19 @@ def test_call_path_without_copies_keeps_results_apart(seed):
         torch.testing.assert_close(torch.from_numpy(compiled(b.numpy())), model(b), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"expected shape \[1, 1, 8, 8\]"):
         compiled(torch.zeros(2, 1, 8, 8))
+
+
+def test_export_after_fitting_a_compiled_module(tmp_path, trainer_factory, seed):
+    """``trainer.fit(torch.compile(module))`` leaves dynamo-wrapped methods on the module; BN in it."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    module = ClassifierModule(net)
+    inner = ClassifierModule(torch.compile(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), backend="eager"))
+    for fitted, source, folder in ((torch.compile(module, backend="eager"), module, "outer"), (inner, inner, "inner")):
+        export = TVMExportCallback(dirpath=tmp_path / folder, example_input_shape=(1, 1, 8, 8), measure=False, strict=True)
+        trainer = trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[export])
+        trainer.fit(fitted, DigitsDataModule(size=8))
+        x = torch.randn(5, 1, 8, 8)
+        source.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(load_compiled(tmp_path / folder)(x), source(x), atol=1e-5, rtol=1e-5)
+    assert module._compiler_ctx is not None, "the trained module keeps its compiled methods"
