@@ -347,7 +347,10 @@ def _convert_node(
         if has_moment_protocol(module):
             x = ctx.moments(args[0])
             return ctx.pair(graph.call_function(_protocol_call, (ctx.attr(node.target), x.mean, x.var)))
-        if not random and not isinstance(module, stochastic_modules):
+        # attention dropout is functional inside MultiheadAttention: with it, the block is random even for a
+        # deterministic input (and sampled)
+        attention_dropout = isinstance(module, nn.MultiheadAttention) and module.dropout > 0
+        if not random and not isinstance(module, stochastic_modules) and not attention_dropout:
             return graph.call_module(MODEL_PREFIX + node.target, args, kwargs)
         handler = _module_quadrature if isinstance(module, elementwise) else module_rule(module)
         if handler is None:
