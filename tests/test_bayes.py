@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -173,3 +175,22 @@ def test_kl_callback_adds_exactly_the_scaled_kl_gradient_to_a_user_module(digits
     assert trainer.callback_metrics["train_kl"].item() == pytest.approx(kl_divergence(reference).item(), rel=1e-5)
     with pytest.raises(ValueError, match="weight"):
         KLDivergenceCallback(weight=-1)
+
+
+def test_kl_callback_through_fabric_adds_the_same_gradient(digits, seed):
+    """A plain model in a Fabric loop: fabric.call runs the callback after fabric.backward."""
+    n = len(digits.dataset("train"))
+    model = nn.Sequential(nn.Flatten(), LinearReparameterization(64, 10))
+    reference = copy.deepcopy(model)
+    (kl_divergence(reference) * (0.5 / n)).backward()
+    callback = KLDivergenceCallback(dataset_size=n, weight=0.5)
+    fabric = L.Fabric(accelerator="cpu", devices=1, callbacks=[callback])
+    wrapped = fabric.setup_module(model)
+    x, _ = next(iter(digits.train_dataloader()))
+    fabric.backward(0.0 * wrapped(x)[0].sum())  # only the KL term gives gradients
+    fabric.call("on_after_backward", None, wrapped)
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, param.grad, msg=name)
+    assert callback.last_kl == pytest.approx(kl_divergence(reference).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="dataset_size"):
+        KLDivergenceCallback().on_after_backward(None, wrapped)

@@ -76,6 +76,11 @@ class KLDivergenceCallback(L.Callback):
     ``dataset_size`` or the size of the training set. Logs ``train_kl`` (the
     unscaled summed KL).
 
+    Outside Lightning's Trainer it needs ``dataset_size``, and keeps the KL in ``last_kl``
+    instead of logging it. With Fabric, right after ``fabric.backward(loss)``: a plain model,
+    ``fabric.call("on_after_backward", None, model)``; a LightningModule (Fabric would call its
+    own ``on_after_backward()`` with these arguments too), ``callback.on_after_backward(None, module)``.
+
     Example::
 
         >>> from lightning_relief.bayes import KLDivergenceCallback
@@ -100,12 +105,20 @@ class KLDivergenceCallback(L.Callback):
         model = self._model(pl_module)
         if not bayesian_layers(model) or self.weight == 0:
             return
+        with_trainer = isinstance(trainer, L.Trainer)
+        if not with_trainer and self.dataset_size is None:
+            raise ValueError(
+                "KLDivergenceCallback outside Lightning's Trainer (e.g. through fabric.call) cannot find the "
+                "training-set size: pass dataset_size=N"
+            )
         size = self.dataset_size or training_set_size(trainer)
         kl = kl_divergence(model)
-        # gradient accumulation divides each step's loss the same way
-        (kl * (self.weight / size / trainer.accumulate_grad_batches)).backward()
+        # gradient accumulation divides each step's loss the same way (Fabric: the user's loop does its own)
+        accumulate = trainer.accumulate_grad_batches if with_trainer else 1
+        (kl * (self.weight / size / accumulate)).backward()
         self.last_kl = float(kl.detach())
-        pl_module.log("train_kl", kl.detach(), on_step=False, on_epoch=True)
+        if with_trainer:
+            pl_module.log("train_kl", kl.detach(), on_step=False, on_epoch=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:
