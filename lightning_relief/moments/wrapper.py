@@ -30,15 +30,25 @@ class MomentPropagationWrapper(nn.Module):
     ``training`` flag); batch norm uses its running statistics. Layers before the
     first random operation run unchanged, once.
 
-    Supported: ``Linear``, ``Conv1d/2d/3d`` (and ``F.linear``/``F.conv*d``),
-    ``BatchNorm1d/2d/3d`` (eval), ``ReLU``, ``LeakyReLU``, ``Sigmoid``, ``Tanh``,
-    ``Dropout`` (also ``1d/2d/3d`` and functional), ``MaxPool1d/2d``,
-    ``AvgPool1d/2d``, ``AdaptiveAvgPool1d/2d`` (integer ratios), ``Flatten``,
-    reshapes, ``+``/``-``/``*``/``/``, ``mean``/``sum``, ``cat``, and bayesian-torch's
-    ``LinearReparameterization``/``Conv*dReparameterization`` and flipout layers
-    (weights ``N(mu, log1p(exp(rho))^2)``; their ``(out, kl)`` output is handled).
-    Anything else raises :class:`~lightning_relief.moments.UnsupportedOperationError`
-    naming the operation, its module path, node and source line.
+    Supported: ``Linear``, ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (and their functional
+    forms), ``BatchNorm1d/2d/3d`` (eval), ``LayerNorm``, ``GroupNorm`` (delta method), ReLU,
+    LeakyReLU, PReLU (exact), Hardtanh/ReLU6/Hardsigmoid/``clamp`` (exact), Sigmoid, Tanh, GELU,
+    SiLU, Mish, Softplus, ELU, CELU, SELU, Hardswish, Softsign, LogSigmoid (Gauss-Hermite
+    quadrature; any other elementwise module through ``elementwise=``), ``Dropout`` (also
+    ``1d/2d/3d``, alpha dropout and functional), ``MaxPool1d/2d`` (also ``ceil_mode``),
+    ``AdaptiveMaxPool1d/2d`` and ``AdaptiveAvgPool1d/2d`` (equal windows), ``AvgPool1d/2d``,
+    nearest ``Upsample``/``interpolate``, ``amax``, ``Flatten``, reshapes, ``+``/``-``/``*``/``/``,
+    ``mean``/``sum``, ``cat``, softmax/log-softmax at the output (the logits' moments are
+    returned, with a warning), ``MultiheadAttention`` (sampled from 64 fixed draws of its
+    inputs, with a warning naming it; ``TransformerEncoderLayer`` is traced into), and
+    bayesian-torch's ``LinearReparameterization``/``Conv*dReparameterization`` and flipout
+    layers (weights ``N(mu, log1p(exp(rho))^2)``; their ``(out, kl)`` output is handled).
+    A max pool after a convolution uses the covariance of neighbouring outputs (Clark's
+    correlated maximum). Anything else raises
+    :class:`~lightning_relief.moments.UnsupportedOperationError` naming the operation, its
+    module path (``module_path``), type (``layer_type``), node and source line, and the
+    supported modules. A dropout or Gaussian-weight layer that the trace does not reach
+    (e.g. guarded by ``if self.training:``) is named in a warning.
 
     **Extension protocol.** A module that defines
     ``propagate_moments(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]``
@@ -57,8 +67,10 @@ class MomentPropagationWrapper(nn.Module):
         leaf_types: extra module classes not to trace into (they need a rule or
             ``propagate_moments``).
         softmax: the approximation of the expected softmax: ``"daunizeau"`` (pairwise
-            sigmoids) or ``"mean_field"`` (each logit scaled by ``1/sqrt(1 + pi v/8)``);
-            see :func:`~lightning_relief.moments.functional.softmax_log_probs`.
+            sigmoids), ``"mean_field"`` (each logit scaled by ``1/sqrt(1 + pi v/8)``) or
+            ``"logit_samples"``; see :func:`~lightning_relief.moments.functional.softmax_log_probs`.
+        elementwise: module classes that act elementwise (custom activations): not traced
+            into; their moments by Gauss-Hermite quadrature of the module itself.
 
     Example::
 
