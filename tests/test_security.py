@@ -7,6 +7,7 @@ each test checks the marker is absent and the error is the typed or one-line one
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -276,3 +277,14 @@ def test_no_load_in_the_package_unpickles_arbitrary_objects():
             if re.search(r"weights_only\s*=\s*False|allow_pickle\s*=\s*True|(?<![\w.])pickle\.loads?\(|(?<![\w])yaml\.(unsafe_)?load\(", line):
                 offenders.append(f"{source.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("noise, expected", [("pcm", "out_noise=0.06"), ("additive", "AdditiveGaussian")])
+def test_robustness_noise_option_keeps_the_recipes_settings_of_that_noise(good_ckpt, tmp_path, noise, expected):
+    """`--noise pcm` used to replace the recipe's PCMNoise(out_noise=0.06, ...) by a default PCMNoise()."""
+    out = tmp_path / "rob"
+    times_or_levels = ["--times", "1"] if noise == "pcm" else ["--levels", "0.1"]
+    assert relief(["robustness", "--ckpt", str(good_ckpt), "--config", str(RECIPES / "analog_pcm_digits.yaml"),
+                   "--noise", noise, *times_or_levels, "--repeats", "1", "--out", str(out)]) == 0
+    [result] = out.glob("*.json")
+    assert expected in json.loads(result.read_text())["noise"]
