@@ -88,7 +88,7 @@ def _warn_kept_parameters(model: nn.Module) -> None:
         warnings.warn(f"to_bayesian: parameters {kept} are not in a layer it converts and stay deterministic", stacklevel=3)
 
 
-def _variational(layer: nn.Module, params: dict[str, Any]) -> nn.Module:
+def _variational(layer: Any, params: dict[str, Any]) -> nn.Module:
     import bayesian_torch.layers as bayesian
 
     stem, int_kernel = _CONVERTIBLE[layer.__class__]

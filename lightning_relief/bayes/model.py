@@ -41,7 +41,7 @@ class BayesianModel(nn.Module):
         moped_delta: float = 0.5,
     ) -> None:
         super().__init__()
-        prior = dict(
+        prior: dict[str, Any] = dict(
             prior_mu=prior_mu,
             prior_sigma=prior_sigma,
             posterior_mu_init=posterior_mu_init,

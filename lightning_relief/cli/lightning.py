@@ -60,7 +60,8 @@ class ReliefCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
-            ckpt = "best" if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path else None
+            best = getattr(self.trainer.checkpoint_callback, "best_model_path", None)
+            ckpt = "best" if best else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 

@@ -51,11 +51,11 @@ def main(argv: Sequence[str]) -> int:
             print(f"{name:<{width}}  {describe(path)}")
         return 0
     if argv[0] == "show" and len(argv) == 2:
-        path = resolve(argv[1])
-        if path is None:
+        found = resolve(argv[1])
+        if found is None:
             print(f"relief: error: no recipe {argv[1]!r}; shipped: {', '.join(recipes) or 'none'}", file=sys.stderr)
             return 2
-        sys.stdout.write(path.read_text())
+        sys.stdout.write(found.read_text())
         return 0
     print("usage: relief recipes [list | show NAME]", file=sys.stderr)
     return 2

@@ -100,13 +100,13 @@ class DigitsDataModule(SplitDataModule):
         if self.ood == "heldout":
             mask = np.isin(targets, self.heldout_classes)
             in_dist, ood_idx = indices[~mask], indices[mask]
-        holdout = self.hparams.val_fraction + self.hparams.test_fraction
+        holdout = self.hparams["val_fraction"] + self.hparams["test_fraction"]
         train, rest = train_test_split(
             in_dist, test_size=holdout, random_state=self.seed, stratify=targets[in_dist]
         )
         val, test = train_test_split(
             rest,
-            test_size=self.hparams.test_fraction / holdout,
+            test_size=self.hparams["test_fraction"] / holdout,
             random_state=self.seed,
             stratify=targets[rest],
         )

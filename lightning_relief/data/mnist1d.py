@@ -97,14 +97,15 @@ class MNIST1DDataModule(SplitDataModule):
         data = generate(self.args)
         x, y = data["x"], data["y"]
         x_test, y_test = data["x_test"], data["y_test"]
-        ood_x = ood_y = None
+        ood_x: np.ndarray | None = None
+        ood_y: np.ndarray | None = None
         if self.ood == "heldout":
             held = np.isin(y_test, self.heldout_classes)
             ood_x, ood_y = x_test[held], y_test[held]
             keep = ~np.isin(y, self.heldout_classes)
             x, y, x_test, y_test = x[keep], y[keep], x_test[~held], y_test[~held]
         train, val = train_test_split(
-            np.arange(len(y)), test_size=self.hparams.val_fraction, random_state=self.seed, stratify=y
+            np.arange(len(y)), test_size=self.hparams["val_fraction"], random_state=self.seed, stratify=y
         )
         train, val = np.sort(train), np.sort(val)
         if self.ood in ("shuffle", "noise"):
@@ -116,7 +117,7 @@ class MNIST1DDataModule(SplitDataModule):
             return TensorDataset(inputs, torch.tensor(labels, dtype=torch.long))
 
         self._splits = {"train": tensors(x[train], y[train]), "val": tensors(x[val], y[val]), "test": tensors(x_test, y_test)}
-        if ood_x is not None:
+        if ood_x is not None and ood_y is not None:
             self._splits["ood"] = tensors(ood_x, ood_y)
 
     def _shifted(self, signals: np.ndarray) -> np.ndarray:

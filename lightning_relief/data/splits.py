@@ -47,7 +47,7 @@ class SplitDataModule(L.LightningDataModule):
 
     def dataset(self, split: str) -> TensorDataset:
         """The tensors of ``split`` (``train``, ``val``, ``test`` or ``ood``)."""
-        self.setup()
+        self.setup("fit")
         assert self._splits is not None
         if split not in self._splits:
             if split == "ood":

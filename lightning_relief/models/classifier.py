@@ -103,17 +103,17 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
 
     def _kl_loss(self) -> Tensor | None:
         """``kl_weight * KL / N`` of bayesian-torch layers in the model (None without them)."""
-        if self.hparams.kl_weight == 0 or not any(callable(getattr(m, "kl_loss", None)) for m in self.model.modules()):
+        if self.hparams["kl_weight"] == 0 or not any(callable(getattr(m, "kl_loss", None)) for m in self.model.modules()):
             return None
         from lightning_relief.bayes.kl import kl_term, training_set_size
 
-        return kl_term(self.model, training_set_size(self.trainer), self.hparams.kl_weight)
+        return kl_term(self.model, training_set_size(self.trainer), self.hparams["kl_weight"])
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
         kl = self._kl_loss()
         if kl is not None:
             self.log("train_kl_term", kl, on_step=False, on_epoch=True)
@@ -151,7 +151,8 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict
+        optimizer: torch.optim.Optimizer
         params = [p for p in self.parameters() if p.requires_grad]
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True)

@@ -26,7 +26,8 @@ def records_init_args(cls: type[nn.Module]) -> type[nn.Module]:
         bound.apply_defaults()
         original(self, *args, **kwargs)
         if type(self) is cls:  # the outermost class records, subclasses overwrite
-            self.init_args = {k: v for k, v in bound.arguments.items() if k != "self"}
+            # nn.Module.__setattr__ is typed for tensors and modules only
+            self.init_args = {k: v for k, v in bound.arguments.items() if k != "self"}  # type: ignore[assignment]
 
     cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
