@@ -61,7 +61,7 @@ def rebuild_structure(module: nn.Module, checkpoint: dict[str, Any]) -> None:
         raise ValueError(f"checkpoint {STRUCTURE_KEY!r} must be a list of {{'rebuild', 'spec'}} steps")
     # resolve every step before replaying any, so a refused one leaves the module unchanged
     functions = [resolve_function(s["rebuild"], f"{STRUCTURE_KEY}[{i}].rebuild", REBUILD_STEPS) for i, s in enumerate(steps)]
-    for step, function in list(zip(steps, functions))[done:]:
+    for step, function in list(zip(steps, functions, strict=True))[done:]:
         function(module, step["spec"])
         record_structure(module, step["rebuild"], step["spec"])
 
