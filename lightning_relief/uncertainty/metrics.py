@@ -51,6 +51,8 @@ class _SampleMean(Metric):
 
     full_state_update = False
     is_differentiable = False
+    total: Tensor
+    count: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -113,6 +115,9 @@ class ExpectedCalibrationError(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
+    bin_count: Tensor
+    bin_confidence: Tensor
+    bin_correct: Tensor
 
     def __init__(self, n_bins: int = 15, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -143,6 +148,8 @@ class AdaptiveCalibrationError(_Concatenating):
     """Equal-mass-bin ECE; ``update(probs [N, C], target [N])`` (keeps one row per sample)."""
 
     higher_is_better = False
+    probs: list[Tensor]
+    target: list[Tensor]
 
     def __init__(self, n_bins: int = 15, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -170,6 +177,8 @@ class _OODScore(_Concatenating):
 
     higher_is_better = True
     _function: Callable[[Tensor, Tensor], Tensor]
+    scores: list[Tensor]
+    labels: list[Tensor]
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
