@@ -37,16 +37,17 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _machine import machine_info  # noqa: E402
+from _results import result_path  # noqa: E402
+
 from lightning_relief import ClassifierModule, DeepEnsembleStrategy, DigitsDataModule, MNIST1DDataModule  # noqa: E402
 from lightning_relief.bayes import BayesianModel, mc_predict, predict_mean  # noqa: E402
-from lightning_relief.models import MLP, LeNet5, MNIST1DCNN  # noqa: E402
+from lightning_relief.models import MLP, MNIST1DCNN, LeNet5  # noqa: E402
 from lightning_relief.uncertainty import EnsembleModel, plot_reliability_diagram  # noqa: E402
 from lightning_relief.uncertainty import functional as U  # noqa: E402
 from lightning_relief.uncertainty.sampling import MemberBatchSampler  # noqa: E402
 from lightning_relief.uncertainty.stacking import reinitialize  # noqa: E402
 from lightning_relief.uncertainty.temperature import fit_temperature  # noqa: E402
-from _machine import machine_info  # noqa: E402
-from _results import result_path  # noqa: E402
 
 
 class EpochTimer(L.Callback):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 
+from conftest import quiet_trainer
 from lightning_relief import ClassifierModule, DeepEnsembleStrategy
 from lightning_relief.data import DigitsDataModule
 from lightning_relief.models import LeNet5

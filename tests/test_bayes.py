@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bayesian_torch.layers import LinearReparameterization
-from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.distributions import Normal, kl_divergence as torch_kl
+from torch.distributions import Normal
+from torch.distributions import kl_divergence as torch_kl
 
+from conftest import quiet_trainer
 from lightning_relief import ClassifierModule
 from lightning_relief.bayes import (
     KLDivergenceCallback,

@@ -13,9 +13,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from conftest import quiet_trainer
 from lightning_relief import ClassifierModule, DeepEnsembleStrategy
 from lightning_relief.models import MLP, LeNet5
 from lightning_relief.uncertainty.stacking import num_members

@@ -7,11 +7,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_trainer
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from torch import nn
 
+from conftest import quiet_trainer
 from lightning_relief import ClassifierModule, DeepEnsembleStrategy
 from lightning_relief.callbacks.temperature_scaling import TemperatureScaling
 from lightning_relief.models import MLP, LeNet5

@@ -8,12 +8,12 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_trainer
 from lightning.pytorch.strategies import DDPStrategy
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from conftest import quiet_trainer
 from lightning_relief.callbacks.moment_propagation_eval import MomentPropagationEvalCallback
 from lightning_relief.data import DigitsDataModule
 from lightning_relief.models import ClassifierModule, LeNet5
