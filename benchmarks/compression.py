@@ -17,6 +17,12 @@ candidates in light colour, the chosen points marked).
 
     .venv/bin/python benchmarks/compression.py            # full run (about 30-60 min on 2 busy cores)
     .venv/bin/python benchmarks/compression.py --quick    # LeNet, target 0.5, short training
+    .venv/bin/python benchmarks/compression.py --suite mnist1d [--seeds 0 1 2]   # issue #13's search-quality goal
+
+``--suite mnist1d``: the MNIST-1D CNN (``MNIST1DCNN``, batch norm) pretrained, then compressed to measured
+latency targets 0.5, 0.35 and 0.25 by ours (accuracy-scored candidates incl. the uniform, 8-bit and joint
+baselines) and by uniform pruning alone, each fine-tuned alike; test accuracy at the latency each measured,
+time per phase, the chosen policies. Writes ``results/compression_mnist1d.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from lightning.pytorch.callbacks import ModelPruning  # noqa: E402
 from lightning_relief import ClassifierModule, DigitsDataModule, SensitivityPruningCallback  # noqa: E402
 from lightning_relief.compress import analyze, apply_quantization, quantized_bits  # noqa: E402
 from lightning_relief.compress.latency import LatencyMeter  # noqa: E402
-from lightning_relief.models import LeNet5, ResNet  # noqa: E402
+from lightning_relief.data import MNIST1DDataModule  # noqa: E402
+from lightning_relief.models import MNIST1DCNN, LeNet5, ResNet  # noqa: E402
 from _machine import machine_info  # noqa: E402
 from _results import result_path  # noqa: E402
 
@@ -127,7 +134,7 @@ def run_model(name: str, args, meter_cache: Path) -> dict:
             candidates[f"{method}@{target}"] = [
                 {"measured_ratio": c.measured_cost / cb.original_cost, "val_acc_before_finetune": c.val_acc,
                  "chosen": c.chosen} for c in cb.evaluated]
-            finish(method, target, module, cb.timings["total_s"], fit_s,
+            finish(method, target, module, cb.timings["plan_s"], fit_s,
                    {"candidates": len(cb.evaluated), "callback_latency_ratio": cb.chosen.measured_cost / cb.original_cost,
                     "policy": cb.policy.to_dict()})
         # Lightning's unstructured pruning: masks, no structural change
@@ -189,18 +196,115 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_mnist1d(args) -> dict:
+    """Ours against uniform pruning on the MNIST-1D CNN at equal measured latency, per seed."""
+    dm = MNIST1DDataModule(batch_size=100)
+    dm.setup()
+    runs = []
+    for seed in args.seeds:
+        L.seed_everything(seed, verbose=False)
+        base = ClassifierModule(MNIST1DCNN(), lr=1e-2, scheduler="none")
+        t = time.perf_counter()
+        trainer(args.pretrain_epochs).fit(base, dm)
+        pretrain_s = time.perf_counter() - t
+        pretrained = copy.deepcopy(base.state_dict())
+        base_acc = test_acc(base, dm)
+        print(f"[mnist1d seed {seed}] pretrained {args.pretrain_epochs} epochs in {pretrain_s:.0f} s: test acc {base_acc:.4f}",
+              flush=True)
+        for target in args.targets:
+            for method, kwargs in (("ours", {}), ("uniform", {"search": "uniform", "methods": ("prune",)})):
+                L.seed_everything(seed, verbose=False)
+                module = ClassifierModule(MNIST1DCNN(), lr=args.finetune_lr, scheduler="none")
+                module.load_state_dict(pretrained)
+                meter = LatencyMeter("llvm", cache_dir=args.cache_dir, repeat=args.repeat, number=args.number,
+                                     compare_seconds=args.compare_seconds)
+                cb = SensitivityPruningCallback(target=target, meter=meter, start_epoch=0, calibration_batches=4,
+                                                candidates=args.candidates, max_rounds=args.max_rounds,
+                                                recovery_steps=args.recovery_steps, seed=seed, verbose=False, **kwargs)
+                t = time.perf_counter()
+                try:
+                    trainer(args.finetune_epochs, [cb]).fit(module, dm)
+                except ValueError as err:
+                    print(f"[mnist1d seed {seed}] {method} {target}: {err}", flush=True)
+                    runs.append({"seed": seed, "method": method, "target": target, "error": str(err)})
+                    continue
+                fit_s = time.perf_counter() - t
+                chosen = cb.chosen
+                row = {"seed": seed, "method": method, "target": target, "original_acc": base_acc,
+                       "test_acc": test_acc(module, dm), "latency_ratio": chosen.measured_cost / cb.original_cost,
+                       "val_acc_cut": chosen.val_acc, "val_acc_recovered": chosen.extra.get("recovered_acc"),
+                       "kind": chosen.extra.get("kind", "search"), "policy": cb.policy.to_dict(),
+                       "quantized": bool(cb.policy.quantized_layers()), "candidates": len(cb.evaluated),
+                       "timings": cb.timings, "finetune_s": fit_s - cb.timings["plan_s"]}
+                runs.append(row)
+                print(f"[mnist1d seed {seed}] {method:<8} target {target:<4} acc {row['test_acc']:.4f} latency "
+                      f"x{row['latency_ratio']:.3f} chosen {row['kind']} quantized {row['quantized']} "
+                      f"plan {cb.timings['plan_s']:.0f} s fine-tune {row['finetune_s']:.0f} s", flush=True)
+    return {"runs": runs, "summary": mnist1d_summary(runs)}
+
+
+def mnist1d_summary(runs: list[dict]) -> dict:
+    """Mean ± std over seeds of test accuracy and latency ratio, ours minus uniform, per target."""
+    import statistics
+
+    out = {}
+    for target in sorted({r["target"] for r in runs}, reverse=True):
+        entry = {}
+        for method in ("ours", "uniform"):
+            rows = [r for r in runs if r["target"] == target and r["method"] == method and "error" not in r]
+            if not rows:
+                continue
+            accs = [100 * r["test_acc"] for r in rows]
+            ratios = [r["latency_ratio"] for r in rows]
+            entry[method] = {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs),
+                             "ratio_mean": statistics.fmean(ratios), "seeds": len(rows),
+                             "drop_vs_original": statistics.fmean(100 * (r["original_acc"] - r["test_acc"]) for r in rows)}
+        if "ours" in entry and "uniform" in entry:
+            entry["ours_minus_uniform_points"] = entry["ours"]["acc_mean"] - entry["uniform"]["acc_mean"]
+            entry["quantized_share"] = statistics.fmean(
+                float(r["quantized"]) for r in runs if r["target"] == target and r["method"] == "ours" and "error" not in r)
+        out[str(target)] = entry
+    return out
+
+
+def main_mnist1d(args) -> int:
+    args.cache_dir = Path(args.cache_dir)
+    args.finetune_lr = 3e-3
+    started = time.perf_counter()
+    result = run_mnist1d(args)
+    payload = {"benchmark": "compression_mnist1d", "wall_s": time.perf_counter() - started,
+               "machine": {**machine_info(), "torch_threads": args.threads,
+                           "tvm_threads": os.environ.get("TVM_NUM_THREADS")},
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **result}
+    out = result_path("compression_mnist1d.json", args.quick)
+    out.write_text(json.dumps(payload, indent=2, default=float))
+    print(json.dumps(result["summary"], indent=1, default=float))
+    print(f"wrote {out} in {payload['wall_s']:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="LeNet only, target 0.5, short training")
+    parser.add_argument("--suite", choices=("digits", "mnist1d"), default="digits")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="mnist1d suite: seeds")
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
-    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.2])
+    parser.add_argument("--targets", nargs="+", type=float, default=None,
+                        help="digits: 0.5 0.2; mnist1d: 0.5 0.35 0.25 unless given")
     parser.add_argument("--cache-dir", default="runs/cache/bench_compression")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.suite == "mnist1d":
+        args.targets = args.targets or [0.5, 0.35, 0.25]
+        args.pretrain_epochs, args.finetune_epochs = (3, 1) if args.quick else (20, 5)
+        args.repeat, args.number, args.compare_seconds = 5, 10, 2.0
+        args.candidates, args.max_rounds, args.recovery_steps = 2, 3, (10 if args.quick else 100)
+        return main_mnist1d(args)
     args.lr, args.finetune_lr = 1e-2, 3e-3
     args.repeat, args.number = 10, 10
     args.candidates = 3
+    args.targets = args.targets or [0.5, 0.2]
     if args.quick:
         args.models, args.targets = ["lenet"], [0.5]
         args.pretrain_epochs = {"lenet": 3, "resnet20": 2}

@@ -224,7 +224,7 @@ def test_latency_metric_measures_candidates_with_tvm(digits, seed, tmp_path):
     assert _optimizer_params(trainer) == _trainable(module)
     # the cost table's corners are the deploy table's measurements (same cache, no new compile),
     # scaled by the fit to the two whole-model measurements (original, uniformly half-pruned)
-    assert len(cb.calibration["measured_ms"]) == 2 and cb.calibration["scale"] > 0
+    assert len(cb.calibration["measured"]) == 2 and cb.calibration["scale"] > 0
     table = LayerLatencyTable("llvm", cache_dir=tmp_path / "cache" / "layers", repeat=10, number=10)
     full = table.latency_ms("linear", 64, 256)
     row = next(r for r in cb.report["layers"] if r["layer"] == "model.net.1")

