@@ -70,3 +70,23 @@ def test_model_accuracy_on_aihwkit_matches_our_pcm_noise():
         assert abs(a - b) < 0.03 + 2 * (sa + sb), (ref.accuracy_mean, ours.accuracy_mean)
     # the original model is untouched by the conversion
     assert all(type(m).__module__.startswith("torch") or "lightning_relief" in type(m).__module__ for m in module.modules())
+
+
+def test_pcm_defaults_predict_aihwkit_inference_preset():
+    """Out of the box: PCMNoise() (weights + outputs, out_noise 0.06) vs aihwkit's standard PCM inference
+    preset (evaluate_aihwkit's defaults) on a trained CNN, after 1 s, 1 h, 1 day and 1 year: within 3 points."""
+    from conftest import quiet_trainer
+
+    from lightning_relief import ClassifierModule
+    from lightning_relief.data import DigitsDataModule
+    from lightning_relief.models import LeNet5
+    from lightning_relief.noise.aihwkit_backend import evaluate_aihwkit
+
+    torch.manual_seed(0)
+    digits = DigitsDataModule(batch_size=128)
+    module = ClassifierModule(LeNet5(dropout=0.0), lr=1e-2)
+    quiet_trainer(max_epochs=3, limit_val_batches=0).fit(module, digits)
+    ref = evaluate_aihwkit(module, digits, times=TIMES, repeats=4)
+    ours = evaluate_robustness(module, digits, PCMNoise(), times=TIMES, repeats=8, show=False, progress=False)
+    for t, a, b, sa, sb in zip(TIMES, ref.accuracy_mean, ours.accuracy_mean, ref.accuracy_std, ours.accuracy_std):
+        assert abs(a - b) < 0.03 + (sa + sb), (t, ref.accuracy_mean, ours.accuracy_mean)
