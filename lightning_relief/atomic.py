@@ -74,7 +74,8 @@ def atomic_save(write: Callable[[BinaryIO], Any], path: str | os.PathLike) -> No
         write(f)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (the writer of a temp file or staging folder)."""
     if pid == os.getpid():
         return True
     try:
@@ -96,7 +97,7 @@ def clean_stale_temps(folder: str | os.PathLike, min_age_s: float = 1.0) -> list
     now = time.time()
     for entry in entries:
         match = _TEMP.match(entry.name)
-        if not match or _alive(int(match["pid"])):
+        if not match or pid_alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             if now - entry.stat().st_mtime >= min_age_s:

@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning_relief.atomic import _alive
+from lightning_relief.atomic import pid_alive
 from lightning_relief.deploy.errors import DeployError
 
 HASHED = ("model.so", "params.npz")
@@ -84,7 +84,7 @@ def recover(target: Path) -> None:
     with contextlib.suppress(OSError):
         for entry in target.parent.iterdir():
             match = _STAGING.match(entry.name)
-            if match and match["name"] == target.name and not _alive(int(match["pid"])):
+            if match and match["name"] == target.name and not pid_alive(int(match["pid"])):
                 shutil.rmtree(entry, ignore_errors=True)
 
 
