@@ -212,3 +212,18 @@ def test_member_loader_fast_path_serves_the_same_batches():
     assert type(fast.dataset).__name__ == "_TensorBatches" and len(fast) == len(generic) == 7
     for a, b in zip(generic, fast):
         assert type(a) is type(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_member_initialisation_leaves_the_users_cuda_seed_alone():
+    """Before CUDA starts, torch.manual_seed queues a seed for every GPU; the member init must not
+    replace the one seed_everything queued (it would become seed + M - 1 once CUDA starts)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("checks the queue of seeds that only exists before CUDA starts")
+    model = LeNet5(input_size=8)
+    L.seed_everything(123, verbose=False)
+    tracker = torch.cuda._lazy_seed_tracker  # private, but the only place the queued seed is visible
+    queued = tracker.get_calls()[-1][0]
+    cpu_state = torch.get_rng_state()
+    reinitialize(model, 7)
+    assert tracker.get_calls()[-1][0] is queued
+    assert torch.equal(torch.get_rng_state(), cpu_state)  # the CPU generator was forked, not consumed
