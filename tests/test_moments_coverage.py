@@ -251,3 +251,51 @@ def test_new_rules_compile_to_one_tvm_graph_matching_pytorch():
     expected_mean, expected_var = wrapper(x)
     torch.testing.assert_close(mean, expected_mean.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(var, expected_var.detach(), rtol=1e-4, atol=1e-6)
+
+
+class FunctionalForms(nn.Module):
+    """The functional and method spellings of the round-2 rules, with their keyword arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.gelu(self.conv(x), approximate="tanh")
+        x = F.max_pool1d(x, 3, 2, ceil_mode=True)  # [N, 4, 4]
+        x = F.interpolate(x, scale_factor=2, mode="nearest")  # [N, 4, 8]
+        x = F.softplus(x, beta=2.0).clamp(min=0.1, max=3.0)
+        x = F.layer_norm(x, (8,), self.norm.weight, self.norm.bias)
+        x = F.elu(x, alpha=0.5)
+        return self.fc(F.hardtanh(x, -0.5, 1.5).amax(dim=1))
+
+
+class ModuleForms(FunctionalForms):
+    """The same computation spelled with modules (and a max pool over the channels for ``amax``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.GELU(approximate="tanh"), nn.MaxPool1d(3, 2, ceil_mode=True), nn.Upsample(scale_factor=2),
+            nn.Softplus(beta=2.0), nn.Hardtanh(0.1, 3.0), self.norm, nn.ELU(alpha=0.5), nn.Hardtanh(-0.5, 1.5),
+        )  # fmt: skip
+
+    def forward(self, x):
+        x = self.layers(self.conv(x))
+        return self.fc(F.max_pool2d(x.unsqueeze(1), (4, 1)).flatten(1))
+
+
+def test_functional_spellings_and_their_arguments_equal_the_module_forms():
+    # each rule is checked against sampling above; this checks that the arguments reach it
+    torch.manual_seed(0)
+    functional = FunctionalForms().eval()
+    modules = ModuleForms().eval()
+    modules.load_state_dict(functional.state_dict(), strict=False)
+    mean, var = torch.randn(6, 2, 8), torch.rand(6, 2, 8) * 0.5
+    out = MomentPropagationWrapper(functional).propagate_moments(mean, var)
+    expected = MomentPropagationWrapper(modules).propagate_moments(mean, var)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # and the two models are the same function
+        torch.testing.assert_close(functional(mean), modules(mean))
