@@ -127,8 +127,12 @@ def unsupported_layers(model: nn.Module, ignored_layers: Sequence[str] = ()) -> 
     bare ``nn.Parameter``, so the error names the layer a user recognises first.
     """
     found, custom = [], []
+    handled: list[str] = []  # a quantized layer's quantizers are inside it and are its own business
     for name, module in model.named_modules():
-        if _is_ignored(name, ignored_layers) or isinstance(module, PRUNABLE_TYPES + FOLLOWER_TYPES):
+        if _is_ignored(name, ignored_layers) or _is_ignored(name, handled):
+            continue
+        if isinstance(module, PRUNABLE_TYPES + FOLLOWER_TYPES):
+            handled.append(name)
             continue
         if not any(True for _ in module.parameters(recurse=False)):
             continue
