@@ -319,7 +319,7 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
     evaluated: list[Candidate] = []
     seen: set = set()
     tolerance = 0.0 if meter.exact else config.tolerance
-    bracket = BudgetBracket(budget, max(tolerance, 1e-9), ceiling=0.999 * policy_cost(units, cost, {}, {}))
+    ceiling = 0.999 * policy_cost(units, cost, {}, {})
     high = budget * (1 + tolerance)
 
     def evaluate(cand: Candidate) -> None:
@@ -328,7 +328,6 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         cand.measured_cost = meter.measure(model)
         cand.val_acc = accuracy(model, validation)
         cand.extra["params"] = sum(p.numel() for p in model.parameters())
-        bracket.add(cand.predicted_cost, cand.measured_cost)
         evaluated.append(cand)
 
     # bad input first: if even the strongest compression misses the budget, say so before any edit
@@ -340,26 +339,39 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         if tightest.measured_cost > high:
             raise UnreachableTargetError(budget, tightest.measured_cost, original_cost, meter.unit, meter.metric)
 
-    predicted_budget = budget
-    for round_ in range(config.max_rounds):
-        anchors = [evaluated[i].policy for i in bracket.anchors()]
-        fresh = propose_candidates(units, table, cost, predicted_budget, config.search, config.prune_ratios,
-                                   config.bit_widths, quant_layers, config.candidates, seen, anchors,
-                                   spread=max(config.tolerance, 0.01), centered=not meter.exact, round_=round_)
-        if config.search == "lagrangian":
-            keys = {c.policy.key() for c in fresh} | seen
-            for cand in _baselines(units, table, cost, predicted_budget, config, quant_layers, round_):
-                if cand.policy.key() not in keys and cand.predicted_cost <= predicted_budget * (1 + config.tolerance):
-                    keys.add(cand.policy.key())
-                    fresh.append(cand)
-        advance = progress(f"measuring candidates (round {round_ + 1})")
-        for i, cand in enumerate(fresh):
-            advance(i, len(fresh))
-            evaluate(cand)
-        advance(len(fresh), len(fresh))
-        if bracket.hit() or not fresh or (meter.exact and any(c.measured_cost <= high for c in evaluated)):
-            break
-        predicted_budget = bracket.next()
+    def rounds(search: str, baselines: bool) -> None:
+        """Measurement rounds of one search, each steering its own predicted budget into the window."""
+        bracket = BudgetBracket(budget, max(tolerance, 1e-9), ceiling=ceiling)
+        own: list[Candidate] = []
+        predicted_budget = budget
+        for round_ in range(config.max_rounds):
+            anchors = [own[i].policy for i in bracket.anchors()]
+            fresh = propose_candidates(units, table, cost, predicted_budget, search, config.prune_ratios,
+                                       config.bit_widths, quant_layers, config.candidates, seen, anchors,
+                                       spread=max(config.tolerance, 0.01), centered=not meter.exact, round_=round_)
+            if baselines:
+                keys = {c.policy.key() for c in fresh} | seen
+                for cand in _baselines(units, table, cost, predicted_budget, config, quant_layers, round_):
+                    if cand.policy.key() not in keys and cand.predicted_cost <= predicted_budget * (1 + config.tolerance):
+                        keys.add(cand.policy.key())
+                        fresh.append(cand)
+            advance = progress(f"measuring {search} candidates (round {round_ + 1})")
+            for i, cand in enumerate(fresh):
+                advance(i, len(fresh))
+                if search == "uniform":
+                    cand.extra.setdefault("kind", "uniform")
+                evaluate(cand)
+                bracket.add(cand.predicted_cost, cand.measured_cost)
+                own.append(cand)
+            advance(len(fresh), len(fresh))
+            if bracket.hit() or not fresh or (meter.exact and any(c.measured_cost <= high for c in own)):
+                break
+            predicted_budget = bracket.next()
+
+    rounds(config.search, baselines=config.search == "lagrangian")
+    if config.search == "lagrangian" and config.prune_ratios and units.groups:
+        # the uniform baseline steered into the window on its own: the answer is compared with it
+        rounds("uniform", baselines=False)
     t3 = time.perf_counter()
 
     low = budget * (1 - config.tolerance) if not meter.exact else 0.0
