@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,13 @@ from torch import nn
 from conftest import quiet_trainer
 from lightning_relief import ClassifierModule, SensitivityPruningCallback
 from lightning_relief.compress import (
-    AnalyticMeter, CompressionConfig, UnreachableTargetError, analyze, compress, plan, quantized_bits,
+    AnalyticMeter,
+    CompressionConfig,
+    UnreachableTargetError,
+    analyze,
+    compress,
+    plan,
+    quantized_bits,
 )
 from lightning_relief.errors import UnsupportedLayerError, UnsupportedModelError
 from lightning_relief.models import LeNet5

@@ -8,18 +8,28 @@ Its pieces: :func:`analyze` a model, :func:`compute_sensitivity`, price policies
 """
 
 from lightning_relief.compress.apply import apply_policy, apply_pruning, recalibrate_batchnorm
-from lightning_relief.compress.checkpoint import load_compressed
-from lightning_relief.compress.cost import CostModel, LatencyCostModel, policy_cost
-from lightning_relief.compress.policy import CompressionPolicy
-from lightning_relief.compress.quantize import apply_quantization, quantized_bits
 from lightning_relief.compress.bracket import BudgetBracket
+from lightning_relief.compress.checkpoint import load_compressed
 from lightning_relief.compress.compiled import uncompiled
+from lightning_relief.compress.cost import CostModel, LatencyCostModel, policy_cost
 from lightning_relief.compress.engine import (
-    CompressionConfig, CompressionResult, UnreachableTargetError, apply_plan, compress, plan,
+    CompressionConfig,
+    CompressionResult,
+    UnreachableTargetError,
+    apply_plan,
+    compress,
+    plan,
 )
 from lightning_relief.compress.meter import AnalyticMeter, Meter
+from lightning_relief.compress.policy import CompressionPolicy
+from lightning_relief.compress.quantize import apply_quantization, quantized_bits
 from lightning_relief.compress.search import (
-    Candidate, lagrangian_search, nearby_candidates, propose_candidates, search_candidates, uniform_search,
+    Candidate,
+    lagrangian_search,
+    nearby_candidates,
+    propose_candidates,
+    search_candidates,
+    uniform_search,
 )
 from lightning_relief.compress.sensitivity import SensitivityTable, compute_sensitivity
 from lightning_relief.compress.units import ModelUnits, analyze

@@ -46,7 +46,11 @@ from lightning_relief.compress.quantize import apply_quantization
 from lightning_relief.compress.report import layer_rows
 from lightning_relief.compress.search import SEARCHES, Candidate, lagrangian_search, propose_candidates, uniform_search
 from lightning_relief.compress.sensitivity import (
-    IMPORTANCES, SensitivityTable, cached_sensitivity, compute_sensitivity, fingerprint,
+    IMPORTANCES,
+    SensitivityTable,
+    cached_sensitivity,
+    compute_sensitivity,
+    fingerprint,
 )
 from lightning_relief.compress.units import PLUGIN, ModelUnits, analyze
 from lightning_relief.errors import ReliefError, UnsupportedModelError

@@ -23,7 +23,6 @@ from lightning_relief.compress.policy import FLOAT_BITS
 from lightning_relief.compress.units import LayerInfo, ModelUnits
 
 
-
 def check_target(target: Any) -> None:
     """Fail early, naming the target, if TVM cannot build for it."""
     from lightning_relief.deploy import resolve_target
