@@ -48,3 +48,40 @@ def quiet_trainer(**kwargs) -> L.Trainer:
 @pytest.fixture
 def trainer_factory():
     return quiet_trainer
+
+
+# -- devices: `pytest --device all` runs the device-dependent tests (those taking `device`) on every device
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device", choices=("cpu", "cuda", "all"), default="cpu",
+        help="devices for tests that take the `device` fixture: cpu (default), cuda, or all (cpu, cuda, mps)",
+    )
+
+
+def _device_params(choice: str) -> list:
+    names = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda", "mps"]}[choice]
+    available = {
+        "cpu": (True, ""),
+        "cuda": (torch.cuda.is_available(), "CUDA is not available on this machine"),
+        "mps": (torch.backends.mps.is_available(), "MPS is not available on this machine"),
+    }
+    params = []
+    for name in names:
+        ok, reason = available[name]
+        if ok or name != "mps":  # a missing CUDA is reported as a skip; a missing MPS is not asked for
+            params.append(pytest.param(name, id=name, marks=() if ok else pytest.mark.skip(reason=reason)))
+    return params
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", _device_params(metafunc.config.getoption("--device")))
+
+
+def device_trainer(device: str, **kwargs) -> L.Trainer:
+    """:func:`quiet_trainer` on ``device`` (``deterministic`` only on the CPU: some CUDA kernels have no deterministic version and would raise)."""
+    options: dict = dict(accelerator=device, devices=1)
+    if device != "cpu":
+        options["deterministic"] = False
+    options.update(kwargs)
+    return quiet_trainer(**options)
