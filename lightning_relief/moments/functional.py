@@ -1,7 +1,9 @@
 """Moment-propagation rules: each maps an input's per-unit mean and variance to the output's.
 
 Every unit is treated as an independent Gaussian (Brach, Sick & Dürr 2020), so a
-rule only needs the elementwise ``mean`` and ``var`` of its input. Rules are plain
+rule only needs the elementwise ``mean`` and ``var`` of its input; the one exception
+is max pooling after a convolution, which takes the covariance of neighbouring
+outputs from :func:`conv_neighbour_cov`. Rules are plain
 tensor code without data-dependent Python branches, so a network built from them
 traces with ``torch.export`` into one graph.
 
@@ -31,21 +33,37 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "activation_moments",
     "adaptive_avg_pool_moments",
+    "adaptive_max_pool_moments",
+    "alpha_dropout_moments",
     "avg_pool_moments",
     "batch_norm_moments",
+    "batch_norm_scale_squared",
+    "clamp_moments",
     "conv_moments",
+    "conv_neighbour_cov",
+    "conv_transpose_moments",
     "dropout_moments",
+    "elementwise_moments",
     "gaussian_conv_moments",
     "gaussian_linear_moments",
     "gaussian_weight_moments",
+    "group_norm_moments",
+    "layer_norm_moments",
     "leaky_relu_moments",
     "linear_moments",
+    "logit_uncertainty",
     "max_moments",
     "max_pool_moments",
+    "max_reduce_moments",
     "mean_moments",
+    "normalized_moments",
+    "pool_offsets",
+    "prelu_moments",
     "product_moments",
     "relu_moments",
+    "sampled_attention_moments",
     "sigmoid_moments",
     "softmax_log_probs",
     "softmax_probs",
