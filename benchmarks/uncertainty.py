@@ -26,8 +26,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("single", "vectorized", "sequential", "separate"):
         runs = args.members if mode == "separate" else 1
         total = 0.0
-        for member in range(runs):
+        for _ in range(runs):
             L.seed_everything(0, verbose=False)
             module = _classifier(MLP(in_features=args.size * args.size, hidden=(128, 64), dropout=0.2), args.lr)
             timer = EpochTimer()
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": f"sklearn digits {args.size}px, train classes 0-7, OOD = held-out classes 8 and 9",
             "test_samples": len(y_test),
             "ood_samples": len(x_ood),
-            "model": "LeNet5(dropout=0.25), Adam lr %g, cosine, batch 64" % args.lr,
+            "model": f"LeNet5(dropout=0.25), Adam lr {args.lr:g}, cosine, batch 64",
             "epochs": args.epochs,
             "members": args.members,
             "mc_samples": args.mc_samples,

@@ -86,7 +86,7 @@ def test_mean_weights_equal_the_deterministic_model_with_mu_weights(seed):
     bnn = to_bayesian(model, posterior_rho_init=-1.0).eval()
     # copy every posterior mean into the deterministic twin
     with torch.no_grad():
-        for (name, layer), twin in zip(
+        for (_, layer), twin in zip(
             [(n, m) for n, m in bnn.named_modules() if m in bayesian_layers(bnn)],
             [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
         ):

@@ -68,8 +68,9 @@ def _sections(config: dict[str, Any], source: str) -> Any:
     parser = ArgumentParser(exit_on_error=False, parser_mode=bounded_yaml.MODE)
     parser.add_subclass_arguments(L.LightningModule, "model", required=True, instantiate=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
-    parser.add_argument("--noise", type=Optional[NoiseModel], default=None)
-    parser.add_argument("--placement", type=Optional[Union[Placement, str, Sequence[Union[Placement, str]]]], default=None)
+    # typing.Optional/Union: jsonargparse reads these types at run time
+    parser.add_argument("--noise", type=Optional[NoiseModel], default=None)  # noqa: UP045
+    parser.add_argument("--placement", type=Optional[Union[Placement, str, Sequence[Union[Placement, str]]]], default=None)  # noqa: UP007, UP045
     strategy = (config.get("trainer") or {}).get("strategy")
     strategy_args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
     given = {"model": config["model"], "data": config["data"],
@@ -121,7 +122,7 @@ def main(argv: Sequence[str]) -> int:
 
     try:
         module = model_cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any load failure is the user's checkpoint/recipe mismatch
+    except Exception as err:
         fail(f"cannot load the checkpoint as {model_cls.__name__}: {type(err).__name__}: {err}", source=str(ckpt))
     out = Path(args.out) if args.out else ckpt.parent / "robustness"
     try:
