@@ -40,8 +40,9 @@ def kl_divergence(model: nn.Module) -> Tensor:
                 - 0.5
             ).sum()
             total = kl if total is None else total + kl
-    if total is None:
-        return torch.zeros(())
+    if total is None:  # on the model's device, to be added to that device's loss
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
     return total
 
 

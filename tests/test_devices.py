@@ -1,0 +1,200 @@
+"""Every plugin on every device: `pytest tests/test_devices.py --device all` (`make test-gpu`).
+
+Each test takes the `device` fixture (tests/conftest.py): the CPU by default, CUDA (and MPS)
+with ``--device all``; a missing CUDA shows as a skip with its reason. References are the same
+computation on the CPU, a direct computation with the device's own generator, or fp32 training.
+The meta-device tests run everywhere: a forward on meta tensors fails on any hidden host copy
+(``.item()``, ``.cpu()``, a constant created on the CPU) or hard-coded device.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from conftest import device_trainer
+from lightning_relief import AnalogNoise, AnalogNoiseStrategy, ClassifierModule, DeepEnsembleStrategy, MomentPropagationWrapper
+from lightning_relief.bayes import kl_divergence, to_bayesian
+from lightning_relief.models import MLP
+from lightning_relief.nn.photonic import PhotonicLinear
+from lightning_relief.noise import AdditiveGaussian, NoiseInjector, Placement
+from lightning_relief.noise.injector import step_seed
+from lightning_relief.photonic import sample_logits
+
+
+def _tolerance(device: str) -> dict[str, float]:
+    # cuDNN/cuBLAS pick other reduction orders (and TF32 for convolutions) than the CPU
+    return dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=2e-3, atol=2e-4)
+
+
+def _mixed_precisions(device: str) -> list[str]:
+    return {"cpu": ["bf16-mixed"], "cuda": ["16-mixed", "bf16-mixed"], "mps": ["16-mixed"]}[device]
+
+
+def _mlp_module() -> ClassifierModule:
+    return ClassifierModule(MLP(in_features=64, dropout=0.0), optimizer="sgd", lr=0.05, scheduler="none")
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+# -- DeepEnsembleStrategy
+def test_ensemble_vectorized_equals_sequential_on_device(device, digits):
+    results = {}
+    for mode in ("vectorized", "sequential"):
+        L.seed_everything(0, verbose=False)
+        module = _mlp_module()
+        device_trainer(device, max_steps=3, limit_val_batches=0, strategy=DeepEnsembleStrategy(num_members=3, mode=mode)).fit(
+            module, digits
+        )
+        assert all(p.device.type == device for p in module.parameters())
+        results[mode] = _weights(module)
+    for name, value in results["vectorized"].items():
+        torch.testing.assert_close(value, results["sequential"][name], **_tolerance(device), msg=name)
+    stacked = next(v for v in results["vectorized"].values() if v.dim() > 1)
+    assert not torch.allclose(stacked[0], stacked[1])  # members were initialised apart on the device
+
+
+def test_ensemble_mixed_precision_follows_fp32(device, digits):
+    def fit(precision: str) -> dict[str, torch.Tensor]:
+        L.seed_everything(0, verbose=False)
+        module = _mlp_module()
+        device_trainer(device, max_steps=3, limit_val_batches=0, precision=precision,
+                       strategy=DeepEnsembleStrategy(num_members=2)).fit(module, digits)
+        assert all(p.dtype == torch.float32 for p in module.parameters())  # mixed: master weights stay fp32
+        return _weights(module)
+
+    reference = fit("32-true")
+    for precision in _mixed_precisions(device):
+        mixed = fit(precision)
+        for name, value in mixed.items():
+            assert torch.isfinite(value).all(), (precision, name)
+            moved = (reference[name] - value).abs().max()
+            # 3 SGD steps at lr 0.05: half-precision activations move the weights by far less than training does
+            assert moved < 0.02, (precision, name, float(moved))
+
+
+# -- analog noise
+def test_analog_noise_is_drawn_on_the_model_device(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4)).to(device)
+    x = torch.randn(3, 6, device=device)
+    clean = model(x).detach()
+    injector = NoiseInjector(AdditiveGaussian(), 0.2, Placement("outputs", layers=["Linear"]), seed=7).attach(model)
+    with injector.step(batch_size=3) as level:
+        assert level.device.type == device and injector._level is not None and injector._level.device.type == device
+        noisy = model(x).detach()
+    generator = torch.Generator(device=device).manual_seed(step_seed(7, 0, 0))
+    expected = clean + 0.2 * torch.randn(clean.shape, generator=generator, device=device)
+    torch.testing.assert_close(noisy, expected)
+
+
+def test_analog_strategy_trains_on_device_with_mixed_precision(device, digits):
+    for precision in ["32-true", *_mixed_precisions(device)]:
+        L.seed_everything(0, verbose=False)
+        module = _mlp_module()
+        before = _weights(module)
+        strategy = AnalogNoiseStrategy(noise=AdditiveGaussian(), schedule=0.1)
+        trainer = device_trainer(device, max_steps=3, limit_val_batches=0, precision=precision, strategy=strategy)
+        trainer.fit(module, digits)
+        assert trainer.strategy.root_device.type == device
+        assert strategy.injector.current_level.device.type == device
+        assert float(trainer.callback_metrics["noise_sigma"]) == pytest.approx(0.1)
+        after = _weights(module)
+        assert all(torch.isfinite(v).all() for v in after.values())
+        assert any(not torch.equal(before[k], after[k]) for k in before), precision
+
+
+def test_analog_noise_callback_with_an_ensemble_on_device(device, digits):
+    L.seed_everything(0, verbose=False)
+    module = _mlp_module()
+    noise = AnalogNoise(AdditiveGaussian(), 0.1, Placement("weights", layers=["Linear"]))
+    device_trainer(device, max_steps=2, limit_val_batches=0, callbacks=[noise],
+                   strategy=DeepEnsembleStrategy(num_members=2)).fit(module, digits)
+    assert noise.injector.current_level.device.type == device
+    assert all(p.device.type == device and torch.isfinite(p).all() for p in module.parameters())
+
+
+# -- moment propagation
+def test_moments_on_device_equal_the_cpu(device):
+    torch.manual_seed(0)
+    net = MLP(in_features=64, dropout=0.2)
+    x = torch.randn(5, 1, 8, 8)
+    mean_cpu, var_cpu = MomentPropagationWrapper(copy.deepcopy(net))(x)
+    mean, var = MomentPropagationWrapper(net.to(device))(x.to(device))
+    assert mean.device.type == device and var.device.type == device
+    torch.testing.assert_close(mean.cpu(), mean_cpu, **_tolerance(device))
+    torch.testing.assert_close(var.cpu(), var_cpu, **_tolerance(device))
+
+
+# -- photonic sampling
+def test_photonic_samples_on_device_follow_the_propagated_moments(device):
+    torch.manual_seed(0)
+    layer = PhotonicLinear(8, 3, bandwidth_ratio=0.02, correlation=0.3).to(device)
+    x = torch.randn(4, 8, device=device)
+    k = 4000
+    samples = sample_logits(layer, x, num_samples=k, seed=0)
+    assert samples.device.type == device
+    mean, var = layer.propagate_moments(x, torch.zeros_like(x))
+    # Monte-Carlo against the closed form: 5 standard errors for the mean, 5 for the variance of a Gaussian
+    se = (var / k).sqrt()
+    assert ((samples.mean(0) - mean).abs() <= 5 * se + 1e-6).all()
+    assert ((samples.var(0) - var).abs() <= 5 * var * (2 / (k - 1)) ** 0.5 + 1e-6).all()
+
+
+# -- Bayesian layers
+def test_bayes_kl_and_forward_on_device_equal_the_cpu(device):
+    torch.manual_seed(0)
+    bnn = to_bayesian(MLP(in_features=4, hidden=(8,), num_classes=3))
+    kl_cpu = kl_divergence(bnn).detach()
+    bnn = bnn.to(device)
+    kl = kl_divergence(bnn)
+    assert kl.device.type == device
+    torch.testing.assert_close(kl.detach().cpu(), kl_cpu, **_tolerance(device))
+    loss = bnn(torch.randn(2, 4, device=device)).logsumexp(-1).mean() + kl
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device.type == device for p in bnn.parameters() if p.requires_grad)
+    # a model without Bayesian layers: a zero on its own device, to be added to that device's loss
+    assert kl_divergence(nn.Linear(2, 2).to(device)).device.type == device
+
+
+# -- export of a model trained on the device
+def test_export_of_a_device_trained_model_matches_it(device, digits):
+    from lightning_relief.deploy import compile_for_target
+
+    L.seed_everything(0, verbose=False)
+    module = _mlp_module()
+    device_trainer(device, max_steps=3, limit_val_batches=0).fit(module, digits)
+    assert module.device.type == device
+    x = next(iter(digits.val_dataloader()))[0][:16]
+    compiled = compile_for_target(module, x[:1])
+    assert all(p.device.type == device for p in module.parameters())  # the export copied, it did not move the model
+    with torch.no_grad():
+        reference = module.eval()(x.to(device)).cpu()
+    torch.testing.assert_close(torch.as_tensor(compiled.run_batched(x)[0]), reference, rtol=1e-4, atol=1e-4)
+    # the device's own tensors go straight in (the CPU target copies them to the host)
+    torch.testing.assert_close(compiled(x.to(device)).cpu(), reference, rtol=1e-4, atol=1e-4)
+
+
+# -- hidden host copies: meta tensors fail on any of them
+def test_moments_forward_on_meta_has_no_host_copy():
+    wrapper = MomentPropagationWrapper(MLP(in_features=64, dropout=0.2)).to("meta")
+    mean, var = wrapper(torch.empty(4, 1, 8, 8, device="meta"))
+    assert mean.device.type == "meta" and var.shape == mean.shape == (4, 10)
+
+
+def test_photonic_forward_and_moments_on_meta_have_no_host_copy():
+    layer = PhotonicLinear(8, 3, bandwidth_ratio=0.02, correlation=0.3).to("meta")
+    x = torch.empty(5, 8, device="meta")
+    assert layer(x).shape == (5, 3)
+    mean, var = layer.propagate_moments(x, torch.zeros_like(x))
+    assert mean.device.type == var.device.type == "meta"
+
+
+def test_kl_of_a_model_without_bayesian_layers_is_on_its_device():
+    assert kl_divergence(nn.Linear(2, 2).to("meta")).device.type == "meta"  # was a CPU zero
