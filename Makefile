@@ -14,6 +14,11 @@ demo: install
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15
 
+# the device-dependent tests on the CPU and on every GPU present (a missing CUDA shows as a skip with its reason)
+.PHONY: test-gpu
+test-gpu: install
+	$(PY) -m pytest -q -ra tests/test_devices.py --device all
+
 install: $(STAMPS)/analog
 
 $(STAMPS)/venv:
