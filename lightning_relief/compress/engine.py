@@ -346,8 +346,13 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
     def rounds(search: str, baselines: bool) -> None:
         """Measurement rounds of one search, each steering its own predicted budget into the window."""
         bracket = BudgetBracket(budget, max(tolerance, 1e-9), ceiling=ceiling)
-        own: list[Candidate] = []
-        predicted_budget = budget
+        # this search's policies measured already (as another search's baselines) steer it from the start
+        own = [c for c in evaluated if search == "uniform" and c.extra.get("kind") == "uniform"]
+        for cand in own:
+            bracket.add(cand.predicted_cost, cand.measured_cost)
+        if bracket.hit():
+            return
+        predicted_budget = bracket.next()
         for round_ in range(config.max_rounds):
             anchors = [own[i].policy for i in bracket.anchors()]
             fresh = propose_candidates(units, table, cost, predicted_budget, search, config.prune_ratios,
