@@ -192,12 +192,16 @@ class NoiseInjector:
             self._generator = torch.Generator(device=device)
         return self._generator.manual_seed(seed)
 
+    def _placed(self, level: Tensor, generator: torch.Generator) -> Tensor:
+        """A σ level moves to the noise's device once per step (every hook would otherwise copy it host
+        -> device); a drift time stays on the host, where the drift model reads it as a number."""
+        return level if self.noise.level_kind == "time" else level.to(generator.device)
+
     # -- a step
     def begin(self, level: Tensor, generator: torch.Generator) -> None:
         """Turn noise on at ``level``: perturb the weights and arm the hooks."""
         self.end()
-        # onto the noise's device once per step: every hook would otherwise copy it host -> device
-        level = level.to(generator.device)
+        level = self._placed(level, generator)
         self._step_generator = generator
         self._level = level
         if self._weights:
@@ -236,7 +240,7 @@ class NoiseInjector:
             raise RuntimeError("NoiseInjector.attach(model) must be called before a step")
         level = self.schedule.level(self.batches_done if step is None else int(step), batch_size, self.schedule_generator)
         generator = self._seeded(step_seed(self.seed, self.rank, self.batches_done))
-        level = level.to(generator.device)  # the schedule's generator is on the CPU
+        level = self._placed(level, generator)  # the schedule's generator is on the CPU
         self.current_level = level
         self.batches_done += 1
         self.begin(level, generator)
