@@ -31,7 +31,8 @@ class AnalogNoiseStrategy(DDPStrategy):
     conv/linear output) is registered in Lightning's ``StrategyRegistry`` once
     :mod:`lightning_relief.strategies` is imported. With another strategy
     (``DeepEnsembleStrategy``, FSDP, your own), pass
-    ``callbacks=[AnalogNoise(...)]`` instead.
+    ``callbacks=[AnalogNoise(...)]`` instead; on MPS too, where Lightning
+    refuses every DDP-family strategy (the callback runs there on the MPS device).
 
     Args:
         noise, schedule, placement, eval_noise, eval_level, seed, log_level:
