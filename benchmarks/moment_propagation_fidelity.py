@@ -6,7 +6,8 @@ test signals with white noise of std 1 added):
 - ``cnn``: the project's ``MNIST1DCNN`` with batch norm and dropout 0.2 before its classifier;
 - ``bayes_cnn``: a Bayesian CNN with max pooling made of bayesian-torch layers
   (``Conv1dReparameterization`` -> ReLU -> ``MaxPool1d`` twice, ``LinearReparameterization``);
-- ``mlp``: three linear layers with ReLU and dropout 0.2 after each hidden layer;
+- ``mlp``: three linear layers with ReLU and dropout 0.2 after each hidden layer (and
+  ``mlp_dense``: the same, propagated with ``covariance="dense"``);
 - ``zoo_conv1d_cnn``, ``zoo_transformer``: the test zoo's MNIST-1D models (``tests/zoo.py``).
 
 Against MC with 2000 samples on the same weights: logit mean rel. L2 error (goal <= 3 %),
@@ -94,12 +95,13 @@ def zoo(name: str) -> nn.Module:
     return ZOO[name].make()
 
 
-MODELS = {
-    "cnn": (cnn, False),
-    "bayes_cnn": (bayes_cnn, True),
-    "mlp": (mlp, False),
-    "zoo_conv1d_cnn": (lambda: zoo("conv1d_cnn"), False),
-    "zoo_transformer": (lambda: zoo("transformer"), False),
+MODELS = {  # name: (build, Bayesian, the wrapper's covariance mode)
+    "cnn": (cnn, False, "diagonal"),
+    "bayes_cnn": (bayes_cnn, True, "diagonal"),
+    "mlp": (mlp, False, "diagonal"),
+    "mlp_dense": (mlp, False, "dense"),  # the same trained MLP (same seed), covariance="dense"
+    "zoo_conv1d_cnn": (lambda: zoo("conv1d_cnn"), False, "diagonal"),
+    "zoo_transformer": (lambda: zoo("transformer"), False, "diagonal"),
 }
 
 
@@ -137,10 +139,12 @@ def scores(probs: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def fidelity(net: nn.Module, bayesian: bool, x: Tensor, y: Tensor, x_ood: Tensor, mc_samples: int) -> dict[str, Any]:
+def fidelity(
+    net: nn.Module, bayesian: bool, x: Tensor, y: Tensor, x_ood: Tensor, mc_samples: int, covariance: str
+) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapper = MomentPropagationWrapper(net, softmax="logit_samples")
+        wrapper = MomentPropagationWrapper(net, softmax="logit_samples", covariance=covariance)
         mean, var = wrapper.moments(x)
         mean_ood, var_ood = wrapper.moments(x_ood)
     reference = sample(net, x, mc_samples, bayesian)
@@ -194,11 +198,11 @@ def per_layer(net: nn.Sequential, bayesian: bool, x: Tensor, mc_samples: int) ->
 
 
 @torch.no_grad()
-def costs(net: nn.Module, bayesian: bool, batch: int, rounds: int, budget_s: float) -> dict[str, float]:
+def costs(net: nn.Module, bayesian: bool, batch: int, rounds: int, budget_s: float, covariance: str) -> dict[str, float]:
     x = torch.randn(batch, 1, 40)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapper = MomentPropagationWrapper(net)
+        wrapper = MomentPropagationWrapper(net, covariance=covariance)
     fns = {
         "deterministic": lambda: net(x),
         "moment_propagation": lambda: wrapper(x),
@@ -220,16 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     x_ood = data.dataset("ood").tensors[0][:n_test]
     results: dict[str, Any] = {}
     layer_rows: list[dict[str, Any]] = []
-    for name, (build, bayesian) in MODELS.items():
+    for name, (build, bayesian, covariance) in MODELS.items():
         torch.manual_seed(0)
         print(f"== {name}: training {epochs} epochs", flush=True)
         net = train(build(), data, epochs, bayesian)
-        entry = fidelity(net, bayesian, x, y, x_ood, mc_samples)
-        entry["cost_s"] = {f"batch{b}": costs(net, bayesian, b, rounds, budget) for b in (1, 128)}
+        entry = fidelity(net, bayesian, x, y, x_ood, mc_samples, covariance)
+        entry["cost_s"] = {f"batch{b}": costs(net, bayesian, b, rounds, budget, covariance) for b in (1, 128)}
         for b, c in entry["cost_s"].items():
             entry[f"mp_over_det_{b}"] = c["moment_propagation"] / c["deterministic"]
             entry[f"mc30_over_mp_{b}"] = c["mc30"] / c["moment_propagation"]
-        if isinstance(net, nn.Sequential):
+        if isinstance(net, nn.Sequential) and covariance == "diagonal":
             layers = per_layer(net, bayesian, x[:100], mc_samples // 4)
             entry["per_layer"] = layers
             layer_rows += [{"model": name, **row} for row in layers]

@@ -32,6 +32,7 @@ from lightning_relief.moments.rules import (
     UnsupportedOperationError,
     _module_quadrature,
     bayesian_layer_types,
+    dense_update,
     module_rule,
 )
 
@@ -253,6 +254,7 @@ def build_moment_graph(
     leaf_types: Sequence[type] = (),
     softmax: MF.SoftmaxMethod = "daunizeau",
     elementwise: Sequence[type] = (),
+    covariance: str = "diagonal",
 ) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
     """The moment-propagating graph of ``model``.
 
@@ -262,7 +264,7 @@ def build_moment_graph(
     through ``constants``; the caller sets both (see ``MomentPropagationWrapper``).
     """
     graph = fx.Graph()
-    ctx = RuleContext(graph, model, MODEL_PREFIX)
+    ctx = RuleContext(graph, model, MODEL_PREFIX, dense=covariance == "dense")
     constants: dict[str, torch.Tensor] = {}
 
     if has_moment_protocol(model):  # the whole model carries its own rule
@@ -313,6 +315,8 @@ def build_moment_graph(
         try:
             _refuse_after_softmax(args, kwargs)
             env[node] = _convert_node(ctx, node, module, tuple(args), dict(kwargs), random, stochastic_modules, elementwise)
+            if ctx.dense:
+                env[node] = dense_update(ctx, node, module, tuple(args), env[node])
         except UnsupportedOperationError as err:
             raise UnsupportedOperationError(f"{err} (at {_location(node)})", **where) from None
         except (TypeError, ValueError) as err:

@@ -864,3 +864,34 @@ def logit_uncertainty(mean: Tensor, var: Tensor, dim: int = -1) -> tuple[Tensor,
     log_mean = _logsumexp(log_p, dim=-2) - math.log(LOGIT_SAMPLES)
     total = -(log_mean.exp() * log_mean).sum(-1)
     return total, expected, (total - expected).clamp_min(0.0)
+
+
+def dense_linear_cov(
+    var: Tensor, cov: Tensor | None, weight_mean: Tensor, out_var: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Full covariance ``[N, D_out, D_out]`` of a linear layer's output (``covariance="dense"``).
+
+    ``C' = W C W^T`` with ``C`` the input covariance (``diag(var)`` when unknown), plus the
+    diagonal the per-unit rule adds beyond ``W diag(var) W^T`` (Gaussian-weight noise).
+    Returns the output variance (with the input's off-diagonal terms) and ``C'``.
+    """
+    full = torch.diag_embed(var) if cov is None else cov
+    out = torch.einsum("od,...dk,pk->...op", weight_mean, full, weight_mean)
+    extra = out_var - F.linear(var, weight_mean * weight_mean)
+    out = out + torch.diag_embed(extra)
+    return torch.diagonal(out, dim1=-2, dim2=-1), out
+
+
+def dense_dropout_cov(cov: Tensor, var: Tensor, out_var: Tensor) -> Tensor:
+    """Dropout with independent masks keeps the off-diagonal covariance and adds to the diagonal."""
+    return cov + torch.diag_embed(out_var - var)
+
+
+def dense_rectified_cov(mean: Tensor, var: Tensor, cov: Tensor, out_var: Tensor, slope: float = 0.0) -> Tensor:
+    """(Leaky) ReLU of correlated Gaussians: off-diagonal ``Cov ~ g_i g_j C_ij``, ``g = E f'(x)``; exact diagonal.
+
+    First order in the correlation (Price's theorem); ``g = slope + (1 - slope) P(x > 0)``.
+    """
+    g = slope + (1.0 - slope) * _rectified(mean, var)[2]
+    out = cov * g.unsqueeze(-1) * g.unsqueeze(-2)
+    return out - torch.diag_embed(torch.diagonal(out, dim1=-2, dim2=-1)) + torch.diag_embed(out_var)

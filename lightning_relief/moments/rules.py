@@ -43,6 +43,7 @@ class Moments:
     before_softmax: str | None = None
     cov: Callable[[tuple[int, ...]], fx.Node] | None = field(default=None, compare=False)
     pre: tuple[Moments, Callable[[Moments], Any]] | None = field(default=None, compare=False)
+    dense: fx.Node | None = field(default=None, compare=False)  # [N, D, D] (covariance="dense")
 
 
 class UnsupportedOperationError(ReliefError, NotImplementedError):
@@ -61,10 +62,11 @@ class UnsupportedOperationError(ReliefError, NotImplementedError):
 class RuleContext:
     """What a handler may do: emit nodes into the new graph and reach the model's modules."""
 
-    def __init__(self, graph: fx.Graph, model: nn.Module, module_prefix: str) -> None:
+    def __init__(self, graph: fx.Graph, model: nn.Module, module_prefix: str, dense: bool = False) -> None:
         self.graph = graph
         self.model = model
         self._prefix = module_prefix
+        self.dense = dense
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
         return self.graph.call_function(fn, tuple(args), kwargs)
@@ -909,6 +911,36 @@ for _fn in _MONOTONE_FUNCTIONS:
     FUNCTION_RULES[_fn] = _monotone(FUNCTION_RULES[_fn])
 for _name_ in ("relu", "relu_", "sigmoid", "tanh", "clamp"):
     METHOD_RULES[_name_] = _monotone(METHOD_RULES[_name_])
+
+
+def dense_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, args: Sequence[Any], out: Any) -> Any:
+    """``covariance="dense"``: carry the full covariance of flat (``[N, D]``) activations through linear
+    layers, dropout and (leaky) ReLU, so that a linear layer sums correlated units with their covariance.
+    Any other operation drops it (its output is treated per unit, as in the default mode)."""
+    x = args[0] if args else None
+    if not (isinstance(out, Moments) and isinstance(x, Moments)):
+        return out
+    target = module if module is not None else node.target
+    linear_weight = None
+    if isinstance(module, nn.Linear):
+        linear_weight = ctx.attr(f"{node.target}.weight")
+    elif module is not None and hasattr(module, "mu_weight") and isinstance(module, bayesian_layer_types()):
+        linear_weight = ctx.attr(f"{node.target}.mu_weight")
+    elif target is F.linear and not isinstance(args[1], Moments):
+        linear_weight = args[1]
+    if linear_weight is not None:
+        pair = ctx.pair(ctx.call(MF.dense_linear_cov, x.var, x.dense, linear_weight, out.var))
+        return Moments(out.mean, pair.mean, dense=pair.var)  # (variance, covariance)
+    if x.dense is None:
+        return out
+    if type(module) is nn.Dropout or target is F.dropout:
+        return replace(out, dense=ctx.call(MF.dense_dropout_cov, x.dense, x.var, out.var))
+    if isinstance(module, (nn.ReLU, nn.LeakyReLU)) or target in (F.relu, torch.relu, F.leaky_relu, "relu"):
+        slope = float(getattr(module, "negative_slope", 0.0)) if module is not None else 0.0
+        if target is F.leaky_relu:
+            slope = float(_arg(args, {}, 1, "negative_slope", 0.01))
+        return replace(out, dense=ctx.call(MF.dense_rectified_cov, x.mean, x.var, x.dense, out.var, slope))
+    return out
 
 
 def bayesian_layer_types() -> tuple[type, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, fx, nn
 
@@ -71,6 +71,11 @@ class MomentPropagationWrapper(nn.Module):
             ``"logit_samples"``; see :func:`~lightning_relief.moments.functional.softmax_log_probs`.
         elementwise: module classes that act elementwise (custom activations): not traced
             into; their moments by Gauss-Hermite quadrature of the module itself.
+        covariance: ``"diagonal"`` (per-unit variances), or ``"dense"``: flat activations
+            (``[N, D]``) also carry their full covariance through ``Linear`` (also
+            bayesian-torch's), dropout and (leaky) ReLU, so that a linear layer after dropout-ed
+            hidden units adds their covariance (an MLP with two dropout layers). Costs
+            ``O(D^3)`` per sample and layer; convolutional parts stay per unit.
 
     Example::
 
@@ -95,6 +100,7 @@ class MomentPropagationWrapper(nn.Module):
         leaf_types: Sequence[type] = (),
         softmax: MF.SoftmaxMethod = "daunizeau",
         elementwise: Sequence[type] = (),
+        covariance: Literal["diagonal", "dense"] = "diagonal",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -106,6 +112,8 @@ class MomentPropagationWrapper(nn.Module):
         bad = [t for t in leaf_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
         if bad:
             raise TypeError(f"leaf_types must be nn.Module subclasses, got {bad}")
+        if covariance not in ("diagonal", "dense"):
+            raise ValueError(f"covariance must be 'diagonal' or 'dense', got {covariance!r}")
         bad = [t for t in elementwise if not (isinstance(t, type) and issubclass(t, nn.Module))]
         if bad:
             raise TypeError(f"elementwise must be nn.Module subclasses, got {bad}")
@@ -114,6 +122,7 @@ class MomentPropagationWrapper(nn.Module):
         self.leaf_types = tuple(leaf_types)
         self.softmax = softmax
         self.elementwise = tuple(elementwise)
+        self.covariance = covariance
         # constants created inside the traced forward: buffers so that .to() moves them, not saved
         self.constants = nn.Module()
         self._graphs: dict[tuple[bool, str], fx.GraphModule] = {}
@@ -134,7 +143,7 @@ class MomentPropagationWrapper(nn.Module):
         if key not in self._graphs:
             graph, constants = build_moment_graph(
                 self.model, random_input=random_input, output=output, leaf_types=self.leaf_types, softmax=self.softmax,
-                elementwise=self.elementwise,
+                elementwise=self.elementwise, covariance=self.covariance,
             )  # fmt: skip
             for name, value in constants.items():
                 if not hasattr(self.constants, name):
