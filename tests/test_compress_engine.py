@@ -180,3 +180,18 @@ def test_two_ddp_ranks_apply_one_plan_and_the_checkpoint_reloads_on_one(tmp_path
     checksums = {k: v.double().sum().item() for k, v in reloaded.state_dict().items() if v.is_floating_point()}
     assert checksums == pytest.approx(ranks[0]["checksums"])
     assert quiet_trainer().validate(reloaded, digits, verbose=False)[0]["val_acc"] > 0.3
+
+
+def test_the_chosen_policy_is_never_worse_than_uniform_after_recovery(digits):
+    x, y = digits.dataset("train").tensors
+    train = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+    val = [digits.dataset("val").tensors]
+    config = CompressionConfig(target=0.4, prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,), recovery_steps=8)
+    result = plan(LeNet5(input_size=8), train[:2], config, AnalyticMeter("macs"), val, train)
+    budget = 0.4 * result.original_cost
+    kinds = {c.extra.get("kind", "search") for c in result.evaluated if c.measured_cost <= budget}
+    assert {"search", "uniform", "joint uniform"} <= kinds
+    uniform = [c.extra["recovered_acc"] for c in result.evaluated if c.extra.get("kind") == "uniform"
+               and c.measured_cost <= budget]
+    assert result.chosen.measured_cost <= budget
+    assert result.chosen.extra["recovered_acc"] >= max(uniform)
