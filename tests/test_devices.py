@@ -19,11 +19,11 @@ from torch import nn
 from conftest import device_trainer
 from lightning_relief import AnalogNoise, AnalogNoiseStrategy, ClassifierModule, DeepEnsembleStrategy, MomentPropagationWrapper
 from lightning_relief.bayes import kl_divergence, to_bayesian
-from lightning_relief.models import MLP
+from lightning_relief.models import MLP, LeNet5, ResNet
 from lightning_relief.nn.photonic import PhotonicLinear
 from lightning_relief.noise import AdditiveGaussian, NoiseInjector, Placement
 from lightning_relief.noise.injector import step_seed
-from lightning_relief.photonic import sample_logits
+from lightning_relief.photonic import convert_to_photonic, sample_logits
 
 
 def _tolerance(device: str) -> dict[str, float]:
@@ -191,10 +191,14 @@ def test_export_of_a_device_trained_model_matches_it(device, digits):
 
 
 # -- hidden host copies: meta tensors fail on any of them
-def test_moments_forward_on_meta_has_no_host_copy():
-    wrapper = MomentPropagationWrapper(MLP(in_features=64, dropout=0.2)).to("meta")
+@pytest.mark.parametrize("net", ["mlp", "lenet", "resnet"])
+def test_moments_forward_on_meta_has_no_host_copy(net):
+    model = {"mlp": lambda: MLP(in_features=64, dropout=0.2), "lenet": lambda: LeNet5(input_size=8, dropout=0.2),
+             "resnet": lambda: ResNet(depth=8, width=4)}[net]()
+    wrapper = MomentPropagationWrapper(model.eval()).to("meta")
     mean, var = wrapper(torch.empty(4, 1, 8, 8, device="meta"))
     assert mean.device.type == "meta" and var.shape == mean.shape == (4, 10)
+    assert wrapper.predict_proba(torch.empty(4, 1, 8, 8, device="meta")).shape == (4, 10)
 
 
 def test_photonic_forward_and_moments_on_meta_have_no_host_copy():
@@ -203,6 +207,14 @@ def test_photonic_forward_and_moments_on_meta_have_no_host_copy():
     assert layer(x).shape == (5, 3)
     mean, var = layer.propagate_moments(x, torch.zeros_like(x))
     assert mean.device.type == var.device.type == "meta"
+    converted = convert_to_photonic(LeNet5(input_size=8)).eval().to("meta")
+    assert sample_logits(converted, torch.empty(2, 1, 8, 8, device="meta"), num_samples=4).shape == (4, 2, 10)
+
+
+def test_bayesian_forward_on_meta_has_no_host_copy():
+    bnn = to_bayesian(LeNet5(input_size=8)).to("meta")
+    assert bnn(torch.empty(2, 1, 8, 8, device="meta")).device.type == "meta"
+    assert kl_divergence(bnn).device.type == "meta"
 
 
 def test_kl_of_a_model_without_bayesian_layers_is_on_its_device():
