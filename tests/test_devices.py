@@ -236,3 +236,22 @@ def test_pcm_drift_time_stays_on_the_host_and_noise_on_the_device(device):
         noisy = model(x)
     assert noisy.device.type == device and torch.isfinite(noisy).all()
     assert torch.equal(model[0].weight, clean_weight)
+
+
+def test_isolated_seed_leaves_the_users_queued_cuda_seed_and_cpu_generator_alone():
+    """The compression search and SensitivityPruningCallback seed their work with it; the old
+    fork_rng(devices=[]) + torch.manual_seed replaced the CUDA seed seed_everything had queued."""
+    from lightning_relief._rng import isolated_seed
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("checks the queue of seeds that only exists before CUDA starts")
+    L.seed_everything(123, verbose=False)
+    tracker = torch.cuda._lazy_seed_tracker  # private, but the only place the queued seed is visible
+    queued = tracker.get_calls()[-1][0]
+    cpu_state = torch.get_rng_state()
+    with isolated_seed(7):
+        first = torch.rand(3)
+    with isolated_seed(7):
+        assert torch.equal(torch.rand(3), first)
+    assert tracker.get_calls()[-1][0] is queued
+    assert torch.equal(torch.get_rng_state(), cpu_state)

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_relief._rng import isolated_seed
 from lightning_relief.compress.compiled import uncompiled
 from lightning_relief.compress.cost import METRICS
 from lightning_relief.compress.engine import DEFAULT_RATIOS, CompressionConfig, CompressionResult, apply_plan, plan
@@ -237,9 +238,7 @@ class SensitivityPruningCallback(Callback):
     def compress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CompressionResult:
         """Plan (rank 0), broadcast, apply on every rank, rebuild the wrappers and optimizers."""
         # how many candidates get measured depends on timings; the fine-tuning that follows must not
-        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), uncompiled(pl_module):
-            torch.manual_seed(self.config.seed)
+        with isolated_seed(self.config.seed), uncompiled(pl_module):
             calibration, val, train = self._batches(trainer, pl_module)
             payload: Any = None
             if trainer.is_global_zero:

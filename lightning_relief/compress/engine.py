@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_relief._rng import isolated_seed
 from lightning_relief.compress.apply import apply_pruning, channels_to_prune, recalibrate_batchnorm
 from lightning_relief.compress.bracket import BudgetBracket
 from lightning_relief.compress.cost import CostModel, policy_cost
@@ -398,8 +399,7 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         advance = progress("recovering candidates")
         for i, cand in enumerate(feasible):
             advance(i, len(feasible))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
+            with isolated_seed(config.seed):
                 model = trial(cand.policy)
                 recover(model, train, config.recovery_steps, config.recovery_lr)
             cand.extra["recovered_acc"] = accuracy(model, validation)
