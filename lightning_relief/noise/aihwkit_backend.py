@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_relief._rng import isolated_seed
 from lightning_relief.noise.evaluate import RobustnessResult, _accuracy, _loader
 from lightning_relief.noise.pcm import ONE_YEAR
 
@@ -102,18 +103,14 @@ def evaluate_aihwkit(
     config = pcm_rpu_config(g_max, drift_compensation, ideal_periphery, weight_scaling_omega)
     per_time: list[list[float]] = [[] for _ in times]
     programmed = []
-    state = torch.random.get_rng_state()
-    try:
-        for r in range(int(repeats)):
-            torch.manual_seed(seed + r)  # aihwkit draws from torch's global generator
+    for r in range(int(repeats)):
+        with isolated_seed(seed + r):  # aihwkit draws from torch's global generator
             analog = to_analog(inner, config)
             analog.program_analog_weights()
             programmed.append(_accuracy(analog, loader, torch.device("cpu")))
             for i, t in enumerate(times):
                 analog.drift_analog_weights(t)
                 per_time[i].append(_accuracy(analog, loader, torch.device("cpu")))
-    finally:
-        torch.random.set_rng_state(state)
     stats = [torch.tensor(a, dtype=torch.float64) for a in per_time]
     return RobustnessResult(
         kind="time",
