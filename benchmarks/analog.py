@@ -16,6 +16,7 @@ the VANT schedule (warm-up then per-sample σ) and PCM-drift-aware
     .venv/bin/python benchmarks/analog.py                  # digits, full run (about 10 min on 2 busy cores)
     .venv/bin/python benchmarks/analog.py --data mnist1d   # MNIST-1D
     .venv/bin/python benchmarks/analog.py --quick          # smoke run
+    .venv/bin/python benchmarks/analog.py --device cuda    # trained and timed on the GPU (analog_cuda.json)
 
 Writes benchmarks/results/analog.json (``analog_mnist1d.json``) and analog_*.png
 (``--quick``: under results/quick/).
@@ -49,7 +50,7 @@ from lightning_relief.noise import (
     evaluate_robustness,
 )
 from lightning_relief.noise.pcm import ONE_YEAR
-from _machine import machine_info  # noqa: E402
+from _machine import add_device_argument, check_device, device_info, machine_info, synchronize  # noqa: E402
 from _results import result_path  # noqa: E402
 
 SIGMA_TRAIN = 0.5
@@ -77,24 +78,25 @@ def strategies(steps_per_epoch: int, epochs: int) -> dict[str, AnalogNoiseStrate
     }
 
 
-def train(name: str, strategy, epochs: int, digits, make_model) -> tuple[ClassifierModule, float]:
+def train(name: str, strategy, epochs: int, digits, make_model, device: str = "cpu") -> tuple[ClassifierModule, float]:
     L.seed_everything(0, verbose=False)
     module = ClassifierModule(make_model(), lr=1e-2)
     kwargs = {"strategy": strategy} if strategy is not None else {}
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=True, deterministic=True, **kwargs,
+        accelerator=device, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        # CUDA's max-pool backward has no deterministic kernel: warn there instead of raising
+        enable_model_summary=False, enable_progress_bar=True, deterministic=True if device == "cpu" else "warn", **kwargs,
     )
     start = time.perf_counter()
     trainer.fit(module, digits)
     return module.eval(), time.perf_counter() - start
 
 
-def step_overhead(size: int, width: int, steps: int) -> dict[str, dict[str, float]]:
+def step_overhead(size: int, width: int, steps: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Median time of one optimisation step of LeNet5(size px, width), configurations interleaved step by step."""
     digits = DigitsDataModule(size=size, seed=0)
     x_all, y_all = digits.dataset("train").tensors
-    batches = [(x_all[i : i + 64], y_all[i : i + 64]) for i in range(0, len(x_all) - 63, 64)]
+    batches = [(x_all[i : i + 64].to(device), y_all[i : i + 64].to(device)) for i in range(0, len(x_all) - 63, 64)]
     vant = SequentialSchedule([LinearWarmup(SIGMA_TRAIN, 10), PerSampleVariance(SIGMA_TRAIN, 0.45, 0.33)], [10])
     configs = {
         "plain": None,
@@ -105,7 +107,7 @@ def step_overhead(size: int, width: int, steps: int) -> dict[str, dict[str, floa
     runners = {}
     for name, spec in configs.items():
         torch.manual_seed(0)
-        model = LeNet5(input_size=size, width=width, dropout=0.0).train()
+        model = LeNet5(input_size=size, width=width, dropout=0.0).train().to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         injector = NoiseInjector(*spec).attach(model) if spec else None
         runners[name] = (model, optimizer, injector)
@@ -116,6 +118,7 @@ def step_overhead(size: int, width: int, steps: int) -> dict[str, dict[str, floa
         order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
         for name in order:
             model, optimizer, injector = runners[name]
+            synchronize(device)
             start = time.perf_counter()
             if injector is not None:
                 injector.begin_training_step(len(x))
@@ -127,6 +130,7 @@ def step_overhead(size: int, width: int, steps: int) -> dict[str, dict[str, floa
             if injector is not None:
                 injector.restore_weights()
             optimizer.step()
+            synchronize(device)
             if i >= 5:  # warm-up steps are not timed
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["plain"])
@@ -136,13 +140,13 @@ def step_overhead(size: int, width: int, steps: int) -> dict[str, dict[str, floa
     }
 
 
-def lightning_overhead(digits: DigitsDataModule, rounds: int, batches: int) -> dict[str, dict[str, float]]:
+def lightning_overhead(digits: DigitsDataModule, rounds: int, batches: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Wall time of a Lightning fit over the same batches, plain vs the strategy, alternating rounds."""
     def fit(strategy) -> float:
         L.seed_everything(0, verbose=False)
         module = ClassifierModule(LeNet5(input_size=8, dropout=0.0), scheduler="none")
         kwargs = {"strategy": strategy} if strategy is not None else {}
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
+        trainer = L.Trainer(accelerator=device, devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=False, **kwargs)
         start = time.perf_counter()
@@ -215,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings on a shared machine)")
     parser.add_argument("--data", choices=sorted(DATA), default="digits")
     parser.add_argument("--skip-timing", action="store_true", help="accuracy only (the step timings do not depend on --data)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (2 if args.quick else 20)
     repeats = 2 if args.quick else 10
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     models, train_s = {}, {}
     for name, strategy in strategies(steps_per_epoch, epochs).items():
         console.print(f"[bold]training {name}[/] ({epochs} epochs)")
-        models[name], train_s[name] = train(name, strategy, epochs, digits, make_model)
+        models[name], train_s[name] = train(name, strategy, epochs, digits, make_model, args.device)
 
     sweeps = {}
     for name, module in models.items():
@@ -262,11 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         overhead = overhead_32 = fit_overhead = {}
     else:
         console.print("timing training steps (interleaved)")
-        overhead = step_overhead(8, 1, steps=60 if args.quick else 300)
-        overhead_32 = step_overhead(32, 2, steps=30 if args.quick else 150)
+        overhead = step_overhead(8, 1, steps=60 if args.quick else 300, device=args.device)
+        overhead_32 = step_overhead(32, 2, steps=30 if args.quick else 150, device=args.device)
         timing_digits = DigitsDataModule(batch_size=64, size=8, seed=0)
         timing_digits.setup()
-        fit_overhead = lightning_overhead(timing_digits, rounds=2 if args.quick else 5, batches=len(timing_digits.train_dataloader()))
+        fit_overhead = lightning_overhead(timing_digits, rounds=2 if args.quick else 5, batches=len(timing_digits.train_dataloader()),
+                                          device=args.device)
 
     # goals
     naive_rob = sweeps["naive"]["robustness"]
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "analog",
         "quick": args.quick,
-        "machine": machine_info(),
+        "machine": {**machine_info(), **device_info(args.device)},
         "versions": {"torch": torch.__version__, "lightning": L.__version__, "aihwkit": aihwkit_version, "tvm": tvm_version,
                      "lightning_relief": lightning_relief.__version__},
         "setup": {"model": type(make_model()).__name__, "data": args.data, "epochs": epochs,
@@ -363,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "lightning_fit_overhead": fit_overhead,
         "goals": goals,
     }
-    out = result_path(f"analog{suffix}.json", args.quick)
+    out = result_path(f"analog{suffix}{'' if args.device == 'cpu' else '_' + args.device}.json", args.quick)
     out.write_text(json.dumps(payload, indent=2))
     console.print(f"wrote {out}")
     return 0
