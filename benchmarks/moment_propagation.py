@@ -27,6 +27,7 @@ Writes benchmarks/results/moment_propagation.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -52,7 +53,7 @@ from lightning_relief.moments import mc_dropout_logits  # noqa: E402
 from lightning_relief.moments.functional import SOFTMAX_METHODS  # noqa: E402
 from lightning_relief.moments.sampling import dropout_active  # noqa: E402
 from lightning_relief.uncertainty import functional as U  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from _machine import add_device_argument, check_device, device_info, machine_info, synchronize  # noqa: E402
 from _results import result_path  # noqa: E402
 
 SAMPLES = (10, 30, 100)
@@ -91,28 +92,34 @@ def quality(net: nn.Module, data: DigitsDataModule) -> dict[str, dict[str, float
     return rows
 
 
-def cpu_time_per_call(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float) -> dict[str, float]:
-    """Median process CPU seconds per call; methods interleaved round by round."""
+def cpu_time_per_call(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float, device: str = "cpu") -> dict[str, float]:
+    """Median process CPU seconds per call (on a GPU: wall seconds up to the last kernel); methods interleaved round by round."""
+    clock = time.process_time if device == "cpu" else time.perf_counter
     calls = {}
     for name, fn in fns.items():  # warm up, and size each measurement to ~budget_s
         fn()
-        start = time.process_time()
+        synchronize(device)
+        start = clock()
         fn()
-        one = max(time.process_time() - start, 1e-6)
+        synchronize(device)
+        one = max(clock() - start, 1e-6)
         calls[name] = max(1, int(budget_s / one))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.process_time()
+            synchronize(device)
+            start = clock()
             for _ in range(calls[name]):
                 fn()
-            samples[name].append((time.process_time() - start) / calls[name])
+            synchronize(device)
+            samples[name].append((clock() - start) / calls[name])
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
 @torch.no_grad()
-def eager_costs(net: nn.Module, batch: int, rounds: int, budget_s: float) -> dict[str, float]:
-    x = torch.randn(batch, *net_input_shape)
+def eager_costs(net: nn.Module, batch: int, rounds: int, budget_s: float, device: str = "cpu") -> dict[str, float]:
+    net = copy.deepcopy(net).to(device)
+    x = torch.randn(batch, *net_input_shape, device=device)
     wrapper = MomentPropagationWrapper(net)
     fns: dict[str, Callable[[], Any]] = {"deterministic": lambda: net(x), "moment_propagation": lambda: wrapper(x)}
     for s in SAMPLES:
@@ -123,9 +130,9 @@ def eager_costs(net: nn.Module, batch: int, rounds: int, budget_s: float) -> dic
 
         fns[f"mc{s}"] = mc
     with dropout_active(net):  # MC rows sample; the deterministic and MP rows ignore the mode
-        costs = cpu_time_per_call({k: v for k, v in fns.items() if k.startswith("mc")}, rounds, budget_s)
+        costs = cpu_time_per_call({k: v for k, v in fns.items() if k.startswith("mc")}, rounds, budget_s, device)
     net.eval()
-    costs.update(cpu_time_per_call({k: v for k, v in fns.items() if not k.startswith("mc")}, rounds, budget_s))
+    costs.update(cpu_time_per_call({k: v for k, v in fns.items() if not k.startswith("mc")}, rounds, budget_s, device))
     return costs
 
 
@@ -180,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         "--models", nargs="+", default=["lenet5", "resnet20", "lenet5_conv_dropout"], help="which networks to run"
     )
     parser.add_argument("--out", default=None, help="default results/moment_propagation.json (--quick: results/quick/)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    device = check_device(args.device).type
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     epochs = args.epochs or (1 if args.quick else 20)
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         net = train(build(), data, epochs)
         entry: dict[str, Any] = {"quality": quality(net, data), "eager_s": {}}
         for batch in BATCHES:
-            entry["eager_s"][f"batch{batch}"] = eager_costs(net, batch, rounds, budget)
+            entry["eager_s"][f"batch{batch}"] = eager_costs(net, batch, rounds, budget, device)
         if not args.no_tvm:
             entry["tvm_untuned_s"] = tvm_costs(net, rounds, budget)
         results[name] = entry
@@ -237,14 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "moment_propagation",
         "quick": args.quick,
         "epochs": epochs,
-        "timing": "median process CPU seconds per call, 1 torch/TVM thread, methods interleaved",
+        "timing": "median process CPU seconds per call, 1 torch/TVM thread, methods interleaved"
+        + ("" if device == "cpu" else f"; eager rows: wall seconds on {device} up to the last kernel (training, quality, TVM: CPU)"),
         "tvm": "untuned (default pipeline, no MetaSchedule); MC dropout not compiled (no random ops in TVM)",
-        "machine": machine_info(),
+        "machine": {**machine_info(), **device_info(device)},
         "results": results,
         "goals": goals,
     }
     print_tables(results, goals)
-    out = Path(args.out) if args.out else result_path("moment_propagation.json", args.quick)
+    out = Path(args.out) if args.out else result_path("moment_propagation.json" if device == "cpu" else f"moment_propagation_{device}.json", args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
