@@ -45,7 +45,7 @@ from lightning_relief.nn.photonic import PhotonicSamplerLayer
 from lightning_relief.photonic import ChipModel, PhotonicNetwork, convert_to_photonic, crossbar_passes, sample_logits
 from lightning_relief.uncertainty import functional as U
 from lightning_relief.uncertainty.ensemble import EnsembleModel
-from _machine import machine_info  # noqa: E402
+from _machine import add_device_argument, check_device, device_info, machine_info, synchronize  # noqa: E402
 from _results import result_path  # noqa: E402
 
 K = 32
@@ -79,14 +79,16 @@ def _naive_sampler(photonic: nn.Module, plain: nn.Module):
 
 
 def _time(fn, x: torch.Tensor, repeats: int, min_time: float) -> float:
-    """Median seconds per call over ``repeats`` rounds, each at least ``min_time`` long."""
+    """Median seconds per call over ``repeats`` rounds, each at least ``min_time`` long (up to x's device's last kernel)."""
     fn(x)  # warm up
     rounds = []
     for _ in range(repeats):
+        synchronize(x.device)
         calls, start = 0, time.perf_counter()
         while True:
             fn(x)
             calls += 1
+            synchronize(x.device)
             elapsed = time.perf_counter() - start
             if elapsed >= min_time:
                 break
@@ -94,9 +96,9 @@ def _time(fn, x: torch.Tensor, repeats: int, min_time: float) -> float:
     return statistics.median(rounds)
 
 
-def throughput(batch_sizes: list[int], repeats: int, min_time: float) -> dict:
+def throughput(batch_sizes: list[int], repeats: int, min_time: float, device: str = "cpu") -> dict:
     torch.manual_seed(0)
-    plain = LeNet5(input_size=8).eval()
+    plain = LeNet5(input_size=8).eval().to(device)
     chip = ChipModel()
     rows, hardware = [], {}
     for where, layers in (("all layers", None), ("classifier", CLASSIFIER)):
@@ -111,7 +113,7 @@ def throughput(batch_sizes: list[int], repeats: int, min_time: float) -> dict:
         }
         with torch.no_grad():
             for n in batch_sizes:
-                x = torch.randn(n, 1, 8, 8)
+                x = torch.randn(n, 1, 8, 8, device=device)
                 seconds = {name: _time(fn, x, repeats, min_time) for name, fn in methods.items()}
                 for name, s in seconds.items():
                     rows.append(
@@ -387,15 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer epochs, members, repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the numbers compare side by side)")
     parser.add_argument("--out", type=Path, default=None, help="default results/photonic.json (--quick: results/quick/)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    device = check_device(args.device).type
     torch.set_num_threads(args.threads)
     quick = args.quick
-    args.out = args.out or result_path("photonic.json", quick)
+    args.out = args.out or result_path("photonic.json" if device == "cpu" else f"photonic_{device}.json", quick)
     report = {
         "benchmark": "photonic",
         "quick": quick,
-        "machine": machine_info(),
-        "throughput": throughput([1, 16] if quick else [1, 16, 256], repeats=3 if quick else 5, min_time=0.05 if quick else 0.3),
+        "machine": {**machine_info(), **device_info(device)},  # --device: the throughput rows; quality is trained on the CPU
+        "throughput": throughput([1, 16] if quick else [1, 16, 256], repeats=3 if quick else 5, min_time=0.05 if quick else 0.3,
+                                 device=device),
         "quality": quality(
             epochs=2 if quick else 15,
             members=2 if quick else 5,
