@@ -255,3 +255,26 @@ def test_isolated_seed_leaves_the_users_queued_cuda_seed_and_cpu_generator_alone
         assert torch.equal(torch.rand(3), first)
     assert tracker.get_calls()[-1][0] is queued
     assert torch.equal(torch.get_rng_state(), cpu_state)
+
+
+@pytest.mark.parametrize("plugin", ["photonic", "bayes"])
+def test_photonic_and_bayesian_training_under_mixed_precision_follow_fp32(device, digits, plugin):
+    from lightning_relief import BayesianModel, PhotonicNetwork
+
+    def fit(precision: str) -> tuple[dict[str, torch.Tensor], float]:
+        L.seed_everything(0, verbose=False)
+        net = MLP(in_features=64, dropout=0.0)
+        model = PhotonicNetwork(net, bandwidth_ratio=0.02, num_samples=4) if plugin == "photonic" else BayesianModel(net)
+        module = ClassifierModule(model, optimizer="sgd", lr=0.05, scheduler="none")
+        trainer = device_trainer(device, max_steps=3, limit_val_batches=0, precision=precision)
+        trainer.fit(module, digits)
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+        return _weights(module), float(trainer.callback_metrics["train_loss"])
+
+    reference, ref_loss = fit("32-true")
+    for precision in _mixed_precisions(device):
+        weights, loss = fit(precision)
+        assert loss == pytest.approx(ref_loss, rel=0.05, abs=0.05), precision
+        for name, value in weights.items():
+            assert torch.isfinite(value).all(), (precision, name)
+            assert (reference[name] - value).abs().max() < 0.02, (precision, name)
