@@ -40,6 +40,13 @@ def _strategies_run_on(device: str) -> None:
         pytest.skip("Lightning refuses DDP-family strategies (DeepEnsembleStrategy, AnalogNoiseStrategy) on MPS")
 
 
+class TrainedOn(L.Callback):
+    """The device of every parameter at train end (Lightning's teardown then moves the module to the CPU)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.devices = {p.device.type for p in pl_module.parameters()}
+
+
 def _mlp_module() -> ClassifierModule:
     return ClassifierModule(MLP(in_features=64, dropout=0.0), optimizer="sgd", lr=0.05, scheduler="none")
 
@@ -55,10 +62,10 @@ def test_ensemble_vectorized_equals_sequential_on_device(device, digits):
     for mode in ("vectorized", "sequential"):
         L.seed_everything(0, verbose=False)
         module = _mlp_module()
-        device_trainer(device, max_steps=3, limit_val_batches=0, strategy=DeepEnsembleStrategy(num_members=3, mode=mode)).fit(
-            module, digits
-        )
-        assert all(p.device.type == device for p in module.parameters())
+        trained_on = TrainedOn()
+        device_trainer(device, max_steps=3, limit_val_batches=0, callbacks=[trained_on],
+                       strategy=DeepEnsembleStrategy(num_members=3, mode=mode)).fit(module, digits)
+        assert trained_on.devices == {device}
         results[mode] = _weights(module)
     for name, value in results["vectorized"].items():
         torch.testing.assert_close(value, results["sequential"][name], **_tolerance(device), msg=name)
@@ -123,10 +130,11 @@ def test_analog_noise_callback_with_an_ensemble_on_device(device, digits):
     L.seed_everything(0, verbose=False)
     module = _mlp_module()
     noise = AnalogNoise(AdditiveGaussian(), 0.1, Placement("weights", layers=["Linear"]))
-    device_trainer(device, max_steps=2, limit_val_batches=0, callbacks=[noise],
+    trained_on = TrainedOn()
+    device_trainer(device, max_steps=2, limit_val_batches=0, callbacks=[noise, trained_on],
                    strategy=DeepEnsembleStrategy(num_members=2)).fit(module, digits)
-    assert noise.injector.current_level.device.type == device
-    assert all(p.device.type == device and torch.isfinite(p).all() for p in module.parameters())
+    assert noise.injector.current_level.device.type == device and trained_on.devices == {device}
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 # -- moment propagation
@@ -173,20 +181,26 @@ def test_bayes_kl_and_forward_on_device_equal_the_cpu(device):
 
 
 # -- export of a model trained on the device
-def test_export_of_a_device_trained_model_matches_it(device, digits):
-    from lightning_relief.deploy import compile_for_target
+def test_export_of_a_device_trained_model_matches_it(device, digits, tmp_path):
+    from lightning_relief.callbacks.tvm_export import TVMExportCallback
+    from lightning_relief.deploy import compile_for_target, load_compiled
 
     L.seed_everything(0, verbose=False)
     module = _mlp_module()
-    device_trainer(device, max_steps=3, limit_val_batches=0).fit(module, digits)
-    assert module.device.type == device
+    trained_on = TrainedOn()  # the export callback runs at on_fit_end, after the teardown moved the module to the CPU
+    export = TVMExportCallback(target="llvm", dirpath=tmp_path / "artifact", example_input_shape=(1, 1, 8, 8), measure=False)
+    device_trainer(device, max_steps=3, limit_val_batches=1, callbacks=[trained_on, export]).fit(module, digits)
+    assert trained_on.devices == {device} and "error" not in export.last_export, export.last_export
+    assert export.last_export["max_abs_error"] < 1e-4  # the callback's own parity check, on a real batch
     x = next(iter(digits.val_dataloader()))[0][:16]
-    compiled = compile_for_target(module, x[:1])
-    assert all(p.device.type == device for p in module.parameters())  # the export copied, it did not move the model
+    module = module.to(device).eval()
     with torch.no_grad():
-        reference = module.eval()(x.to(device)).cpu()
-    torch.testing.assert_close(torch.as_tensor(compiled.run_batched(x)[0]), reference, rtol=1e-4, atol=1e-4)
-    # the device's own tensors go straight in (the CPU target copies them to the host)
+        reference = module(x.to(device)).cpu()
+    artifact = load_compiled(tmp_path / "artifact")
+    torch.testing.assert_close(torch.as_tensor(artifact.run_batched(x)[0]), reference, rtol=1e-4, atol=1e-4)
+    # exporting the device-resident module directly: it is copied, not moved; the device's tensors go straight in
+    compiled = compile_for_target(module, x[:1])
+    assert all(p.device.type == device for p in module.parameters())
     torch.testing.assert_close(compiled(x.to(device)).cpu(), reference, rtol=1e-4, atol=1e-4)
 
 
