@@ -529,16 +529,21 @@ def adaptive_avg_pool_moments(mean: Tensor, var: Tensor, output_size: int | Sequ
     This holds when each input size is a multiple of its output size (global
     pooling always); other sizes have unequal overlapping windows and raise.
     """
+    kernel = _equal_windows(mean, output_size, dims, "average")
+    return avg_pool_moments(mean, var, kernel, kernel, dims=dims)
+
+
+def _equal_windows(mean: Tensor, output_size: Any, dims: int, kind: str) -> tuple[int, ...]:
+    """The window of an adaptive pooling whose windows are equal and disjoint; other sizes raise."""
     sizes = mean.shape[-dims:]
     target = _tuple(output_size, dims) if output_size is not None else sizes
     target = tuple(s if t is None else t for s, t in zip(sizes, target))
     if any(s % t for s, t in zip(sizes, target)):
         raise ValueError(
-            f"adaptive average pooling from {tuple(sizes)} to {target} has unequal windows; "
+            f"adaptive {kind} pooling from {tuple(sizes)} to {target} has unequal windows; "
             "moment propagation needs input sizes that are multiples of the output size"
         )
-    kernel = tuple(s // t for s, t in zip(sizes, target))
-    return avg_pool_moments(mean, var, kernel, kernel, dims=dims)
+    return tuple(s // t for s, t in zip(sizes, target))
 
 
 def mean_moments(mean: Tensor, var: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> tuple[Tensor, Tensor]:
@@ -776,15 +781,7 @@ def activation_moments(mean: Tensor, var: Tensor, name: str, *args: Any, **kwarg
 
 def adaptive_max_pool_moments(mean: Tensor, var: Tensor, output_size: Any, dims: int = 2) -> tuple[Tensor, Tensor]:
     """Adaptive max pooling where each output takes the max of an equal, non-overlapping block."""
-    sizes = mean.shape[-dims:]
-    target = _tuple(output_size, dims) if output_size is not None else sizes
-    target = tuple(s if t is None else t for s, t in zip(sizes, target))
-    if any(s % t for s, t in zip(sizes, target)):
-        raise ValueError(
-            f"adaptive max pooling from {tuple(sizes)} to {target} has unequal windows; "
-            "moment propagation needs input sizes that are multiples of the output size"
-        )
-    kernel = tuple(s // t for s, t in zip(sizes, target))
+    kernel = _equal_windows(mean, output_size, dims, "max")
     return max_pool_moments(mean, var, kernel, kernel, dims=dims)
 
 
