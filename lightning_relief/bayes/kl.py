@@ -96,7 +96,12 @@ class KLDivergenceCallback(L.Callback):
         self.dataset_size = dataset_size
         self.weight = float(weight)
         self.attribute = attribute
-        self.last_kl = 0.0
+        self._last_kl: Tensor | None = None
+
+    @property
+    def last_kl(self) -> float:
+        """The KL of the last training step (0 before the first)."""
+        return 0.0 if self._last_kl is None else float(self._last_kl)
 
     def _model(self, pl_module: L.LightningModule) -> nn.Module:
         return getattr(pl_module, self.attribute) if self.attribute else pl_module
@@ -117,7 +122,7 @@ class KLDivergenceCallback(L.Callback):
         # gradient accumulation divides each step's loss the same way (Fabric: the user's loop does its own)
         accumulate = trainer.accumulate_grad_batches if with_trainer else 1
         (kl * (self.weight / size / accumulate)).backward()
-        self.last_kl = float(kl.detach())
+        self._last_kl = kl.detach()  # kept on the device: a float() here would wait for the GPU every step
         if with_trainer:
             pl_module.log("train_kl", kl.detach(), on_step=False, on_epoch=True)
 
