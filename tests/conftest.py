@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 os.environ.setdefault("TVM_NUM_THREADS", "1")
@@ -85,3 +86,29 @@ def device_trainer(device: str, **kwargs) -> L.Trainer:
         options["deterministic"] = False
     options.update(kwargs)
     return quiet_trainer(**options)
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_relief"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A run over the package fails when a module shows ``>>>`` examples that were not collected.
+
+    ``--doctest-modules`` (pyproject) runs the examples; this catches the ones that would silently
+    not run (an example outside a docstring, a module left out of collection).
+    """
+    from _pytest.doctest import DoctestItem
+
+    if not config.getoption("doctestmodules"):
+        return
+    roots = [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
+    if not any(root == PACKAGE or root in PACKAGE.parents for root in roots):
+        return  # a run over some tests only
+    collected = {Path(str(item.path)).resolve() for item in items if isinstance(item, DoctestItem)}
+    missing = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if ">>> " in path.read_text() and path not in collected
+    ]
+    if missing:
+        raise pytest.UsageError(f"these modules show >>> examples that --doctest-modules did not collect: {', '.join(missing)}")

@@ -1,6 +1,6 @@
 """README's commands name real things and the public API re-exports what it lists.
 
-Docstring examples run under ``--doctest-modules`` (pyproject); the root conftest fails a run
+Docstring examples run under ``--doctest-modules`` (pyproject); tests/conftest.py fails a run
 over the package when a module's examples were not collected."""
 
 from __future__ import annotations
