@@ -115,13 +115,18 @@ def apply_policy(
     calibration: Sequence[Tensor] = (),
 ) -> None:
     """Prune then quantize ``module`` in place, recording both steps; re-estimate BN, calibrate quantizers."""
-    groups = channels_to_prune(units, order, policy)
-    quant = policy.quantized_layers()
+    apply_channels_and_bits(module, units.example_inputs[:1], channels_to_prune(units, order, policy),
+                            policy.quantized_layers(), calibration)
+
+
+def apply_channels_and_bits(module: nn.Module, example: Tensor, groups: Mapping[str, Sequence[int]],
+                            bits: Mapping[str, int], calibration: Sequence[Tensor] = ()) -> None:
+    """Remove ``groups`` (root -> output channel indices), re-estimate BN, quantize ``bits`` (layer -> bits)."""
     named = dict(module.named_modules())
-    missing = [n for n in quant if n not in named]
+    missing = [n for n in (*groups, *bits) if n not in named]
     if missing:
-        raise ValueError(f"policy quantizes layers the model does not have: {missing}")
-    apply_pruning(module, units.example_inputs[:1], groups)
+        raise ValueError(f"the policy names layers the model does not have: {missing}")
+    apply_pruning(module, example, groups)
     if groups and calibration:
         recalibrate_batchnorm(module, calibration)
-    apply_quantization(module, quant, calibration if calibration else None)
+    apply_quantization(module, bits, calibration if calibration else None)

@@ -38,12 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_relief._rng import isolated_seed
-from lightning_relief.compress.apply import apply_pruning, channels_to_prune, recalibrate_batchnorm
+from lightning_relief.compress.apply import apply_channels_and_bits, apply_policy, channels_to_prune
 from lightning_relief.compress.bracket import BudgetBracket
 from lightning_relief.compress.cost import CostModel, policy_cost
 from lightning_relief.compress.meter import Meter
 from lightning_relief.compress.policy import CompressionPolicy
-from lightning_relief.compress.quantize import apply_quantization
 from lightning_relief.compress.report import layer_rows
 from lightning_relief.compress.search import SEARCHES, Candidate, lagrangian_search, propose_candidates, uniform_search
 from lightning_relief.compress.sensitivity import (
@@ -218,16 +217,9 @@ def recover(module: nn.Module, batches: Sequence[Batch], steps: int, lr: float) 
 def apply_plan(module: nn.Module, result: CompressionResult, calibration: Sequence[Tensor] = ()) -> None:
     """Prune then quantize ``module`` in place as ``result`` says, recording both for checkpoints;
     re-estimate batch norm and calibrate the quantizers on ``calibration`` inputs."""
-    named = dict(module.named_modules())
-    missing = [n for n in (*result.channels, *result.policy.quantized_layers()) if n not in named]
-    if missing:
-        raise ValueError(f"the plan names layers the model does not have: {missing}")
     param = next(module.parameters())
     example = torch.zeros(result.input_shape, device=param.device, dtype=param.dtype)
-    apply_pruning(module, example, result.channels)
-    if result.channels and calibration:
-        recalibrate_batchnorm(module, calibration)
-    apply_quantization(module, result.policy.quantized_layers(), calibration if calibration else None)
+    apply_channels_and_bits(module, example, result.channels, result.policy.quantized_layers(), calibration)
 
 
 def compress(module: nn.Module, calibration: Sequence[Batch], config: CompressionConfig, meter: Meter,
@@ -245,9 +237,10 @@ def _baselines(units: ModelUnits, table: SensitivityTable, cost: CostModel, budg
     out = []
     eight = {n: min(8, max(config.bit_widths)) for n in quant_layers} if config.bit_widths else {}
     if config.prune_ratios and units.groups:
-        out.append(("uniform", uniform_search(units, table, cost, budget, or_tightest=True)))
+        top = max(config.prune_ratios)
+        out.append(("uniform", uniform_search(units, table, cost, budget, top, or_tightest=True)))
         if eight:
-            out.append(("joint uniform", uniform_search(units, table, cost, budget, or_tightest=True, bits=eight)))
+            out.append(("joint uniform", uniform_search(units, table, cost, budget, top, or_tightest=True, bits=eight)))
     if eight:
         predicted = policy_cost(units, cost, {}, eight)
         sens = sum(table.quant.get(n, {}).get(b, 0.0) for n, b in eight.items())
@@ -305,9 +298,7 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
 
     def trial(policy: CompressionPolicy) -> nn.Module:
         copy_ = copy.deepcopy(base)
-        pruned = CompressionResult(policy, channels_to_prune(units, table.order, policy), [1, *inputs[0].shape[1:]],
-                                   [], table, original_cost, None, meter.metric, meter.unit)
-        apply_plan(copy_, pruned, inputs)
+        apply_policy(copy_, units, table.order, policy, inputs)
         return copy_
 
     # the layers alone are not the whole model: fit scale and overhead to the original and a half-pruned one

@@ -254,8 +254,8 @@ def search_candidates(units: ModelUnits, table: SensitivityTable | None, cost: C
     shift = (count - 1) / 2 if centered else 0.0
     for k in range(count):
         b = budget * (1 - (k - shift) * spread)
-        if method == "uniform":
-            cand = uniform_search(units, table, cost, b, or_tightest=True)
+        if method == "uniform":  # no further than the user allowed any group to go
+            cand = uniform_search(units, table, cost, b, max(prune_ratios, default=0.95), or_tightest=True)
         else:
             cand = lagrangian_search(units, table, cost, b, prune_ratios, bit_widths, quant_layers, or_tightest=True)
         cand.round = round_
