@@ -34,10 +34,12 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from _machine import add_device_argument, check_device, device_info, machine_info, synchronize
+from _results import result_path
 
 from lightning_relief import AnalogNoiseStrategy, ClassifierModule
 from lightning_relief.data import DigitsDataModule, MNIST1DDataModule
-from lightning_relief.models import LeNet5, MNIST1DCNN
+from lightning_relief.models import MNIST1DCNN, LeNet5
 from lightning_relief.noise import (
     AdditiveGaussian,
     Constant,
@@ -50,8 +52,6 @@ from lightning_relief.noise import (
     evaluate_robustness,
 )
 from lightning_relief.noise.pcm import ONE_YEAR
-from _machine import add_device_argument, check_device, device_info, machine_info, synchronize  # noqa: E402
-from _results import result_path  # noqa: E402
 
 SIGMA_TRAIN = 0.5
 LEVELS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0]

@@ -54,8 +54,9 @@ def parse() -> argparse.Namespace:
 ARGS = parse()
 os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)  # read when TVM's thread pool starts
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _machine import machine_info  # noqa: E402
+from _results import result_path  # noqa: E402
 
 from lightning_relief.data import DigitsDataModule  # noqa: E402
 from lightning_relief.deploy import (  # noqa: E402
@@ -68,8 +69,6 @@ from lightning_relief.deploy import (  # noqa: E402
 )
 from lightning_relief.deploy.targets import host_target_dict  # noqa: E402
 from lightning_relief.models import MLP, LeNet5, resnet20  # noqa: E402
-from _machine import machine_info  # noqa: E402
-from _results import result_path  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -223,10 +222,10 @@ def main() -> int:
                 # a Python call (torch tensor in and out) against TVM's own timer, fastest of the repeats
                 with torch.inference_mode():
                     best = side_by_side({
-                        "eager": per_call_ms(lambda: model(x)),
+                        "eager": per_call_ms(lambda model=model, x=x: model(x)),
                         "onnxruntime": per_call_ms(ort_call),
-                        "tvm_tuned_call": per_call_ms(lambda: tuned(x)),
-                        "tvm_tuned_timer": lambda n: tuned.time(x, repeat=1, number=n)[0] * 1e3,
+                        "tvm_tuned_call": per_call_ms(lambda tuned=tuned, x=x: tuned(x)),
+                        "tvm_tuned_timer": lambda n, tuned=tuned, x=x: tuned.time(x, repeat=1, number=n)[0] * 1e3,
                     }, rounds=ARGS.repeat)
                 row["side_by_side_ms"] = best
                 row["python_call_ms"] = best["tvm_tuned_call"]
@@ -264,7 +263,7 @@ def main() -> int:
 def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, trials: int) -> None:
     header = (f"{'model':<19}{'batch':>6}{'eager':>10}{'ORT':>10}{'TVM':>10}{'TVM tuned':>11}{'tune s':>8}{'int8 tuned':>11}"
               f"{'tuned/eager':>12}{'tuned/ORT':>10}{'call-timer us':>14}")
-    print("\nmedian latency in ms (threads=%d); tuned/eager, tuned/ORT and call-timer: fastest rounds side by side\n" % ARGS.threads + header)
+    print(f"\nmedian latency in ms (threads={ARGS.threads}); tuned/eager, tuned/ORT and call-timer: fastest rounds side by side\n" + header)
     for r in rows:
         int8 = f"{r['tvm_int8_tuned_ms']:>11.4f}" if "tvm_int8_tuned_ms" in r else f"{'-':>11}"
         print(f"{r['model']:<19}{r['batch']:>6}{r['eager_ms']:>10.4f}{r['onnxruntime_ms']:>10.4f}{r['tvm_untuned_ms']:>10.4f}"

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import add_device_argument, check_device, device_info, machine_info, synchronize
+from _results import result_path
 from torch import nn
 
 from lightning_relief.data import DigitsDataModule
@@ -45,8 +47,6 @@ from lightning_relief.nn.photonic import PhotonicSamplerLayer
 from lightning_relief.photonic import ChipModel, PhotonicNetwork, convert_to_photonic, crossbar_passes, sample_logits
 from lightning_relief.uncertainty import functional as U
 from lightning_relief.uncertainty.ensemble import EnsembleModel
-from _machine import add_device_argument, check_device, device_info, machine_info, synchronize  # noqa: E402
-from _results import result_path  # noqa: E402
 
 K = 32
 OOD_KINDS = ("rotate", "noise", "invert")

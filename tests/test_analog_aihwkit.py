@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("aihwkit", reason="aihwkit is built by `make install` (optional extra 'analog')")
 
-from aihwkit.inference.noise.pcm import PCMLikeNoiseModel  # noqa: E402
+from aihwkit.inference.noise.pcm import PCMLikeNoiseModel
 
-from lightning_relief.noise import PCMNoise, evaluate_robustness  # noqa: E402
-from lightning_relief.noise.pcm import ONE_YEAR  # noqa: E402
+from lightning_relief.noise import PCMNoise, evaluate_robustness
+from lightning_relief.noise.pcm import ONE_YEAR
 
 TIMES = (1.0, 3600.0, 86400.0, ONE_YEAR)
 REPEATS = 4000
@@ -52,7 +52,6 @@ def test_pcm_drifted_weight_statistics_match_aihwkit(t):
 def test_model_accuracy_on_aihwkit_matches_our_pcm_noise():
     """A trained CNN: accuracy on aihwkit PCM tiles (ideal periphery) vs our PCMNoise, same times."""
     from conftest import quiet_trainer
-
     from lightning_relief import ClassifierModule
     from lightning_relief.data import DigitsDataModule
     from lightning_relief.models import LeNet5
@@ -76,7 +75,6 @@ def test_pcm_defaults_predict_aihwkit_inference_preset():
     """Out of the box: PCMNoise() (weights + outputs, out_noise 0.06) vs aihwkit's standard PCM inference
     preset (evaluate_aihwkit's defaults) on a trained CNN, after 1 s, 1 h, 1 day and 1 year: within 3 points."""
     from conftest import quiet_trainer
-
     from lightning_relief import ClassifierModule
     from lightning_relief.data import DigitsDataModule
     from lightning_relief.models import LeNet5

@@ -7,9 +7,9 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 
+from conftest import quiet_trainer
 from lightning_relief import AnalogNoise, AnalogNoiseStrategy, ClassifierModule, DeepEnsembleStrategy
 from lightning_relief.data import DigitsDataModule
 from lightning_relief.models import MLP, LeNet5

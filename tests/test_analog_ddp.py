@@ -8,9 +8,9 @@ from datetime import timedelta
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from conftest import quiet_trainer
 from lightning_relief import AnalogNoiseStrategy, ClassifierModule
 from lightning_relief.data import DigitsDataModule
 from lightning_relief.models import LeNet5

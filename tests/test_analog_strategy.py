@@ -5,9 +5,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 
+from conftest import quiet_trainer
 from lightning_relief import AnalogNoiseStrategy, ClassifierModule
 from lightning_relief.models import MLP, LeNet5
 from lightning_relief.noise import (

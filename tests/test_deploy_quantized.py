@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 pytest.importorskip("brevitas")
-import brevitas.nn as qnn  # noqa: E402
-from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Int32Bias  # noqa: E402
+import brevitas.nn as qnn
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Int32Bias
 
-from lightning_relief.deploy import FakeQuantize, IntegerConv2d, IntegerLinear, compile_for_target, lower_quantized  # noqa: E402
-from lightning_relief.deploy.frontend import to_relax  # noqa: E402
+from lightning_relief.deploy import FakeQuantize, IntegerConv2d, IntegerLinear, compile_for_target, lower_quantized
+from lightning_relief.deploy.frontend import to_relax
 
 
 def brevitas_cnn() -> nn.Module:

@@ -8,10 +8,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from conftest import quiet_trainer
 from lightning_relief import ClassifierModule, DeepEnsembleStrategy
 from lightning_relief.models import MLP, LeNet5
 from lightning_relief.uncertainty import EnsembleModel

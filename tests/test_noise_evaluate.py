@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import quiet_trainer
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from conftest import quiet_trainer
 from lightning_relief import ClassifierModule
 from lightning_relief.cli import main as relief
 from lightning_relief.models import LeNet5

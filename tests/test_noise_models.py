@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_relief.models import LeNet5, MLP
+from lightning_relief.models import MLP, LeNet5
 from lightning_relief.noise import (
     AdditiveGaussian,
     CombinedGaussian,

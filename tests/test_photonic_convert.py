@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_trainer
 from torch import nn
 
+from conftest import quiet_trainer
 from lightning_relief.models import MLP, ClassifierModule, LeNet5
 from lightning_relief.nn.photonic import PhotonicConv2d, PhotonicLinear
 from lightning_relief.nn.structure import structure_of

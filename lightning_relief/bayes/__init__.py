@@ -6,8 +6,8 @@ return them, and the KL term is computed from the layers' tensors.
 """
 
 from lightning_relief.bayes.convert import OutputOnly, bayesian_layers, make_bayesian, to_bayesian
-from lightning_relief.bayes.model import BayesianModel
 from lightning_relief.bayes.kl import KLDivergenceCallback, kl_divergence, kl_term, training_set_size
+from lightning_relief.bayes.model import BayesianModel
 from lightning_relief.bayes.predict import mc_predict, mean_weights, predict_mean
 
 __all__ = [

@@ -21,7 +21,15 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from lightning_relief.deploy.artifact_files import ArtifactError, file_hashes, new_staging, read_metadata, recover, swap_in, verify
+from lightning_relief.deploy.artifact_files import (
+    ArtifactError,
+    file_hashes,
+    new_staging,
+    read_metadata,
+    recover,
+    swap_in,
+    verify,
+)
 
 LIBRARY = "model.so"
 PARAMS = "params.npz"

@@ -48,7 +48,7 @@ class Backend(Protocol):
     def load(self, dirpath: str | os.PathLike) -> Artifact: ...
 
 
-def get_backend(spec: "str | Backend") -> Backend:
+def get_backend(spec: str | Backend) -> Backend:
     """A backend by name or class path (instantiated without arguments), or ``spec`` itself.
 
     >>> get_backend("tvm").name, get_backend("lightning_relief.deploy.onnx_backend.OnnxRuntimeBackend").name

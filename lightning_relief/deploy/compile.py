@@ -6,7 +6,6 @@ import datetime as _dt
 import hashlib
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import tvm

@@ -66,7 +66,7 @@ class ExportConfig:
         if self.time_batch is not None and (not isinstance(self.time_batch, int) or self.time_batch < 1):
             raise ValueError(f"time_batch must be an integer >= 1 or None, got {self.time_batch!r}")
 
-    def replace(self, **changes: Any) -> "ExportConfig":
+    def replace(self, **changes: Any) -> ExportConfig:
         """A copy with ``changes`` (validated); unknown names raise ``TypeError`` naming the fields."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:

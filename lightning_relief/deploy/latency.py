@@ -48,7 +48,7 @@ class LatencyResult:
     samples_ms: tuple[float, ...]
 
     @classmethod
-    def from_seconds(cls, seconds: list[float], **fields: Any) -> "LatencyResult":
+    def from_seconds(cls, seconds: list[float], **fields: Any) -> LatencyResult:
         ms = [s * 1e3 for s in seconds]
         q1, q3 = (np.percentile(ms, [25, 75]) if len(ms) > 1 else (ms[0], ms[0]))
         return cls(
@@ -67,7 +67,7 @@ class LatencyResult:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], cached: bool) -> "LatencyResult":
+    def from_dict(cls, d: dict[str, Any], cached: bool) -> LatencyResult:
         d = dict(d, cached=cached)
         d["samples_ms"] = tuple(d["samples_ms"])
         return cls(**d)

@@ -73,7 +73,7 @@ class LayerSpec:
         input_size: int | Sequence[int] = 1,
         bits: int | None = None,
         bias: bool = True,
-    ) -> "LayerSpec":
+    ) -> LayerSpec:
         if kind not in ("conv2d", "linear"):
             raise ValueError(f"kind must be 'conv2d' or 'linear', got {kind!r}")
         if not isinstance(in_channels, int) or in_channels < 1 or not isinstance(out_channels, int) or out_channels < 1:
@@ -94,7 +94,7 @@ class LayerSpec:
         return spec
 
     @classmethod
-    def of(cls, module: nn.Module, input_size: int | Sequence[int] = 1, bits: int | None = None) -> "LayerSpec":
+    def of(cls, module: nn.Module, input_size: int | Sequence[int] = 1, bits: int | None = None) -> LayerSpec:
         """The spec of an existing ``nn.Conv2d`` or ``nn.Linear`` (or their integer versions)."""
         if isinstance(module, nn.Linear) or hasattr(module, "in_features"):
             return cls.make("linear", module.in_features, module.out_features, bits=bits, bias=module.bias is not None)

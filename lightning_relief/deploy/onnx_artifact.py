@@ -78,7 +78,7 @@ class OnnxArtifact:
         return target
 
     @classmethod
-    def load(cls, dirpath: str | os.PathLike, threads: int | None = None) -> "OnnxArtifact":
+    def load(cls, dirpath: str | os.PathLike, threads: int | None = None) -> OnnxArtifact:
         directory = Path(dirpath)
         if not (directory / MODEL).is_file() or not (directory / METADATA).is_file():
             raise FileNotFoundError(f"{directory} is not an ONNX artifact folder: needs {MODEL} and {METADATA}")

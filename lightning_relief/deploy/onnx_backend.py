@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lightning_relief.deploy.extras import require
-from lightning_relief.deploy.frontend import BATCH_DIM, _MAX_BATCH, _trace_inputs, as_input_tuple, frozen_copy
+from lightning_relief.deploy.frontend import _MAX_BATCH, BATCH_DIM, _trace_inputs, as_input_tuple, frozen_copy
 from lightning_relief.deploy.onnx_artifact import OnnxArtifact
 
 

@@ -121,7 +121,7 @@ def is_cpu(target: TargetLike) -> bool:
     return target_dict(resolve_target(target)).get("kind") in ("llvm", "c")
 
 
-def device_for(target: TargetLike, session: Any = None) -> "tvm.runtime.Device":
+def device_for(target: TargetLike, session: Any = None) -> tvm.runtime.Device:
     """The device that runs code built for ``target``: local, or on an RPC ``session``."""
     kind = target_dict(resolve_target(target)).get("kind", "llvm")
     owner = session if session is not None else tvm

@@ -77,7 +77,7 @@ class TuningConfig:
         self.work_dir = Path(self.work_dir) if self.work_dir is not None else default_cache_dir() / "tuning"
 
     @classmethod
-    def coerce(cls, tuning: "TuningConfig | int | dict | None") -> "TuningConfig | None":
+    def coerce(cls, tuning: TuningConfig | int | dict | None) -> TuningConfig | None:
         """``None``/``False`` → untuned; an int → that many trials; a dict → its fields."""
         if tuning is None or tuning is False:
             return None
@@ -140,9 +140,9 @@ def _load_cpu_intrinsics(target: tvm.target.Target) -> None:
 
 def _in_process_builder() -> Any:
     """A MetaSchedule builder that compiles candidates here instead of in fresh worker processes."""
+    from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
-    from tvm.ir.utils import derived_object
 
     @derived_object
     class InProcessBuilder(PyBuilder):

@@ -28,7 +28,7 @@ _STAGES = {"validate": 0, "test": 1, "predict": 2}
 def _batch_size(batch: Any) -> int:
     try:
         return int(extract_batch_size(batch))
-    except Exception:  # noqa: BLE001 - batches without a tensor: one level for all
+    except Exception:  # batches without a tensor: one level for all
         return 1
 
 
@@ -148,27 +148,27 @@ class AnalogNoise(Callback):
             self.injector.end()
 
     @override
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._begin_eval(trainer, "validate", batch_idx, dataloader_idx)
 
     @override
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._end_eval()
 
     @override
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._begin_eval(trainer, "test", batch_idx, dataloader_idx)
 
     @override
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._end_eval()
 
     @override
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._begin_eval(trainer, "predict", batch_idx, dataloader_idx)
 
     @override
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: D102
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._end_eval()
 
     # -- checkpoint state

@@ -139,7 +139,7 @@ class AdditiveGaussian(NoiseModel):
     def __init__(self, relative: bool = False) -> None:
         self.relative = bool(relative)
 
-    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):  # noqa: D102
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):
         sigma = broadcast_level(level, x)
         if self.relative:
             sigma = sigma * x.detach().abs().amax().clamp(min=1e-12)
@@ -156,7 +156,7 @@ class MultiplicativeGaussian(NoiseModel):
     (2.0, 0.2)
     """
 
-    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):  # noqa: D102
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):
         sigma = broadcast_level(level, x)
         return torch.addcmul(x, x, randn_like(x, generator).mul_(sigma))
 
@@ -182,7 +182,7 @@ class CombinedGaussian(NoiseModel):
         """(σ_add, σ_mul) for amplitude ``level``."""
         return level * self.ratio, level * (1.0 - self.ratio)
 
-    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):  # noqa: D102
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):
         amplitude = broadcast_level(level, x)
         sigma_add, sigma_mul = self.sigmas(amplitude)
         multiplied = torch.addcmul(x, x, randn_like(x, generator).mul_(sigma_mul))
@@ -215,7 +215,7 @@ class WeightNoise(NoiseModel):
         self.w_noise = _check_sigma("w_noise", w_noise)
         self.out_noise = _check_sigma("out_noise", out_noise)
 
-    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):  # noqa: D102
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):
         scale = broadcast_level(level, x)
         if site == "weights":
             return x + scale * self.w_noise * x.detach().abs().amax() * randn_like(x, generator)

@@ -186,13 +186,13 @@ class PCMNoise(NoiseModel):
         self._last_gains = torch.stack(gains) if gains else torch.ones(len(sizes), device=flat.device, dtype=flat.dtype)
         return [part.reshape(w.shape) for part, w in zip(torch.split(w_drift, sizes), weights)]
 
-    def apply_weights(self, weights, level, generator=None, modules=None):  # noqa: D102
+    def apply_weights(self, weights, level, generator=None, modules=None):
         noisy = self.weights_at_many(weights, _seconds(level), generator)
         if modules:
             self._gain = {id(m): g for m, g in zip(modules, self._last_gains) if m is not None}
         return noisy
 
-    def apply(self, x, level, generator=None, site="weights", module=None, inputs=()):  # noqa: D102
+    def apply(self, x, level, generator=None, site="weights", module=None, inputs=()):
         if site == "outputs":
             return self._output_noise(x, generator, module, inputs)
         if site != "weights":

@@ -77,7 +77,7 @@ class Constant(Schedule):
     def __init__(self, value: float) -> None:
         self.value = _non_negative("value", value)
 
-    def level(self, step, batch_size=1, generator=None):  # noqa: D102
+    def level(self, step, batch_size=1, generator=None):
         return torch.tensor(self.value)
 
 
@@ -93,7 +93,7 @@ class LinearWarmup(Schedule):
         self.warmup_steps = _positive_int("warmup_steps", warmup_steps)
         self.start = _non_negative("start", start)
 
-    def level(self, step, batch_size=1, generator=None):  # noqa: D102
+    def level(self, step, batch_size=1, generator=None):
         frac = min(max(step, 0) / self.warmup_steps, 1.0)
         return torch.tensor(self.start + (self.value - self.start) * frac)
 
@@ -110,7 +110,7 @@ class Cosine(Schedule):
         self.end = _non_negative("end", end)
         self.total_steps = _positive_int("total_steps", total_steps)
 
-    def level(self, step, batch_size=1, generator=None):  # noqa: D102
+    def level(self, step, batch_size=1, generator=None):
         frac = min(max(step, 0) / self.total_steps, 1.0)
         return torch.tensor(self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
@@ -129,7 +129,7 @@ class Step(Schedule):
             raise ValueError(f"milestones must be >= 0, got {list(milestones)}")
         self.gamma = _non_negative("gamma", gamma)
 
-    def level(self, step, batch_size=1, generator=None):  # noqa: D102
+    def level(self, step, batch_size=1, generator=None):
         passed = sum(step >= m for m in self.milestones)
         return torch.tensor(self.value * self.gamma**passed)
 
@@ -156,7 +156,7 @@ class PerSampleVariance(Schedule):
         self.alpha = _non_negative("alpha", alpha)
         self.theta = _non_negative("theta", theta)
 
-    def level(self, step, batch_size=1, generator=None):  # noqa: D102
+    def level(self, step, batch_size=1, generator=None):
         sigma = self.sigma.level(step, 1, generator) if isinstance(self.sigma, Schedule) else torch.tensor(self.sigma)
         z = torch.randn(_positive_int("batch_size", batch_size), generator=generator)
         return self.alpha * sigma + self.theta * z.abs()
@@ -196,7 +196,7 @@ class RandomWalk(Schedule):
     def current(self) -> float:
         return self._sigma
 
-    def level(self, step, batch_size=1, generator=None):  # noqa: D102
+    def level(self, step, batch_size=1, generator=None):
         while self._step < step:
             if self._step >= 0:  # step 0 is the start value
                 moved = self._sigma + self.step_std * float(torch.randn((), generator=generator))
@@ -243,7 +243,7 @@ class DeploymentTime(Schedule):
         self.mode = mode
         self.total_steps = _positive_int("total_steps", total_steps)
 
-    def level(self, step, batch_size=1, generator=None):  # noqa: D102
+    def level(self, step, batch_size=1, generator=None):
         lo, hi = math.log10(self.t_min), math.log10(self.t_max)
         if self.mode == "sweep":
             u = min(max(step, 0) / self.total_steps, 1.0)
@@ -283,7 +283,7 @@ class SequentialSchedule(Schedule):
     def active(self, step: int) -> Schedule:
         return self.schedules[sum(step >= m for m in self.milestones)]
 
-    def level(self, step, batch_size=1, generator=None):  # noqa: D102
+    def level(self, step, batch_size=1, generator=None):
         return self.active(step).level(step, batch_size, generator)
 
     def state_dict(self) -> dict[str, Any]:

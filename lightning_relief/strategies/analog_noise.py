@@ -80,7 +80,7 @@ class AnalogNoiseStrategy(DDPStrategy):
         super().__init__(start_method=start_method, process_group_backend=process_group_backend, timeout=timeout, **ddp_kwargs)
 
     @property
-    def injector(self):  # noqa: D102 - the callback's injector, for scripts written against the strategy
+    def injector(self):  # the callback's injector, for scripts written against the strategy
         return self.noise.injector
 
     @property

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_relief.deploy.export import export_model
 from lightning_relief.deploy import load_compiled
+from lightning_relief.deploy.export import export_model
 from matrix import WORKS
 from matrix.common import batch
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor, nn
+from zoo import ZooModel
 
 from conftest import quiet_trainer
 from lightning_relief.data import DigitsDataModule, MNIST1DDataModule
-from zoo import ZooModel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _datamodule(data: str, input_shape: tuple[int, ...], batch_size: int) -> L.LightningDataModule:
     if data == "mnist1d":
         dm: L.LightningDataModule = MNIST1DDataModule(batch_size=batch_size, length=input_shape[-1])

@@ -8,8 +8,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from matrix import WORKS, cell_modules  # noqa: E402
-from zoo import ZOO  # noqa: E402
+from zoo import ZOO
+
+from matrix import WORKS, cell_modules
 
 HEADER = """# Coverage: every plugin on models we did not design
 
