@@ -14,9 +14,9 @@ import copy
 import lightning as L
 import pytest
 import torch
+from conftest import device_trainer
 from torch import nn
 
-from conftest import device_trainer
 from lightning_relief import AnalogNoise, AnalogNoiseStrategy, ClassifierModule, DeepEnsembleStrategy, MomentPropagationWrapper
 from lightning_relief.bayes import kl_divergence, to_bayesian
 from lightning_relief.models import MLP, LeNet5, ResNet
@@ -75,6 +75,7 @@ def test_ensemble_vectorized_equals_sequential_on_device(device, digits):
 
 def test_ensemble_mixed_precision_follows_fp32(device, digits):
     _strategies_run_on(device)
+
     def fit(precision: str) -> dict[str, torch.Tensor]:
         L.seed_everything(0, verbose=False)
         module = _mlp_module()
