@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, Metric
+from typing_extensions import override
 
 from lightning_relief.moments.functional import SOFTMAX_METHODS, SoftmaxMethod, logit_uncertainty, softmax_probs
 from lightning_relief.moments.metrics import MomentUncertainty
@@ -137,18 +138,22 @@ class MomentPropagationEvalCallback(Callback):
         self._metrics["mutual_information"].update(mean, var)
         self._metrics["ood_auroc"].update(self._score(probs, mean, var), is_ood=False)
 
+    @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer, "validate"):
             self._start(pl_module)
 
+    @override
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer, "test"):
             self._start(pl_module)
 
+    @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._active(trainer, "validate"):
             self._collect(batch)
 
+    @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._active(trainer, "test"):
             self._collect(batch)
@@ -190,15 +195,18 @@ class MomentPropagationEvalCallback(Callback):
         self.history.append({"epoch": float(trainer.current_epoch), **named})
         self._metrics, self._wrapper = {}, None
 
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer, "validate"):
             self._finish(trainer, pl_module, "validate")
 
+    @override
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer, "test"):
             self._finish(trainer, pl_module, "test")
 
     # ---- state ---------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "stages": list(self.stages),
@@ -209,6 +217,7 @@ class MomentPropagationEvalCallback(Callback):
             "history": [dict(h) for h in self.history],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
         self.history = [dict(h) for h in state_dict.get("history", [])]

@@ -190,6 +190,7 @@ class DeepEnsembleStrategy(DDPStrategy):
         # every rank sees all the data: members differ by their own order, not by shards
         return {"num_replicas": 1, "rank": 0}
 
+    @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         if not self.distributed:
@@ -216,6 +217,7 @@ class DeepEnsembleStrategy(DDPStrategy):
             )
         super(DDPStrategy, self).setup_environment()
 
+    @override
     def setup(self, trainer: Any) -> None:
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
@@ -285,6 +287,7 @@ class DeepEnsembleStrategy(DDPStrategy):
         module = self.lightning_module
         return {n for n, _ in [*module.named_parameters(), *module.named_buffers()]}
 
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = super().lightning_module_state_dict()
         if not self._sharded:
@@ -293,6 +296,7 @@ class DeepEnsembleStrategy(DDPStrategy):
         # every rank takes part in the gathers (Lightning dumps checkpoints on all ranks)
         return {k: self._gather_members_dim(v) if k in stacked else v for k, v in state.items()}
 
+    @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if self._sharded:
             stacked = self._stacked_names()
@@ -383,20 +387,25 @@ class DeepEnsembleStrategy(DDPStrategy):
             torch.distributed.all_gather_object(states, _rng_states())
         super().save_checkpoint({**checkpoint, _RNG_KEY: states}, filepath, storage_options=storage_options)
 
+    @override
     def on_train_end(self) -> None:
         self._gather_all_members()
 
+    @override
     def on_validation_end(self) -> None:
         if self.lightning_module.trainer.state.fn == TrainerFn.VALIDATING:
             self._gather_all_members()
 
+    @override
     def on_test_end(self) -> None:
         self._gather_all_members()
 
+    @override
     def on_predict_end(self) -> None:
         self._gather_all_members()
 
     # ------------------------------------------------------------------ data
+    @override
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
         if trainer.state.stage == RunningStage.TRAINING:
@@ -404,6 +413,7 @@ class DeepEnsembleStrategy(DDPStrategy):
         return dataloader
 
     # ------------------------------------------------------------------ steps
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         forward = member_forward(self.lightning_module)
         calls = forward.calls
@@ -430,12 +440,15 @@ class DeepEnsembleStrategy(DDPStrategy):
         self._log_member_metrics(prefix, args[0] if args else kwargs.get("batch"), forward.last_member_log_probs)
         return output
 
+    @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._evaluate("validation_step", "val", args, kwargs)
 
+    @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._evaluate("test_step", "test", args, kwargs)
 
+    @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         forward = member_forward(self.lightning_module)
         forward.last_member_log_probs = None
