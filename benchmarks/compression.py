@@ -36,17 +36,17 @@ from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from _machine import machine_info  # noqa: E402
-from _results import result_path  # noqa: E402
-from lightning.pytorch.callbacks import ModelPruning  # noqa: E402
+import lightning as L
+import torch
+from _machine import machine_info
+from _results import result_path
+from lightning.pytorch.callbacks import ModelPruning
 
-from lightning_relief import ClassifierModule, DigitsDataModule, SensitivityPruningCallback  # noqa: E402
-from lightning_relief.compress import analyze, apply_quantization, quantized_bits  # noqa: E402
-from lightning_relief.compress.latency import LatencyMeter  # noqa: E402
-from lightning_relief.data import MNIST1DDataModule  # noqa: E402
-from lightning_relief.models import MNIST1DCNN, LeNet5, ResNet  # noqa: E402
+from lightning_relief import ClassifierModule, DigitsDataModule, SensitivityPruningCallback
+from lightning_relief.compress import analyze, apply_quantization, quantized_bits
+from lightning_relief.compress.latency import LatencyMeter
+from lightning_relief.data import MNIST1DDataModule
+from lightning_relief.models import MNIST1DCNN, LeNet5, ResNet
 
 
 def trainer(max_epochs: int, callbacks=(), root: str = "runs/bench_compression") -> L.Trainer:

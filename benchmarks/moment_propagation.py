@@ -40,12 +40,15 @@ from typing import Any
 
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import lightning as L
+import torch
+from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _machine import add_device_argument, check_device, device_info, machine_info, synchronize  # noqa: E402
+from _results import result_path  # noqa: E402
 
 from lightning_relief import ClassifierModule, DigitsDataModule, MomentPropagationWrapper  # noqa: E402
 from lightning_relief.models import LeNet5, resnet20  # noqa: E402
@@ -53,8 +56,6 @@ from lightning_relief.moments import mc_dropout_logits  # noqa: E402
 from lightning_relief.moments.functional import SOFTMAX_METHODS  # noqa: E402
 from lightning_relief.moments.sampling import dropout_active  # noqa: E402
 from lightning_relief.uncertainty import functional as U  # noqa: E402
-from _machine import add_device_argument, check_device, device_info, machine_info, synchronize  # noqa: E402
-from _results import result_path  # noqa: E402
 
 SAMPLES = (10, 30, 100)
 BATCHES = (1, 128)

@@ -14,11 +14,19 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_relief.compress import (
-    CompressionPolicy, CostModel, analyze, apply_policy, compute_sensitivity, lagrangian_search, policy_cost,
-    propose_candidates, search_candidates, uniform_search,
+    CompressionPolicy,
+    CostModel,
+    analyze,
+    apply_policy,
+    compute_sensitivity,
+    lagrangian_search,
+    policy_cost,
+    propose_candidates,
+    search_candidates,
+    uniform_search,
 )
-from lightning_relief.compress.bracket import BudgetBracket
 from lightning_relief.compress.apply import apply_pruning, channels_to_prune, prune_channels
+from lightning_relief.compress.bracket import BudgetBracket
 from lightning_relief.compress.cost import layer_macs, layer_params, policy_layer_costs
 from lightning_relief.compress.sensitivity import SensitivityTable, _masked_consumers, fake_quantize_weight, pruned_count
 from lightning_relief.models import LeNet5, ResNet
@@ -132,7 +140,7 @@ def test_sensitivity_is_the_kl_divergence(batch):
         quant = copy.deepcopy(model)
         quant.classifier[1].weight.data = fake_quantize_weight(quant.classifier[1].weight.data, 4)
         r = F.softmax(quant(x), -1).double().numpy()
-    kl = lambda a, b: float(np.mean(np.sum(a * (np.log(a) - np.log(b)), axis=1)))  # noqa: E731
+    kl = lambda a, b: float(np.mean(np.sum(a * (np.log(a) - np.log(b)), axis=1)))
     assert table.prune[root][0.5] == pytest.approx(kl(p, q), rel=1e-3, abs=1e-7)
     assert table.quant["classifier.1"][4] == pytest.approx(kl(p, r), rel=1e-3, abs=1e-7)
     # the model is left exactly as it was
@@ -296,7 +304,7 @@ def test_latency_calibration_recovers_scale_and_overhead(batch):
     units = analyze(LeNet5(input_size=8), x[:1])
     cost = LatencyCostModel(lambda info, cin, cout, bits: 1e-4 * cin * cout)
     half = {g.root: 0.5 for g in units.groups}
-    truth = lambda ratios: 2.0 * policy_cost(units, cost, ratios, {}) + 0.3  # noqa: E731
+    truth = lambda ratios: 2.0 * policy_cost(units, cost, ratios, {}) + 0.3
     cost.calibrate(units, [({}, {}, truth({})), (half, {}, truth(half))])
     assert cost.scale == pytest.approx(2.0) and cost.overhead == pytest.approx(0.3)
     quarter = {g.root: 0.75 for g in units.groups}

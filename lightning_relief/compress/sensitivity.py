@@ -212,7 +212,7 @@ def fingerprint(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], sett
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes() if tensor.dtype != torch.bfloat16 else b"")
-    for x, y in batches:
+    for x, _ in batches:
         digest.update(x.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
