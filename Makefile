@@ -6,18 +6,23 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMPS  := $(VENV)/.stamps
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 demo: install
 	$(VENV)/bin/relief fit --config recipes/quickstart.yaml
 
-test: install
+test: install lint
 	$(PY) -m pytest -q -n 2 --durations=15
 
 # the device-dependent tests on the CPU and on every GPU present (a missing CUDA shows as a skip with its reason)
 .PHONY: test-gpu
 test-gpu: install
 	$(PY) -m pytest -q -ra tests/test_devices.py --device all
+
+# ruff and mypy as configured in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy lightning_relief
 
 install: $(STAMPS)/analog
 
