@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from lightning_relief._rng import isolated_seed
 from lightning_relief.uncertainty.ensemble import EnsembleModel
 
 STACK_ATTR = "_relief_members"
@@ -189,14 +190,7 @@ def reinitialize(module: nn.Module, seed: int) -> list[str]:
     keep their values).
     """
     covered: set[str] = set()
-    # fork every generator that is seeded here, and only those: torch.manual_seed on a process whose CUDA
-    # is not initialised yet queues a seed for every GPU that would later replace the user's seed_everything
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
-        if cuda:
-            torch.manual_seed(seed)
-        else:
-            torch.default_generator.manual_seed(seed)
+    with isolated_seed(seed):
         for prefix, sub in module.named_modules():
             # nn.MultiheadAttention (and others) only have the private form
             reset = getattr(sub, "reset_parameters", None) or getattr(sub, "_reset_parameters", None)
