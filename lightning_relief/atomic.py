@@ -89,9 +89,9 @@ def pid_alive(pid: int) -> bool:
 
 def clean_stale_temps(folder: str | os.PathLike, min_age_s: float = 1.0) -> list[Path]:
     """Remove temp files in ``folder`` whose writer process no longer exists; returns them."""
-    removed = []
+    removed: list[Path] = []
     try:
-        entries = list(os.scandir(folder))
+        entries = list(os.scandir(os.fspath(folder)))
     except OSError:
         return removed
     now = time.time()

@@ -40,6 +40,8 @@ class MomentUncertainty(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
+    total: Tensor
+    count: Tensor
 
     def __init__(self, score: Literal["mutual_information", "predictive_entropy", "expected_entropy"] = "mutual_information", **kwargs: Any) -> None:
         super().__init__(**kwargs)

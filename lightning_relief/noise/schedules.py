@@ -269,7 +269,7 @@ class SequentialSchedule(Schedule):
             raise ValueError(
                 f"milestones must be {len(schedules) - 1} increasing steps >= 0 (one per switch), got {milestones}"
             )
-        kinds = {s.kind for s in schedules} - {None}
+        kinds = {s.kind for s in schedules if s.kind is not None}
         if len(kinds) > 1:
             raise ValueError(f"cannot chain schedules of different kinds {sorted(kinds)}")
         self.schedules = schedules
