@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from matrix import WORKS, Raises, cell_modules
 from matrix.render import render
 from zoo import ZOO

@@ -14,9 +14,9 @@ import copy
 import lightning as L
 import pytest
 import torch
-from conftest import device_trainer
 from torch import nn
 
+from conftest import device_trainer
 from lightning_relief import AnalogNoise, AnalogNoiseStrategy, ClassifierModule, DeepEnsembleStrategy, MomentPropagationWrapper
 from lightning_relief.bayes import kl_divergence, to_bayesian
 from lightning_relief.models import MLP, LeNet5, ResNet

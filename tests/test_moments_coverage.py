@@ -13,11 +13,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_moments_rules import _assert_exact, _gauss, _sample
 from torch import nn
 
 from lightning_relief.moments import MomentPropagationWrapper, UnsupportedOperationError
 from lightning_relief.moments import functional as MF
+from test_moments_rules import _assert_exact, _gauss, _sample
 
 
 @pytest.mark.parametrize(("low", "high"), [(-1.0, 2.0), (0.0, 6.0), (None, 0.5), (-0.5, None)])

@@ -8,10 +8,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor, nn
-from zoo import ZooModel
 
 from conftest import quiet_trainer
 from lightning_relief.data import DigitsDataModule, MNIST1DDataModule
+from zoo import ZooModel
 
 
 @functools.cache

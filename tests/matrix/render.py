@@ -8,9 +8,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zoo import ZOO
-
 from matrix import WORKS, cell_modules
+from zoo import ZOO
 
 HEADER = """# Coverage: every plugin on models we did not design
 
