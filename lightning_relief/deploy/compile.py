@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -12,18 +11,11 @@ import tvm
 from torch import nn
 
 from lightning_relief.deploy.artifact import CompiledModel
+from lightning_relief.deploy.artifact_files import sha256
 from lightning_relief.deploy.errors import DeployError
 from lightning_relief.deploy.frontend import RelaxGraph, to_relax
 from lightning_relief.deploy.targets import TargetLike, resolve_target, target_dict, target_key
 from lightning_relief.deploy.tuning import TuningConfig, tune_module
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -69,7 +61,7 @@ def build_graph(
         "tuning": config.as_dict() if config is not None else None,
         "transform_params": bool(transform),
         "source_checkpoint": str(source_checkpoint) if source_checkpoint else None,
-        "source_checkpoint_sha256": file_sha256(source_checkpoint) if source_checkpoint else None,
+        "source_checkpoint_sha256": sha256(source_checkpoint) if source_checkpoint else None,
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
