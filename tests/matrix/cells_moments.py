@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_relief.moments import MomentPropagationWrapper, UnsupportedOperationError
 from matrix import WORKS, Raises
-from matrix.common import batch
+from matrix.common import batch, sampling_mode
 
 PLUGIN = "moment propagation (`MomentPropagationWrapper`)"
 
@@ -49,21 +49,13 @@ TOLERANCES = {
 @torch.no_grad()
 def _sampled(model: nn.Module, mean: Tensor, var: Tensor, samples: int) -> Tensor:
     torch.manual_seed(0)
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    for m in model.modules():
-        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
-            m.eval()
-    try:
+    with sampling_mode(model):
         outs = []
         for chunk in torch.split(torch.arange(samples), 250):
             x = mean.repeat(len(chunk), *([1] * (mean.dim() - 1)))
             out = model(x + (var.repeat(len(chunk), *([1] * (var.dim() - 1))).sqrt() * torch.randn_like(x)))
             outs.append(out.reshape(len(chunk), mean.shape[0], -1))
         return torch.cat(outs)
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
 
 
 def check(zoo_model, tmp_path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -59,21 +61,21 @@ def save_and_reload(trainer: L.Trainer, cls: type[L.LightningModule], path: Path
     return cls.load_from_checkpoint(path, weights_only=True, **load_kwargs)
 
 
-@torch.no_grad()
-def mc_logits(model: nn.Module, x: Tensor, samples: int, seed: int = 0) -> Tensor:
-    """``[samples, N, C]`` logits with every stochastic op sampling: the model in train mode except its norm layers.
+@contextlib.contextmanager
+def sampling_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Every stochastic op samples: the model in train mode except its norm layers; modes restored after.
 
     Independent of any converter: module dropout, ``F.dropout(..., self.training)`` and the
     dropout inside attention all sample; batch norm uses its running statistics.
     """
-    torch.manual_seed(seed)
     modes = {m: m.training for m in model.modules()}
     model.train()
     for m in model.modules():
         if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
             m.eval()
     try:
-        return torch.stack([model(x) for _ in range(samples)])
+        yield model
     finally:
         for m, mode in modes.items():
             m.train(mode)
+
