@@ -169,15 +169,19 @@ def tanh_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     return _gaussian_expectation(torch.tanh, mean, var)
 
 
+def _dropout_input(mean: Tensor, var: Tensor | None, p: float) -> Tensor:
+    """Checks the rate; the input variance, zeros for a deterministic input (``var=None``)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate p must be in [0, 1), got {p}")
+    return torch.zeros_like(mean) if var is None else var
+
+
 def dropout_moments(mean: Tensor, var: Tensor | None, p: float) -> tuple[Tensor, Tensor]:
     """Inverted dropout with rate ``p``: ``mean`` is kept, ``var' = (var + p mean^2) / (1 - p)``.
 
     ``var=None`` stands for a deterministic input. ``p = 0`` returns the input unchanged.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout rate p must be in [0, 1), got {p}")
-    if var is None:
-        var = torch.zeros_like(mean)
+    var = _dropout_input(mean, var, p)
     if p == 0.0:
         return mean, var
     return mean, (var + p * mean * mean) / (1.0 - p)
@@ -672,10 +676,7 @@ def alpha_dropout_moments(mean: Tensor, var: Tensor | None, p: float) -> tuple[T
     ``alpha = 1.7580993408473766``, ``a = ((alpha^2 p + 1)(1 - p))^(-1/2)`` (ATen's constants):
     ``E y = a q mean``, ``Var y = a^2 q (var + p (mean + alpha)^2)``, ``q = 1 - p``.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout rate p must be in [0, 1), got {p}")
-    if var is None:
-        var = torch.zeros_like(mean)
+    var = _dropout_input(mean, var, p)
     if p == 0.0:
         return mean, var
     alpha, q = 1.7580993408473766, 1.0 - p
