@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "KLDivergenceCallback": "lightning_relief.bayes.kl",
     "MomentPropagationEvalCallback": "lightning_relief.callbacks.moment_propagation_eval",
     "TemperatureScaling": "lightning_relief.callbacks.temperature_scaling",
+    "PerRankNoise": "lightning_relief.callbacks.per_rank_noise",
 }
 
 __all__ = ["__version__", *_EXPORTS]
