@@ -48,6 +48,7 @@ _EXPORTS = {
     "LayerSpec": "lightning_relief.deploy.layer_table",
     "TuningConfig": "lightning_relief.deploy.tuning",
     "lower_quantized": "lightning_relief.deploy.quantized",
+    "IntegerConv1d": "lightning_relief.deploy.quantized",
     "IntegerConv2d": "lightning_relief.deploy.quantized",
     "IntegerLinear": "lightning_relief.deploy.quantized",
     "FakeQuantize": "lightning_relief.deploy.quantized",
