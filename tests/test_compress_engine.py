@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,23 @@ def test_the_chosen_policy_is_never_worse_than_uniform_after_recovery(digits):
                and c.measured_cost <= budget]
     assert result.chosen.measured_cost <= budget
     assert result.chosen.extra["recovered_acc"] >= max(uniform)
+
+
+@pytest.mark.slow  # eight layers compiled by TVM for the cost table (~40 s)
+def test_a_latency_plan_on_the_mnist1d_cnn_quantizes_its_conv1d_layers(tmp_path):
+    """Conv1d layers are priced and measured quantized (integer-lowered through TVM), so bits can be chosen."""
+    from lightning_relief.compress.latency import LatencyMeter
+    from lightning_relief.models import MNIST1DCNN
+
+    torch.manual_seed(0)
+    model = MNIST1DCNN()
+    meter = LatencyMeter("llvm", cache_dir=tmp_path, repeat=3, number=10, compare_seconds=0.5)
+    assert nn.Conv1d in meter.quantizable_types
+    config = CompressionConfig(target=0.95, methods=("quantize",), bit_widths=(8,), max_rounds=1, candidates=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a window miss on this noisy measurement is not the point here
+        result = plan(model, _batches((1, 40)), config, meter)
+    bits = result.policy.quantized_layers()
+    assert bits and any(name.startswith("features.") for name in bits)
+    assert result.chosen.measured_cost <= 0.95 * 1.05 * result.original_cost
+    assert quantized_bits(model) == {}  # plan never touches the model

@@ -12,8 +12,16 @@ pytest.importorskip("brevitas")
 import brevitas.nn as qnn
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Int32Bias
 
-from lightning_relief.deploy import FakeQuantize, IntegerConv2d, IntegerLinear, compile_for_target, lower_quantized
+from lightning_relief.deploy import (
+    FakeQuantize,
+    IntegerConv1d,
+    IntegerConv2d,
+    IntegerLinear,
+    compile_for_target,
+    lower_quantized,
+)
 from lightning_relief.deploy.frontend import to_relax
+from lightning_relief.deploy.layer_table import LayerSpec
 
 
 def brevitas_cnn() -> nn.Module:
@@ -142,3 +150,62 @@ def test_graph_hash_ignores_quantizer_scales_but_not_structure(trained):
     wider = brevitas_cnn()
     wider[7] = qnn.QuantLinear(8 * 4 * 4, 12, bias=True, weight_quant=Int8WeightPerChannelFloat)
     assert to_relax(lower_quantized(wider.eval(), x[:1]), x[:1]).graph_hash != first.graph_hash
+
+
+def test_quantized_conv1d_lowers_to_an_int8_conv_matching_brevitas():
+    """QuantConv1d (strided, grouped, W4/W8, Int32 bias) runs as a 1×k int8 conv2d in TVM."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True),
+        qnn.QuantConv1d(2, 8, 5, stride=2, padding=2, weight_bit_width=4, bias=True, bias_quant=Int32Bias),
+        qnn.QuantReLU(bit_width=8, return_quant_tensor=True),
+        qnn.QuantConv1d(8, 8, 3, padding=1, groups=2, weight_bit_width=8, bias=False),
+        nn.Flatten(),
+        qnn.QuantLinear(8 * 20, 10, bias=True, weight_quant=Int8WeightPerChannelFloat),
+    )
+    x = torch.randn(32, 2, 40)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):  # a few QAT steps, so scales and weights are not at their initial values
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    lowered = lower_quantized(model, x[:1])
+    first, second = lowered[1], lowered[3]
+    assert isinstance(first, IntegerConv1d) and isinstance(second, IntegerConv1d)
+    assert first.weight_bits == 4 and second.groups == 2 and second.kernel_size == (3,)
+    torch.testing.assert_close(first.float_weight(), model[1].quant_weight().value.detach(), atol=0, rtol=0)
+    ref = reference(model, x)
+    with torch.no_grad():
+        eager = lowered(x)
+    torch.testing.assert_close(eager, ref, atol=1e-5, rtol=1e-5)
+    out = compile_for_target(lowered, x[:1])(x)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    script = to_relax(lowered, x[:2]).mod.script(show_meta=False)
+    convs = [line for line in script.splitlines() if "R.nn.conv2d(" in line]
+    assert len(convs) == 2 and all('out_dtype="int32"' in line for line in convs)
+    assert "R.nn.conv1d(" not in script and script.count('dtype="int8") = R.astype') >= 1
+    # the latency table prices a Conv1d as that same 1×k conv2d
+    spec = LayerSpec.make("conv2d", 2, 8, (1, 5), (1, 2), (0, 2), 1, (1, 40), bits=4)
+    assert LayerSpec.of(nn.Conv1d(2, 8, 5, stride=2, padding=2), 40, bits=4) == spec
+    assert LayerSpec.of(first, 40, bits=4) == spec
+
+
+def test_compressed_mnist1d_cnn_lowers_with_its_derived_input():
+    """MNIST1DCNN quantized by lightning_relief.compress: input shape from init_args, TVM equals brevitas."""
+    from lightning_relief.compress.quantize import calibrate_activations, quantize_layers
+    from lightning_relief.models import MNIST1DCNN
+
+    torch.manual_seed(0)
+    model = MNIST1DCNN()
+    x = torch.randn(64, 1, 40)
+    quantize_layers(model, {"features.0": 8, "features.3": 4, "features.6": 2, "classifier": 8})
+    calibrate_activations(model, [x])
+    model.eval()
+    lowered = lower_quantized(model)
+    assert [type(lowered.features[i]).__name__ for i in (0, 3, 6)] == ["IntegerConv1d"] * 3
+    ref = reference(model, x)
+    out = compile_for_target(lowered, x[:1])(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.argmax(1), ref.argmax(1))

@@ -71,8 +71,9 @@ class LatencyMeter(Meter):
     metric = "latency"
     unit = "ms"
     exact = False
-    # the integer lowering of the deploy package knows these (no QuantConv1d)
-    quantizable_types = (nn.Conv2d, nn.Linear)
+    # the deploy package's integer lowering knows these (a Conv1d runs as a 1×k integer conv2d,
+    # which is also how layer_ms prices it)
+    quantizable_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
     def __init__(self, target: Any = "llvm", cache_dir: str | Path | None = None, batch: int = 1,
                  tuning_trials: int = 0, repeat: int = 10, number: int = 10, cache: bool = True,

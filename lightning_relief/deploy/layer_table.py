@@ -1,5 +1,8 @@
 """Per-layer latency table: one conv2d or linear layer compiled alone and timed.
 
+A Conv1d is timed as the ``1×k`` conv2d it runs as after integer lowering
+(:class:`~lightning_relief.deploy.quantized.IntegerConv1d`), float or quantized.
+
 This is the hardware-in-the-loop cost model of the compression search: the
 latency of each layer at each channel count and bit width, measured on the
 target, tuned when a :class:`~lightning_relief.deploy.tuning.TuningConfig` is
@@ -95,9 +98,18 @@ class LayerSpec:
 
     @classmethod
     def of(cls, module: nn.Module, input_size: int | Sequence[int] = 1, bits: int | None = None) -> LayerSpec:
-        """The spec of an existing ``nn.Conv2d`` or ``nn.Linear`` (or their integer versions)."""
+        """The spec of an existing ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Linear`` (or their integer versions).
+
+        A Conv1d is the ``1×k`` conv2d it is computed as once integer-lowered (``input_size``: its length).
+        """
         if isinstance(module, nn.Linear) or hasattr(module, "in_features"):
             return cls.make("linear", module.in_features, module.out_features, bits=bits, bias=module.bias is not None)
+        if isinstance(module, nn.Conv1d) or len(getattr(module, "kernel_size", ())) == 1:
+            length = input_size if isinstance(input_size, int) else tuple(input_size)[-1]
+            return cls.make(
+                "conv2d", module.in_channels, module.out_channels, (1, module.kernel_size[0]), (1, module.stride[-1]),
+                (0, module.padding[-1]), module.groups, (1, length), bits, getattr(module, "bias", None) is not None,
+            )
         if isinstance(module, nn.Conv2d) or hasattr(module, "kernel_size"):
             return cls.make(
                 "conv2d", module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,

@@ -4,7 +4,7 @@ brevitas trains with fake quantization: weights and activations are rounded to
 a b-bit grid but kept as floats, so exported graphs stay float and gain no
 speed. :func:`lower_quantized` returns a copy in which
 
-* ``QuantConv2d``/``QuantLinear`` become :class:`IntegerConv2d`/:class:`IntegerLinear`:
+* ``QuantConv1d``/``QuantConv2d``/``QuantLinear`` become :class:`IntegerConv1d`/:class:`IntegerConv2d`/:class:`IntegerLinear`:
   the weights are stored as int8 tensors (any width up to 8 bits), the input is
   quantized to its b-bit grid (int8, or uint8 after a ReLU), the product is
   accumulated in int32, and the result is requantized with one float multiplier
@@ -14,7 +14,9 @@ speed. :func:`lower_quantized` returns a copy in which
 
 Written this way, ``torch.export`` → Relax → TVM sees ``conv2d(int8, int8) →
 int32`` (see :mod:`lightning_relief.deploy.int_rewrite`) and generates integer
-code; the weights take a quarter of the float32 storage.
+code; the weights take a quarter of the float32 storage. A Conv1d is computed
+as a ``1×k`` conv2d over an unsqueezed axis: one integer path to rewrite and
+tune, and the same layer the latency table prices a Conv1d as.
 
 Activation scales are read from one calibration forward pass (they are fixed
 in eval mode), so the lowering needs an example input; for this package's
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FakeQuantize", "IntegerConv2d", "IntegerLinear", "integer_layer_from_float", "lower_quantized"]
+__all__ = ["FakeQuantize", "IntegerConv1d", "IntegerConv2d", "IntegerLinear", "integer_layer_from_float", "lower_quantized"]
 
 
 def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
@@ -147,6 +149,35 @@ class IntegerConv2d(_IntegerLayer):
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
 
+class IntegerConv1d(IntegerConv2d):
+    """A conv1d on an integer grid, computed as a ``1×k`` conv2d over an unsqueezed axis.
+
+    ``weight_int`` is given as ``(out, in/groups, k)`` (brevitas' layout) and stored as
+    ``(out, in/groups, 1, k)``. The axis is added to the float input, before it is quantized,
+    so the graph keeps the ``astype(int8) → astype(int32) → conv2d`` chain that
+    :mod:`lightning_relief.deploy.int_rewrite` turns into an int8 convolution (TVM 0.27's
+    importer would otherwise see the widening cast behind an ``expand_dims``).
+    """
+
+    def __init__(self, weight_int: Tensor, weight_scale: Tensor, weight_bits: int, bias: Tensor | None, stride=1,
+                 padding=0, dilation=1, groups: int = 1, **input_quant: Any) -> None:
+        if weight_int.dim() != 3:
+            raise ValueError(f"IntegerConv1d expects (out, in/groups, k) weights, got shape {tuple(weight_int.shape)}")
+        super().__init__(weight_int.unsqueeze(2), weight_scale, weight_bits, bias, (1, _single(stride)),
+                         (0, _single(padding)), (1, _single(dilation)), groups, **input_quant)
+        self.kernel_size = (weight_int.shape[2],)
+
+    def float_weight(self) -> Tensor:
+        return super().float_weight().squeeze(2)
+
+    def _product(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.conv2d(x, w if w.dim() == 4 else w.unsqueeze(2), None, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.unsqueeze(2)).squeeze(2)
+
+
 class IntegerLinear(_IntegerLayer):
     """A linear layer on an integer grid: int8 weights, int32 accumulation, float requantization."""
 
@@ -158,17 +189,21 @@ class IntegerLinear(_IntegerLayer):
         return F.linear(x, w)
 
 
+def _single(v: Any) -> int:
+    return int(v) if isinstance(v, int) else int(tuple(v)[0])
+
+
 def _pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(int(i) for i in v)  # type: ignore[return-value]
 
 
 def integer_layer_from_float(
-    layer: nn.Conv2d | nn.Linear,
+    layer: nn.Conv1d | nn.Conv2d | nn.Linear,
     weight_bits: int = 8,
     input_bits: int = 8,
     input_signed: bool = False,
     input_scale: float | None = 0.05,
-) -> IntegerConv2d | IntegerLinear:
+) -> IntegerConv1d | IntegerConv2d | IntegerLinear:
     """Quantize a float layer's weights symmetrically (per tensor) into an integer layer."""
     w = layer.weight.detach().float()
     _, qmax = int_range(weight_bits, True, narrow=True)
@@ -176,11 +211,12 @@ def integer_layer_from_float(
     w_int = torch.clamp(torch.round(w / scale), -qmax, qmax)
     quant = dict(input_scale=input_scale, input_bits=input_bits, input_signed=input_signed)
     bias = None if layer.bias is None else layer.bias.detach()
-    if isinstance(layer, nn.Conv2d):
-        return IntegerConv2d(w_int, scale, weight_bits, bias, layer.stride, layer.padding, layer.dilation, layer.groups, **quant)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        cls = IntegerConv1d if isinstance(layer, nn.Conv1d) else IntegerConv2d
+        return cls(w_int, scale, weight_bits, bias, layer.stride, layer.padding, layer.dilation, layer.groups, **quant)
     if isinstance(layer, nn.Linear):
         return IntegerLinear(w_int, scale, weight_bits, bias, **quant)
-    raise TypeError(f"expected nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+    raise TypeError(f"expected nn.Conv1d, nn.Conv2d or nn.Linear, got {type(layer).__name__}")
 
 
 # -- brevitas ------------------------------------------------------------------
@@ -210,6 +246,8 @@ def default_example_input(model: nn.Module) -> Tensor:
             return torch.zeros(1, args.get("in_channels", 1), args["input_size"], args["input_size"])
         if "in_channels" in args:
             return torch.zeros(1, args["in_channels"], 16, 16)
+        if "length" in args:  # a 1-D signal of one channel (MNIST1DCNN)
+            return torch.zeros(1, 1, args["length"])
     raise ValueError(
         f"cannot tell the input shape of {type(model).__name__}: pass example_inputs to lower_quantized"
     )
@@ -227,7 +265,7 @@ def _calibrate(model: nn.Module, example_inputs: Any) -> dict[str, dict[str, Any
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (qnn.QuantConv2d, qnn.QuantLinear)):
+        if isinstance(module, _weight_layers()):
             handles.append(module.input_quant.register_forward_hook(keep(name, "input")))
             handles.append(module.bias_quant.register_forward_hook(keep(name, "bias")))
         elif isinstance(module, (qnn.QuantIdentity, qnn.QuantReLU)):
@@ -271,10 +309,12 @@ def _lower_layer(name: str, module: nn.Module, seen: dict[str, Any]) -> nn.Modul
     bias = None
     if module.bias is not None:
         bias = bias_value.value if isinstance(bias_value, QuantTensor) else (bias_value if bias_value is not None else module.bias)
-    if isinstance(module, qnn.QuantConv2d):
-        if module.padding_mode != "zeros":
-            raise ValueError(f"module '{name}' ({kind}): padding_mode {module.padding_mode!r} is not supported")
-        return IntegerConv2d(w_int, scale, bits, bias, module.stride, module.padding, module.dilation, module.groups, **input_quant)
+    if isinstance(module, (qnn.QuantConv1d, qnn.QuantConv2d)):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(f"module '{name}' ({kind}): padding {module.padding_mode!r}/{module.padding!r} is not "
+                             "supported (zero padding given in numbers is)")
+        cls = IntegerConv1d if isinstance(module, qnn.QuantConv1d) else IntegerConv2d
+        return cls(w_int, scale, bits, bias, module.stride, module.padding, module.dilation, module.groups, **input_quant)
     return IntegerLinear(w_int, scale, bits, bias, **input_quant)
 
 
@@ -300,17 +340,17 @@ def lower_quantized(model: nn.Module, example_inputs: Any = None) -> nn.Module:
         (n, type(m).__name__)
         for n, m in clone.named_modules()
         if type(m).__module__.startswith("brevitas.nn")
-        and not isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear, qnn.QuantIdentity, qnn.QuantReLU))
+        and not isinstance(m, (*_weight_layers(), qnn.QuantIdentity, qnn.QuantReLU))
         and n
         and not any(n.startswith(p + ".") for p, _ in _brevitas_layers(clone))
     ]
     if unsupported:
         name, kind = unsupported[0]
-        raise ValueError(f"module '{name}' ({kind}) has no integer lowering (supported: QuantConv2d, QuantLinear, QuantIdentity, QuantReLU)")
+        raise ValueError(f"module '{name}' ({kind}) has no integer lowering (supported: QuantConv1d, QuantConv2d, QuantLinear, QuantIdentity, QuantReLU)")
     seen = _calibrate(clone, example_inputs if example_inputs is not None else default_example_input(clone))
     replacements: dict[str, nn.Module] = {}
     for name, module in _brevitas_layers(clone):
-        if isinstance(module, (qnn.QuantConv2d, qnn.QuantLinear)):
+        if isinstance(module, _weight_layers()):
             replacements[name] = _lower_layer(name, module, seen)
         else:
             out = seen.get(name, {}).get("output")
@@ -319,7 +359,7 @@ def lower_quantized(model: nn.Module, example_inputs: Any = None) -> nn.Module:
             info = _quant_info(out, module.act_quant, f"module '{name}' ({type(module).__name__})")
             replacements[name] = FakeQuantize(info["scale"], info["bits"], info["signed"], info["narrow"], relu=isinstance(module, qnn.QuantReLU))
     if not replacements:
-        raise ValueError(f"{type(model).__name__} has no brevitas QuantConv2d/QuantLinear/QuantIdentity/QuantReLU layers to lower")
+        raise ValueError(f"{type(model).__name__} has no brevitas QuantConv1d/QuantConv2d/QuantLinear/QuantIdentity/QuantReLU layers to lower")
     for name, new in replacements.items():
         if name == "":
             return new
@@ -327,7 +367,13 @@ def lower_quantized(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     return clone
 
 
+def _weight_layers() -> tuple[type[nn.Module], ...]:
+    import brevitas.nn as qnn  # lazily: brevitas is an optional dependency
+
+    return (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantLinear)
+
+
 def _brevitas_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     import brevitas.nn as qnn
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear, qnn.QuantIdentity, qnn.QuantReLU))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (*_weight_layers(), qnn.QuantIdentity, qnn.QuantReLU))]
