@@ -258,3 +258,45 @@ def test_export_callback_compiles_the_compressed_integer_model(digits, seed, tmp
     assert export.last_export, "the export ran"
     assert export.last_export.get("top1_agreement", 1.0) >= 0.99
     assert (tmp_path / "tvm").exists()
+
+
+def test_quantizer_scales_get_no_weight_decay_and_the_split_optimizer_resumes(digits, seed, tmp_path):
+    """Decay would pull learned activation scales to zero (under Adam by ~lr a step): they are exempt."""
+    from lightning_relief.compress.quantize import quantizer_parameters
+
+    module = ClassifierModule(LeNet5(input_size=8), lr=1e-2, weight_decay=1e-3)
+    cb = SensitivityPruningCallback(target=0.5, metric="size", methods=("quantize",), bit_widths=(8,),
+                                    start_epoch=1, calibration_batches=2, recovery_steps=0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            groups = trainer.optimizers[0].param_groups
+            seen[trainer.current_epoch] = [(g["weight_decay"], g["lr"], {id(p) for p in g["params"]}) for g in groups]
+
+    trainer = quiet_trainer(max_epochs=3, callbacks=[cb, ckpt, Spy()], enable_checkpointing=True,
+                            default_root_dir=tmp_path)
+    trainer.fit(module, digits)
+    scales = {id(p) for p in quantizer_parameters(module)}
+    assert cb.policy.quantized_layers() and len(scales) == len(cb.policy.quantized_layers())
+    assert len(seen[0]) == 1  # before compression: the module's own single group
+    for epoch in (1, 2):
+        decayed = set().union(*(ids for wd, _, ids in seen[epoch] if wd > 0))
+        exempt = set().union(*(ids for wd, _, ids in seen[epoch] if wd == 0))
+        assert exempt == scales and decayed == _trainable(module) - scales
+        # the split-off group follows the same (resumed) cosine schedule as the one it came from
+        assert len({lr for _, lr, _ in seen[epoch]}) == 1
+    assert seen[1][0][1] == pytest.approx(1e-2 * (1 + math.cos(2 * math.pi / 3)) / 2)
+
+    # resuming after compression loads the two-group optimizer state into the rebuilt optimizer
+    epoch1 = sorted((tmp_path / "ckpt").glob("epoch=1*.ckpt"))[0]
+    resumed = ClassifierModule(LeNet5(input_size=8), lr=1e-2, weight_decay=1e-3)
+    resumed_cb = SensitivityPruningCallback(target=0.5, metric="size", methods=("quantize",), bit_widths=(8,),
+                                            start_epoch=1, verbose=False)
+    trainer2 = quiet_trainer(max_epochs=3, callbacks=[resumed_cb], default_root_dir=tmp_path)
+    trainer2.fit(resumed, digits, ckpt_path=epoch1)
+    assert trainer2.current_epoch == 3
+    groups = trainer2.optimizers[0].param_groups
+    assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in quantizer_parameters(resumed)}

@@ -19,6 +19,7 @@ from lightning_relief.compress.compiled import uncompiled
 from lightning_relief.compress.cost import METRICS
 from lightning_relief.compress.engine import DEFAULT_RATIOS, CompressionConfig, CompressionResult, apply_plan, plan
 from lightning_relief.compress.meter import AnalyticMeter, Meter
+from lightning_relief.compress.quantize import exempt_quantizers_from_weight_decay
 from lightning_relief.compress.report import Progress, pareto_plot, print_report, write_json
 from lightning_relief.compress.units import check_supported
 from lightning_relief.nn.structure import RestorableStructureMixin, rebuild_structure, save_structure
@@ -171,6 +172,11 @@ class SensitivityPruningCallback(Callback):
             del pl_module.__dict__["on_load_checkpoint"]
 
     @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.phase == "compressed":  # resumed: the optimizer state to load has the groups compress() made
+            _exempt_quantizers(trainer, pl_module)
+
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == "waiting" and self._compress_epoch is not None and trainer.current_epoch >= self._compress_epoch:
             self.compress(trainer, pl_module)
@@ -258,6 +264,7 @@ class SensitivityPruningCallback(Callback):
         _rebuild_ddp(trainer, pl_module)
         # the optimizer and scheduler still hold the removed tensors: build them again for the new ones
         trainer.strategy.setup_optimizers(trainer)
+        _exempt_quantizers(trainer, pl_module)
         _resume_schedules(trainer)
         _forget_uncompressed_best(trainer)
         self.phase = "compressed"
@@ -306,6 +313,13 @@ def _rebuild_ddp(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     if isinstance(strategy.model, DistributedDataParallel):
         strategy.model = strategy._setup_model(pl_module)
         strategy._register_ddp_hooks()
+
+
+def _exempt_quantizers(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """No weight decay on learned quantizer scales (see :func:`exempt_quantizers_from_weight_decay`)."""
+    schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+    for optimizer in trainer.optimizers:
+        exempt_quantizers_from_weight_decay(optimizer, pl_module, schedulers)
 
 
 def _resume_schedules(trainer: L.Trainer) -> None:

@@ -108,3 +108,55 @@ def quantized_bits(model: nn.Module) -> dict[str, int]:
 
     return {name: int(m.weight_quant.bit_width().item()) for name, m in model.named_modules()
             if isinstance(m, (QuantConv1d, QuantConv2d, QuantLinear))}
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learned parameters of brevitas' quantizers (scales, zero points) in ``model``."""
+    try:
+        from brevitas.proxy.quant_proxy import QuantProxyFromInjector
+    except ImportError:  # without brevitas nothing is quantized
+        return []
+
+    seen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, QuantProxyFromInjector):
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+# per-group lists that LR schedulers keep in step with ``optimizer.param_groups``
+_PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs")
+
+
+def exempt_quantizers_from_weight_decay(optimizer: torch.optim.Optimizer, model: nn.Module,
+                                        schedulers: Iterable[Any] = ()) -> int:
+    """Move quantizer parameters out of decayed param groups into copies with ``weight_decay=0``.
+
+    Weight decay pulls a learned scale towards zero, and under Adam it moves it by about the learning
+    rate every step whatever the scale's size (its own gradient is small), so a long fine-tune clips
+    the activations more and more. Schedulers of ``optimizer`` get an entry for each new group, copied
+    from the group it was split off. Returns the number of parameters moved.
+    """
+    quant = {id(p) for p in quantizer_parameters(model)}
+    if not quant:
+        return 0
+    moved = 0
+    schedulers = [s for s in schedulers if getattr(s, "optimizer", None) is optimizer]
+    for index, group in enumerate(list(optimizer.param_groups)):
+        if not group.get("weight_decay"):
+            continue
+        scales = [p for p in group["params"] if id(p) in quant]
+        if not scales:
+            continue
+        count = len(optimizer.param_groups)
+        group["params"] = [p for p in group["params"] if id(p) not in quant]
+        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": scales,
+                                   "weight_decay": 0.0})
+        for scheduler in schedulers:
+            for attr in _PER_GROUP:
+                values = getattr(scheduler, attr, None)
+                if isinstance(values, list) and len(values) == count:
+                    values.append(values[index])
+        moved += len(scales)
+    return moved
