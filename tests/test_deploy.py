@@ -246,6 +246,38 @@ def test_targets_parse_old_strings_and_name_bad_ones():
         resolve_target("nonsense")
 
 
+@pytest.mark.parametrize(("target", "named"), [
+    ("llvm -mcpu=nonsense", "mcpu='nonsense'"),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "znver4"}, "mcpu='znver4' is not a CPU LLVM knows for aarch64"),
+    ("llvm -mtriple=bogus-linux-gnu", "mtriple='bogus-linux-gnu'"),
+])
+def test_unknown_cpu_or_triple_is_refused_before_compiling(target, named, monkeypatch):
+    # TVM accepts these, logs a warning and builds generic code; we refuse them up front
+    import tvm
+
+    from lightning_relief.deploy import ExportConfig, TargetError
+
+    assert isinstance(tvm.target.Target(target_dict(target)), tvm.target.Target)
+    monkeypatch.setattr(tvm, "compile", lambda *a, **k: pytest.fail("compiled a bad target"))
+    for attempt in (lambda: resolve_target(target), lambda: ExportConfig(target=target),
+                    lambda: compile_for_target(nn.Linear(2, 2), torch.zeros(1, 2), target)):
+        with pytest.raises(TargetError, match=named):
+            attempt()
+    assert resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})  # valid ones pass
+
+
+def test_relief_export_refuses_an_unknown_cpu(tmp_path, capsys):
+    from lightning_relief.cli.export import main as export_main
+
+    (tmp_path / "m.ckpt").write_bytes(b"never read: the target is checked first")
+    with pytest.raises(SystemExit) as info:
+        export_main(["--ckpt", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "out"), "--target", "llvm -mcpu=nonsense"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "mcpu='nonsense' is not a CPU LLVM knows" in err and "key 'target'" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_compiled_model_repr_and_type(lenet_compiled):
     _, compiled = lenet_compiled
     assert isinstance(compiled, CompiledModel)

@@ -81,7 +81,7 @@ class TVMExportCallback(L.Callback):
         try:
             self.config = (config or ExportConfig()).replace(**options)
         except ValueError as err:
-            raise ValueError(f"TVMExportCallback: {err}") from err
+            raise type(err)(f"TVMExportCallback: {err}") from err
         if example_input_shape is not None:
             shape = tuple(example_input_shape)
             if not shape or not all(isinstance(d, int) and d >= 1 for d in shape):

@@ -60,6 +60,7 @@ _EXPORTS = {
     "resolve_target": "lightning_relief.deploy.targets",
     "host_target_dict": "lightning_relief.deploy.targets",
     "DeployError": "lightning_relief.deploy.errors",
+    "TargetError": "lightning_relief.deploy.errors",
     "ExportConfig": "lightning_relief.deploy.config",
     "Backend": "lightning_relief.deploy.backend",
     "Artifact": "lightning_relief.deploy.backend",

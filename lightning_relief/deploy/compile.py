@@ -95,6 +95,7 @@ def compile_for_target(
 
     Raises:
         UnsupportedOperatorError: an operator has no converter (names it and its module).
+        TargetError: the target names a CPU or triple LLVM does not know (checked first).
         DeployError: export or compilation failed.
 
     >>> import torch
@@ -103,6 +104,7 @@ def compile_for_target(
     >>> compiled(torch.zeros(5, 1, 8, 8)).shape
     torch.Size([5, 10])
     """
+    resolve_target(target)  # a bad target fails here, not after the export
     config = TuningConfig.coerce(tuning)
     dynamic = (config is None) if dynamic_batch is None else dynamic_batch
     if dynamic and config is not None:

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_relief.deploy.errors import TargetError
 from lightning_relief.deploy.targets import TargetLike, resolve_target
 from lightning_relief.deploy.tuning import TuningConfig
 
@@ -53,7 +54,7 @@ class ExportConfig:
         try:
             resolve_target(self.target)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"ExportConfig: target {self.target!r} is invalid: {err}") from err
+            raise TargetError(f"ExportConfig: target {self.target!r} is invalid: {err}") from err
         object.__setattr__(self, "tuning", TuningConfig.coerce(self.tuning))
         if not (self.atol >= 0 and self.rtol >= 0 and 0 <= self.min_top1_agreement <= 1):
             raise ValueError(f"bad tolerances: atol={self.atol}, rtol={self.rtol}, min_top1_agreement={self.min_top1_agreement}")

@@ -7,6 +7,10 @@ class DeployError(RuntimeError):
     """Export, compilation, measurement or parity failed; the source model is untouched."""
 
 
+class TargetError(DeployError, ValueError):
+    """A target names a CPU, triple or kind that TVM's LLVM does not know (a ``ValueError`` too)."""
+
+
 class UnsupportedOperatorError(DeployError):
     """The TVM Relax frontend has no converter for an operator used by the model."""
 

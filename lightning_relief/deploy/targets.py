@@ -9,6 +9,8 @@ tuned schedules need.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import os
 import shlex
@@ -90,14 +92,43 @@ def target_dict(target: TargetLike) -> dict[str, Any]:
 
 
 def resolve_target(target: TargetLike) -> tvm.target.Target:
-    """A ``tvm.target.Target`` for ``target`` (errors name the bad target)."""
+    """A ``tvm.target.Target`` for ``target``, checked before anything is compiled.
+
+    Raises :class:`~lightning_relief.deploy.errors.TargetError` naming the bad value: TVM itself
+    accepts any ``mcpu`` or triple and only logs a warning before generating generic code.
+    """
+    from lightning_relief.deploy.errors import TargetError
+
     if isinstance(target, tvm.target.Target):
-        return target
-    spec = target_dict(target)
-    try:
-        return tvm.target.Target(spec)
-    except Exception as err:  # TVM raises its own error types
-        raise ValueError(f"target {target!r} is not a valid TVM target: {str(err).splitlines()[-1]}") from err
+        resolved = target
+    else:
+        spec = target_dict(target)
+        try:
+            resolved = tvm.target.Target(spec)
+        except Exception as err:  # TVM raises its own error types
+            raise TargetError(f"target {target!r} is not a valid TVM target: {str(err).splitlines()[-1]}") from err
+    spec = target_dict(resolved)
+    if spec.get("kind") == "llvm":
+        problem = _llvm_problem(str(spec.get("mtriple") or ""), str(spec.get("mcpu") or ""))
+        if problem:
+            raise TargetError(f"target {target!r}: {problem}")
+    return resolved
+
+
+@functools.lru_cache(maxsize=64)
+def _llvm_problem(triple: str, cpu: str) -> str:
+    """What LLVM does not know about ``triple``/``cpu`` (empty if both are valid)."""
+    from tvm.target import codegen
+
+    if triple and not codegen.llvm_is_valid_cpu("generic", triple):
+        return f"mtriple={triple!r} is not a triple LLVM knows (e.g. 'aarch64-linux-gnu', 'x86_64-linux-gnu')"
+    if cpu and not codegen.llvm_is_valid_cpu(cpu, triple or str(codegen.llvm_get_system_triple())):
+        names = [str(n) for n in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", **({"mtriple": triple} if triple else {})}))]
+        close = difflib.get_close_matches(cpu, names, n=5, cutoff=0.6)
+        where = triple or "this machine's triple"
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; LLVM knows {len(names)}, e.g. {', '.join(names[:8])}"
+        return f"mcpu={cpu!r} is not a CPU LLVM knows for {where}{hint}"
+    return ""
 
 
 def with_num_cores(target: tvm.target.Target) -> tvm.target.Target:
