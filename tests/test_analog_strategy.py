@@ -121,7 +121,7 @@ def test_gradient_flows_through_noisy_forward_to_clean_weights(seed):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    strategy = AnalogNoiseStrategy(WeightNoise(out_noise=0.0), 1.0, placement="weights", seed=3)
+    strategy = AnalogNoiseStrategy(WeightNoise(out_noise=0.0), 1.0, placement="weights", seed=3, draws="fresh")
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6)
     quiet_trainer(strategy=strategy, max_steps=1, limit_val_batches=0).fit(Tiny(), loader)
 

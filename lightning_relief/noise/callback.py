@@ -62,6 +62,11 @@ class AnalogNoise(Callback):
         eval_level: the level used there (default: mean of the last training level).
         seed: seeds the schedule and noise generators.
         log_level: log ``noise_sigma`` (``noise_time_s`` for drift models) every step.
+        draws: where training noise comes from: ``"fresh"`` Gaussians every
+            step, or ``"pool"``: slices at random offsets of a pool of Gaussians
+            redrawn over 64 steps (:mod:`lightning_relief.noise.pool`; drawing is
+            the largest cost of a noisy step on a CPU). ``"auto"`` (default):
+            the pool on CPU, fresh draws on accelerators. Evaluation noise is always fresh.
 
     Example::
 
@@ -86,8 +91,9 @@ class AnalogNoise(Callback):
         eval_level: float | None = None,
         seed: int = 0,
         log_level: bool = True,
+        draws: str = "auto",
     ) -> None:
-        self.injector = NoiseInjector(noise, schedule, placement, seed=seed)
+        self.injector = NoiseInjector(noise, schedule, placement, seed=seed, draws=draws)
         if eval_level is not None and not float(eval_level) >= 0:
             raise ValueError(f"eval_level must be >= 0 or None, got {eval_level}")
         if noise.level_kind == "time" and eval_level is not None and not float(eval_level) > 0:
@@ -184,5 +190,5 @@ class AnalogNoise(Callback):
         inj = self.injector
         return (
             f"{type(self).__name__}(noise={inj.noise!r}, schedule={inj.schedule!r}, placement={inj.placements!r}, "
-            f"eval_noise={self.eval_noise}, seed={inj.seed})"
+            f"eval_noise={self.eval_noise}, seed={inj.seed}, draws={inj.draws!r})"
         )

@@ -31,9 +31,17 @@ from torch import Tensor, nn
 from lightning_relief.errors import UnsupportedLayerError
 from lightning_relief.noise.models import NoiseModel
 from lightning_relief.noise.placement import COMPUTE_LAYERS, Placement, as_placements, unsupported_layers
+from lightning_relief.noise.pool import NormalPool
 from lightning_relief.noise.schedules import Constant, Schedule
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, rank, step) over seed space
+
+
+_POOL = 0x2545F4914F6CDD1D  # keeps the pool's seeds apart from the batches' seeds
+DRAWS = ("auto", "fresh", "pool")
+_OWN_OUTPUT = frozenset(
+    (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -63,7 +71,10 @@ class NoiseInjector:
         schedule: Schedule | float | None = None,
         placement: Placement | str | Sequence[Placement | str] | None = None,
         seed: int = 0,
+        draws: str = "auto",
     ) -> None:
+        if draws not in DRAWS:
+            raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
         if not isinstance(noise, NoiseModel):
             raise TypeError(f"noise must be a NoiseModel (e.g. AdditiveGaussian()), got {type(noise).__name__}")
         if schedule is None:
@@ -94,6 +105,8 @@ class NoiseInjector:
         self.schedule = schedule
         self.placements = placements
         self.seed = int(seed)
+        self.draws = draws
+        self.pool = NormalPool(self._pool_seed)
         self.rank = 0
         self.batches_done = 0  # training batches drawn so far: the next batch's noise seed
         self.current_level: Tensor | None = None
@@ -104,7 +117,7 @@ class NoiseInjector:
         self._weights: list[tuple[str, nn.Module]] = []
         self._saved: list[tuple[nn.Parameter, Tensor]] = []
         self._level: Tensor | None = None  # set while a step is active
-        self._step_generator: torch.Generator | None = None
+        self._step_generator: torch.Generator | NormalPool | None = None
         self.selected: dict[str, list[str]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -180,25 +193,39 @@ class NoiseInjector:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             if self._level is None or not isinstance(output, Tensor):
                 return None
-            return self.noise.apply(output, self._level, self._step_generator, site, module, args)
+            # torch's own conv/linear layers keep no reference to their output for backward: the noise
+            # goes into it in place (an activation-sized allocation costs more than the noise itself);
+            # a subclass, or a nonlinearity whose backward reads its output (ReLU), gets a noisy copy
+            inplace = site == "outputs" and type(module) in _OWN_OUTPUT
+            return self.noise.apply(output, self._level, self._step_generator, site, module, args, inplace=inplace)
 
         return hook
 
+    def _pool_seed(self, step: int) -> int:
+        return step_seed(self.seed ^ _POOL, self.rank, step)
+
+    def _device(self) -> torch.device:
+        param = next(self._model.parameters(), None) if self._model is not None else None
+        return param.device if param is not None else torch.device("cpu")
+
+    def _pooled(self, device: torch.device) -> bool:
+        # a CPU draws a Gaussian in 3-10 ns, more than the layer it perturbs; accelerators draw at memory speed
+        return self.draws == "pool" or (self.draws == "auto" and device.type == "cpu")
+
     def _seeded(self, seed: int) -> torch.Generator:
         """The one noise generator, on the model's device, seeded with ``seed``."""
-        param = next(self._model.parameters(), None) if self._model is not None else None
-        device = param.device if param is not None else torch.device("cpu")
+        device = self._device()
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
         return self._generator.manual_seed(seed)
 
-    def _placed(self, level: Tensor, generator: torch.Generator) -> Tensor:
+    def _placed(self, level: Tensor, generator: torch.Generator | NormalPool) -> Tensor:
         """A σ level moves to the noise's device once per step (every hook would otherwise copy it host
         -> device); a drift time stays on the host, where the drift model reads it as a number."""
         return level if self.noise.level_kind == "time" else level.to(generator.device)
 
     # -- a step
-    def begin(self, level: Tensor, generator: torch.Generator) -> None:
+    def begin(self, level: Tensor, generator: torch.Generator | NormalPool) -> None:
         """Turn noise on at ``level``: perturb the weights and arm the hooks."""
         self.end()
         level = self._placed(level, generator)
@@ -239,7 +266,14 @@ class NoiseInjector:
         if self._model is None:
             raise RuntimeError("NoiseInjector.attach(model) must be called before a step")
         level = self.schedule.level(self.batches_done if step is None else int(step), batch_size, self.schedule_generator)
-        generator = self._seeded(step_seed(self.seed, self.rank, self.batches_done))
+        seed = step_seed(self.seed, self.rank, self.batches_done)
+        device = self._device()
+        generator: torch.Generator | NormalPool
+        if self._pooled(device):
+            self.pool.begin(self.batches_done, seed, device)
+            generator = self.pool
+        else:
+            generator = self._seeded(seed)
         level = self._placed(level, generator)  # the schedule's generator is on the CPU
         self.current_level = level
         self.batches_done += 1
@@ -289,6 +323,7 @@ class NoiseInjector:
             "schedule_rng": self.schedule_generator.get_state(),
             "current_level": None if self.current_level is None else self.current_level.detach().cpu(),
             "seed": self.seed,
+            "pool_size": self.pool.size,  # the pool is a function of its size and the step: resumed runs read the same
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -296,3 +331,4 @@ class NoiseInjector:
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.schedule_generator.set_state(state["schedule_rng"])
         self.current_level = state.get("current_level")
+        self.pool.size = int(state.get("pool_size", 0))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_relief.noise.pool import NormalPool
+
 SITES = ("weights", "activations", "outputs")
 
 
@@ -39,8 +41,25 @@ def broadcast_level(level: Tensor, like: Tensor) -> Tensor:
     return level.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+Draws = torch.Generator | NormalPool | None  # where a noise model's N(0, 1) numbers come from
+
+
+def randn_like(x: Tensor, generator: Draws) -> Tensor:
+    """``N(0, 1)`` numbers shaped like ``x``: fresh from a generator, or a read-only slice of a
+    :class:`~lightning_relief.noise.pool.NormalPool` (training); callers never modify the result."""
+    return randn_like_shape(x, x.shape, generator)
+
+
+def randn_like_shape(x: Tensor, shape: tuple[int, ...] | torch.Size, generator: Draws) -> Tensor:
+    """:func:`randn_like` of ``shape``, on ``x``'s device and dtype."""
+    if isinstance(generator, NormalPool):
+        return generator.take(shape, x.dtype, x.device)
+    return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def addcmul(x: Tensor, a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+    """``x + a·b``, written into ``x`` when ``inplace`` (the caller knows autograd saved no copy of ``x``)."""
+    return x.addcmul_(a, b) if inplace else torch.addcmul(x, a, b)
 
 
 def _window_max(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
@@ -84,7 +103,7 @@ def input_abs_max(module: nn.Module | None, x_in: Tensor, y: Tensor) -> Tensor:
 
 
 class NoiseModel:
-    """Base class. ``apply`` returns a noisy copy of ``x`` (never modifies it).
+    """Base class. ``apply`` returns a noisy copy of ``x`` (modifies it only when asked: ``inplace=True``).
 
     ``level_kind`` names what the schedule's level means: ``"value"`` (a σ or a
     scale factor) or ``"time"`` (seconds since programming, for drift models).
@@ -99,18 +118,21 @@ class NoiseModel:
         self,
         x: Tensor,
         level: Tensor,
-        generator: torch.Generator | None = None,
+        generator: Draws = None,
         site: str = "outputs",
         module: nn.Module | None = None,
         inputs: tuple[Tensor, ...] = (),
+        inplace: bool = False,
     ) -> Tensor:
+        """``inplace=True`` may write the noise into ``x`` (the injector does so on conv/linear outputs,
+        which their backward does not need: a fresh activation-sized tensor costs more than the noise)."""
         raise NotImplementedError
 
     def apply_weights(
         self,
         weights: list[Tensor],
         level: Tensor,
-        generator: torch.Generator | None = None,
+        generator: Draws = None,
         modules: list[nn.Module] | None = None,
     ) -> list[Tensor]:
         """Noisy copies of several weight tensors for one step (models may batch them)."""
@@ -139,11 +161,11 @@ class AdditiveGaussian(NoiseModel):
     def __init__(self, relative: bool = False) -> None:
         self.relative = bool(relative)
 
-    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=(), inplace=False):
         sigma = broadcast_level(level, x)
         if self.relative:
             sigma = sigma * x.detach().abs().amax().clamp(min=1e-12)
-        return torch.addcmul(x, sigma, randn_like(x, generator))
+        return addcmul(x, sigma, randn_like(x, generator), inplace)
 
 
 class MultiplicativeGaussian(NoiseModel):
@@ -156,9 +178,9 @@ class MultiplicativeGaussian(NoiseModel):
     (2.0, 0.2)
     """
 
-    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=(), inplace=False):
         sigma = broadcast_level(level, x)
-        return torch.addcmul(x, x, randn_like(x, generator).mul_(sigma))
+        return addcmul(x, x * sigma, randn_like(x, generator), inplace)
 
 
 class CombinedGaussian(NoiseModel):
@@ -182,11 +204,11 @@ class CombinedGaussian(NoiseModel):
         """(σ_add, σ_mul) for amplitude ``level``."""
         return level * self.ratio, level * (1.0 - self.ratio)
 
-    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=(), inplace=False):
         amplitude = broadcast_level(level, x)
         sigma_add, sigma_mul = self.sigmas(amplitude)
-        multiplied = torch.addcmul(x, x, randn_like(x, generator).mul_(sigma_mul))
-        return torch.addcmul(multiplied, sigma_add, randn_like(x, generator))
+        multiplied = addcmul(x, x * sigma_mul, randn_like(x, generator), inplace)
+        return multiplied.addcmul_(sigma_add, randn_like(x, generator))  # a fresh tensor, or x when inplace
 
 
 class WeightNoise(NoiseModel):
@@ -215,7 +237,7 @@ class WeightNoise(NoiseModel):
         self.w_noise = _check_sigma("w_noise", w_noise)
         self.out_noise = _check_sigma("out_noise", out_noise)
 
-    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=()):
+    def apply(self, x, level, generator=None, site="outputs", module=None, inputs=(), inplace=False):
         scale = broadcast_level(level, x)
         if site == "weights":
             return x + scale * self.w_noise * x.detach().abs().amax() * randn_like(x, generator)
@@ -225,4 +247,4 @@ class WeightNoise(NoiseModel):
         if weight is None or not inputs:
             raise ValueError("WeightNoise on outputs needs a layer with a weight (Conv/Linear)")
         bound = input_abs_max(module, inputs[0], x) * (weight.detach().abs().amax() * self.out_noise) * scale
-        return x + randn_like(x, generator).mul_(bound)  # both in x's layout (see PCMNoise._output_noise)
+        return addcmul(x, randn_like(x, generator), bound, inplace)

@@ -24,35 +24,46 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_relief.noise.models import NoiseModel, input_abs_max, randn_like
+from lightning_relief.noise.models import Draws, NoiseModel, addcmul, input_abs_max, randn_like, randn_like_shape
 
 G_MAX = 25.0  # µS
 T0 = 20.0  # s, first read after programming
 T_READ = 250e-9  # s
 PROG_COEFF = (0.26348, 1.9650, -1.1731)  # µS, fitted at g_max = 25 µS
 ONE_YEAR = 365 * 24 * 3600.0
+_LN2 = math.log(2.0)
 
 
 def prog_noise_std(g_target: Tensor, g_max: float = G_MAX) -> Tensor:
     """σ_prog (µS) of programming a device to ``g_target`` (µS)."""
-    g = g_target / g_max
-    sigma = g.mul(PROG_COEFF[2]).add_(PROG_COEFF[1]).mul_(g).add_(PROG_COEFF[0])  # Horner: c0 + c1·g + c2·g²
+    return _prog_std_of(g_target / g_max, g_max)
+
+
+def _prog_std_of(g_hat: Tensor, g_max: float) -> Tensor:
+    sigma = g_hat.mul(PROG_COEFF[2]).add_(PROG_COEFF[1]).mul_(g_hat).add_(PROG_COEFF[0])  # Horner: c0 + c1·ĝ + c2·ĝ²
     return sigma.mul_(g_max / G_MAX) if g_max != G_MAX else sigma
 
 
 def drift_nu_params(g_target: Tensor, g_max: float = G_MAX) -> tuple[Tensor, Tensor]:
     """(μ_ν, σ_ν) of the drift exponent of a device at ``g_target``."""
-    log_g = (g_target / g_max).abs_().clamp_(min=1e-7).log_()
-    mu = log_g.mul(-0.0155).add_(0.0244).clamp_(0.049, 0.1)
-    sigma = log_g.mul_(-0.0125).sub_(0.0059).clamp_(0.008, 0.045)
+    return _drift_nu_of((g_target / g_max).abs_())
+
+
+def _drift_nu_of(g_hat: Tensor) -> tuple[Tensor, Tensor]:
+    # log2 and exp2 run at a fraction of log's and exp's cost on CPU: ln ĝ = ln 2 · log2 ĝ
+    log2_g = g_hat.clamp(min=1e-7).log2_()
+    mu = log2_g.mul(-0.0155 * _LN2).add_(0.0244).clamp_(0.049, 0.1)
+    sigma = log2_g.mul_(-0.0125 * _LN2).sub_(0.0059).clamp_(0.008, 0.045)
     return mu, sigma
 
 
 def read_noise_q(g_prog: Tensor, g_max: float = G_MAX) -> Tensor:
-    """Q_s of the 1/f read noise of a device at ``g_prog``."""
-    # exp(0.65·ln ĝ) is ĝ^0.65, at a fraction of pow's cost on CPU
-    g_pow = (g_prog.abs() / g_max).log_().mul_(0.65).exp_()
-    return g_pow.clamp_(min=1e-3).reciprocal_().mul_(0.0088).clamp_(max=0.2)
+    """Q_s of the 1/f read noise of a device at ``g_prog`` (µS, >= 0)."""
+    # min(0.0088 / max(ĝ^0.65, 1e-3), 0.2) = min(2^(log2 0.0088 - 0.65 log2 ĝ), 0.2): the 1e-3 floor
+    # only matters where the 0.2 ceiling already holds (below ĝ = 0.0083); the floor keeps zeros out
+    # of log2, whose slow path for 0 (and exp2's for inf) costs six times a normal value
+    offset = math.log2(0.0088) + 0.65 * math.log2(g_max)
+    return g_prog.clamp(min=1e-6 * g_max).log2_().mul_(-0.65).add_(offset).exp2_().clamp_(max=0.2)
 
 
 def read_noise_time_factor(t_inference: float, t0: float = T0, t_read: float = T_READ) -> float:
@@ -126,36 +137,54 @@ class PCMNoise(NoiseModel):
         self.t0 = float(t0)
         self.t_read = float(t_read)
         self._gain: dict[int, Tensor] = {}  # per layer: this step's digital drift-compensation factor
+        self._out_scale: dict[int, Tensor] = {}  # per layer: max|w| times that factor
 
-    # -- the device model on a tensor of conductances (µS), any shape
-    def program(self, g_target: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Programmed conductances and drift exponents ν of devices targeted at ``g_target``."""
-        # in-place on fresh tensors only: a PCM step is a few dozen ops over every weight twice
-        g_prog = randn_like(g_target, generator).mul_(prog_noise_std(g_target, self.g_max))
+    # -- the device model
+    def program(self, g_hat: Tensor, generator: Draws = None) -> tuple[Tensor, Tensor]:
+        """Programmed conductances (µS) and drift exponents ν of the device pairs of weights ``g_hat``.
+
+        ``g_hat`` = |w| / max|w| of each weight; both results are ``(2, *g_hat.shape)``: row 0 the
+        device that holds |w| (target ĝ·g_max), row 1 its partner, targeted at 0 µS. The partner's
+        σ_prog, μ_ν and σ_ν are constants, so the device formulas run over the weights once, not twice.
+        """
+        shape = (2, *g_hat.shape)
+        eps_prog, eps_nu = randn_like_shape(g_hat, shape, generator), randn_like_shape(g_hat, shape, generator)
+        zero = torch.zeros((), dtype=g_hat.dtype, device=g_hat.device)
+        g_prog = torch.empty(shape, dtype=g_hat.dtype, device=g_hat.device)
+        # the draws may be a read-only pool slice: results go to fresh tensors (out=)
+        sigma_prog = _prog_std_of(g_hat, self.g_max)
+        sigma_prog_zero = float(_prog_std_of(zero, self.g_max))
         if self.prog_noise_scale != 1.0:
-            g_prog.mul_(self.prog_noise_scale)
-        g_prog.add_(g_target).clamp_(min=0.0)
-        mu_nu, sigma_nu = drift_nu_params(g_target, self.g_max)
-        nu = randn_like(g_target, generator).mul_(sigma_nu).add_(mu_nu).abs_()
+            sigma_prog.mul_(self.prog_noise_scale)
+            sigma_prog_zero *= self.prog_noise_scale
+        torch.addcmul(g_hat * self.g_max, sigma_prog, eps_prog[0], out=g_prog[0])
+        torch.mul(eps_prog[1], sigma_prog_zero, out=g_prog[1])
+        g_prog.clamp_(min=0.0)
+        mu_nu, sigma_nu = _drift_nu_of(g_hat)
+        mu_zero, sigma_zero = (float(v) for v in _drift_nu_of(zero))
+        nu = torch.empty(shape, dtype=g_hat.dtype, device=g_hat.device)
+        torch.addcmul(mu_nu, sigma_nu, eps_nu[0], out=nu[0])
+        torch.mul(eps_nu[1], sigma_zero, out=nu[1]).add_(mu_zero)
+        nu.abs_()
         if self.drift_scale != 1.0:
             nu.mul_(self.drift_scale)
         return g_prog, nu
 
-    def drift(self, g_prog: Tensor, nu: Tensor, t_inference: float, generator: torch.Generator | None = None) -> Tensor:
+    def drift(self, g_prog: Tensor, nu: Tensor, t_inference: float, generator: Draws = None) -> Tensor:
         """Conductances ``t_inference`` seconds after programming (drift and 1/f noise)."""
         if t_inference < 0:
             raise ValueError(f"t_inference must be >= 0 seconds, got {t_inference}")
         t = t_inference + self.t0
-        # (t/t0)^-ν; g_prog >= 0, so the drifted conductance is too
-        g_drift = torch.mul(nu, -math.log(t / self.t0)).exp_().mul_(g_prog) if t_inference > 0 else g_prog
+        # (t/t0)^-ν = 2^(-ν·log2(t/t0)); g_prog >= 0, so the drifted conductance is too
+        g_drift = torch.mul(nu, -math.log2(t / self.t0)).exp2_().mul_(g_prog) if t_inference > 0 else g_prog
         sigma = read_noise_q(g_prog, self.g_max).mul_(self.read_noise_scale * read_noise_time_factor(t_inference, self.t0, self.t_read))
-        return randn_like(g_prog, generator).mul_(sigma).mul_(g_drift).add_(g_drift).clamp_(min=0.0)
+        return torch.addcmul(g_drift, randn_like(g_prog, generator), sigma.mul_(g_drift)).clamp_(min=0.0)
 
-    def weights_at(self, w: Tensor, t_inference: float, generator: torch.Generator | None = None) -> Tensor:
+    def weights_at(self, w: Tensor, t_inference: float, generator: Draws = None) -> Tensor:
         """``w`` programmed onto PCM pairs and read ``t_inference`` seconds later."""
         return self.weights_at_many([w], t_inference, generator)[0]
 
-    def weights_at_many(self, weights: Sequence[Tensor], t_inference: float, generator: torch.Generator | None = None) -> list[Tensor]:
+    def weights_at_many(self, weights: Sequence[Tensor], t_inference: float, generator: Draws = None) -> list[Tensor]:
         """:meth:`weights_at` for several tensors (one chip, each tensor its own ``max|w| -> g_max`` scale).
 
         All tensors go through the device model as one flat batch: a training
@@ -165,36 +194,42 @@ class PCMNoise(NoiseModel):
             return []
         sizes = [w.numel() for w in weights]
         flat = torch.cat([w.detach().reshape(-1) for w in weights])
-        w_max = torch.stack([w.detach().abs().amax() for w in weights]).to(flat.dtype).clamp_(min=1e-7)
-        scaled = flat  # cat's fresh copy: scaled in place, tensor by tensor (views: no gather)
-        for part, factor in zip(torch.split(scaled, sizes), (self.g_max / w_max).unbind()):
-            part.mul_(factor)
-        g_target = torch.stack([scaled, -scaled]).clamp_(0.0, self.g_max)  # the pair: (g+, g-)
-        g_prog, nu = self.program(g_target, generator)
+        g_hat = flat.abs()
+        w_max = torch.stack([part.amax() for part in g_hat.split(sizes)]).clamp_(min=1e-7)
+        for part, inv in zip(g_hat.split(sizes), w_max.reciprocal().unbind()):  # views: scaled in place, tensor by tensor
+            part.mul_(inv)
+        g_prog, nu = self.program(g_hat, generator)
         g_final = self.drift(g_prog, nu, t_inference, generator)
-        inv_scales = (w_max / self.g_max).unbind()
-        w_drift = torch.sub(g_final[0], g_final[1])
-        w_prog = torch.sub(g_prog[0], g_prog[1]).split(sizes) if self.drift_compensation else [None] * len(sizes)
-        gains = []
-        for part, prog_part, inv_scale in zip(torch.split(w_drift, sizes), w_prog, inv_scales):
-            part.mul_(inv_scale)
-            if prog_part is not None:
-                # global drift compensation: the programmed mean |w| over the drifted one, per tensor
-                gain = prog_part.abs().mean().mul_(inv_scale).clamp_(min=1e-4) / part.abs().mean().clamp_(min=1e-4)
-                part.mul_(gain)
-                gains.append(gain)
-        self._last_gains = torch.stack(gains) if gains else torch.ones(len(sizes), device=flat.device, dtype=flat.dtype)
+        # the pair reads |w| (row 0 minus row 1); the weight's sign says which device held it
+        w_drift = torch.sub(g_final[0], g_final[1]).mul_(flat.sign())
+        factors = w_max / self.g_max
+        if self.drift_compensation:
+            # global drift compensation: the programmed mean |w| over the drifted one, per tensor
+            programmed = _sums(torch.sub(g_prog[0], g_prog[1]).abs_(), sizes)
+            drifted = _sums(w_drift.abs(), sizes)
+            to_mean_weight = factors / flat.new_tensor(sizes)  # a sum of µS -> the mean |w|
+            gains = (programmed * to_mean_weight).clamp_(min=1e-4) / (drifted * to_mean_weight).clamp_(min=1e-4)
+            factors = factors * gains
+        else:
+            gains = torch.ones_like(w_max)
+        for part, factor in zip(w_drift.split(sizes), factors.unbind()):
+            part.mul_(factor)
+        self._last_gains = gains
+        self._last_scales = w_max  # the clean max|w| of each tensor: the tile's output scale
         return [part.reshape(w.shape) for part, w in zip(torch.split(w_drift, sizes), weights)]
 
     def apply_weights(self, weights, level, generator=None, modules=None):
         noisy = self.weights_at_many(weights, _seconds(level), generator)
         if modules:
-            self._gain = {id(m): g for m, g in zip(modules, self._last_gains) if m is not None}
+            # the output noise's scale per layer: clean max|w| times the digital drift compensation
+            scales = (self._last_scales * self._last_gains).unbind()
+            self._out_scale = {id(m): scale for m, scale in zip(modules, scales) if m is not None}
+            self._gain = {id(m): g for m, g in zip(modules, self._last_gains.unbind()) if m is not None}
         return noisy
 
-    def apply(self, x, level, generator=None, site="weights", module=None, inputs=()):
+    def apply(self, x, level, generator=None, site="weights", module=None, inputs=(), inplace=False):
         if site == "outputs":
-            return self._output_noise(x, generator, module, inputs)
+            return self._output_noise(x, generator, module, inputs, inplace)
         if site != "weights":
             raise ValueError(f"PCMNoise models weights and outputs, got site {site!r}")
         t = _seconds(level)
@@ -202,7 +237,7 @@ class PCMNoise(NoiseModel):
         return x + (self.weights_at(x.detach(), t, generator) - x.detach())
 
 
-    def _output_noise(self, y: Tensor, generator, module, inputs) -> Tensor:
+    def _output_noise(self, y: Tensor, generator, module, inputs, inplace: bool = False) -> Tensor:
         """aihwkit's forward output noise, for tiles whose largest weight maps to 1
         (``weight_scaling_omega=1``): std ``out_noise·max|x|·max|w|`` per sample, amplified
         by the digital drift-compensation factor of this step."""
@@ -211,10 +246,16 @@ class PCMNoise(NoiseModel):
         weight = getattr(module, "weight", None)
         if weight is None or not inputs:
             raise ValueError("PCMNoise output noise needs a layer with a weight (Conv/Linear)")
-        gain = self._gain.get(id(module), 1.0)
-        bound = input_abs_max(module, inputs[0], y) * (weight.detach().abs().amax() * gain * self.out_noise)
-        # y + noise, both in y's layout (an addcmul with the (N, 1, ...) bound may pick channels-last)
-        return y + randn_like(y, generator).mul_(bound)
+        scale = self._out_scale.get(id(module))
+        if scale is None:  # no weight noise on this layer this step: its weights as they are
+            scale = weight.detach().abs().amax()
+        bound = input_abs_max(module, inputs[0], y).mul_(scale * self.out_noise)
+        return addcmul(y, randn_like(y, generator), bound, inplace)  # y first: the result keeps y's layout
+
+
+def _sums(x: Tensor, sizes: list[int]) -> Tensor:
+    """Sum of each consecutive part of ``x`` (``sizes`` long)."""
+    return torch.stack([part.sum() for part in x.split(sizes)])
 
 
 def _seconds(level: Tensor | float) -> float:

@@ -35,7 +35,7 @@ class AnalogNoiseStrategy(DDPStrategy):
     refuses every DDP-family strategy (the callback runs there on the MPS device).
 
     Args:
-        noise, schedule, placement, eval_noise, eval_level, seed, log_level:
+        noise, schedule, placement, eval_noise, eval_level, seed, log_level, draws:
             as :class:`~lightning_relief.noise.AnalogNoise` (``noise`` default:
             ``AdditiveGaussian()``).
         start_method, process_group_backend, timeout, **ddp_kwargs: DDP's
@@ -69,13 +69,14 @@ class AnalogNoiseStrategy(DDPStrategy):
         eval_level: float | None = None,
         seed: int = 0,
         log_level: bool = True,
+        draws: str = "auto",
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
         **ddp_kwargs: Any,
     ) -> None:
         self.noise = AnalogNoise(
-            AdditiveGaussian() if noise is None else noise, schedule, placement, eval_noise, eval_level, seed, log_level
+            AdditiveGaussian() if noise is None else noise, schedule, placement, eval_noise, eval_level, seed, log_level, draws
         )
         super().__init__(start_method=start_method, process_group_backend=process_group_backend, timeout=timeout, **ddp_kwargs)
 
