@@ -162,10 +162,10 @@ def fidelity(
         "nll_mc100": float(U.negative_log_likelihood(mc100.mean(0), y)),
     }
     row["nll_rel_diff"] = row["nll_mp"] / row["nll_mc100"] - 1.0
-    mp_in, mp_out = MF.logit_uncertainty(mean, var), MF.logit_uncertainty(mean_ood, var_ood)
+    mp_in, mp_out = wrapper.uncertainty(x), wrapper.uncertainty(x_ood)
     mc_in, mc_out = scores(mc100), scores(mc100_ood)
-    for name, index in (("entropy", 0), ("mutual_information", 2)):
-        row[f"auroc_{name}_mp"] = float(U.ood_auroc(mp_in[index], mp_out[index]))
+    for name, key in (("entropy", "predictive_entropy"), ("mutual_information", "mutual_information")):
+        row[f"auroc_{name}_mp"] = float(U.ood_auroc(mp_in[key], mp_out[key]))
         row[f"auroc_{name}_mc100"] = float(U.ood_auroc(mc_in[name], mc_out[name]))
         row[f"auroc_{name}_gap"] = abs(row[f"auroc_{name}_mp"] - row[f"auroc_{name}_mc100"])
     return row

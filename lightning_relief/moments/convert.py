@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from lightning_relief.moments import functional as MF
+from lightning_relief.moments import low_rank as LR
 from lightning_relief.moments.rules import (
     FUNCTION_RULES,
     METHOD_RULES,
@@ -33,10 +34,11 @@ from lightning_relief.moments.rules import (
     _module_quadrature,
     bayesian_layer_types,
     dense_update,
+    factor_update,
     module_rule,
 )
 
-Output = Literal["moments", "probs", "log_probs"]
+Output = Literal["moments", "probs", "log_probs", "factor"]
 MODEL_PREFIX = "model."
 CONSTANTS_PREFIX = "constants."
 
@@ -227,7 +229,7 @@ def _output_moments(ctx: RuleContext, value: Any) -> Moments:
                 "logits before it (use output='probs' or 'log_probs' for the predictive distribution)",
                 stacklevel=3,
             )
-            return Moments(value.mean, value.var)
+            return Moments(value.mean, value.var, factors=value.factors)
         return value
     if isinstance(value, (tuple, list)):
         found = [v for v in value if isinstance(v, Moments)]
@@ -264,7 +266,7 @@ def build_moment_graph(
     through ``constants``; the caller sets both (see ``MomentPropagationWrapper``).
     """
     graph = fx.Graph()
-    ctx = RuleContext(graph, model, MODEL_PREFIX, dense=covariance == "dense")
+    ctx = RuleContext(graph, model, MODEL_PREFIX, dense=covariance == "dense", low_rank=covariance == "low_rank")
     constants: dict[str, torch.Tensor] = {}
 
     if has_moment_protocol(model):  # the whole model carries its own rule
@@ -317,6 +319,8 @@ def build_moment_graph(
             env[node] = _convert_node(ctx, node, module, tuple(args), dict(kwargs), random, stochastic_modules, elementwise)
             if ctx.dense:
                 env[node] = dense_update(ctx, node, module, tuple(args), env[node])
+            if ctx.low_rank:
+                env[node] = factor_update(ctx, node, module, tuple(args), env[node])
         except UnsupportedOperationError as err:
             raise UnsupportedOperationError(f"{err} (at {_location(node)})", **where) from None
         except (TypeError, ValueError) as err:
@@ -390,6 +394,10 @@ def _finish(
 ) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
     if output == "moments":
         graph.output((result.mean, result.var))
+    elif output == "factor":  # the logits' moments and shared sources [N, K, C] (K = 0 without)
+        shared = [f for f in result.factors if f.kind in ("units", "mapped")]
+        factor = ctx.call(LR.logit_factor, result.mean, [f.node for f in shared], [f.kind for f in shared])
+        graph.output((result.mean, result.var, factor))
     elif output == "log_probs":
         graph.output(ctx.call(MF.softmax_log_probs, result.mean, result.var, -1, softmax))
     elif output == "probs":

@@ -366,7 +366,7 @@ def max_pool_moments(
             delta = tuple(ob - oa for oa, ob in zip(offsets[a], offsets[b]))
             return windows[delta][a] if delta in windows else windows[tuple(-d for d in delta)][b]
 
-        return _correlated_max(means, variances, cov)
+        return _correlated_max(means, variances, cov)[:2]
     out_mean, out_var = means[0], variances[0]
     for m, v in zip(means[1:], variances[1:]):
         out_mean, out_var = max_moments(out_mean, out_var, m, v)
@@ -391,16 +391,22 @@ def pool_offsets(kernel_size: Any, dilation: Any, dims: int) -> list[tuple[int, 
 
 
 def _correlated_max(
-    means: Sequence[Tensor], variances: Sequence[Tensor], cov: Callable[[int, int], Tensor]
-) -> tuple[Tensor, Tensor]:
+    means: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    cov: Callable[[int, int], Tensor],
+    factors: Sequence[Sequence[Tensor]] = (),
+) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Clark's maximum of correlated Gaussians, chained over a window, in the stable form of :func:`max_moments`.
 
     With ``h`` the larger-mean operand, ``max = h + relu(l - h)``, ``d = l - h``,
     ``Var d = v_h + v_l - 2 c``: ``Var max = v_h + Var relu(d) + 2 (c - v_h) P(d > 0)`` and,
     for a later unit ``j``, ``Cov(max, x_j) = c_hj + (c_lj - c_hj) P(d > 0)`` (Stein's lemma).
+    ``factors`` (each as the window's slices ``[N, K, ...]``) are mixed the same way: the
+    maximum's factor is ``sum_i P(x_i is the maximum) L_i``.
     """
     n = len(means)
     out_mean, out_var = means[0], variances[0]
+    out_factors = [f[0] for f in factors]
     running = [None] + [cov(0, j) for j in range(1, n)]  # Cov(running max, unit j)
     for i in range(1, n):
         c = running[i]
@@ -412,8 +418,47 @@ def _correlated_max(
             c_mj, c_ij = running[j], cov(i, j)
             c_hj = torch.where(first, c_mj, c_ij)
             running[j] = c_hj + (torch.where(first, c_ij, c_mj) - c_hj) * p
+        wins = torch.where(first, p, 1.0 - p).unsqueeze(1)  # P(x_i > running max)
+        out_factors = [m + wins * (f[i] - m) for m, f in zip(out_factors, factors)]
         out_mean, out_var = mean_h + r_mean, (var_h + r_var + 2.0 * (c - var_h) * p).clamp_min(0.0)
-    return out_mean, out_var
+    return out_mean, out_var, out_factors
+
+
+def max_pool_factor_moments(
+    mean: Tensor,
+    var: Tensor,
+    factors: Sequence[Tensor],
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    dilation: int | Sequence[int] = 1,
+    dims: int = 2,
+    covariances: dict[tuple[int, ...], Tensor] | None = None,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Max pooling (no padding) of an input with low-rank noise factors ``[N, K, C, *spatial]``.
+
+    As :func:`max_pool_moments`; the covariance of two units of a window is
+    ``covariances``' (when given) or the factors' ``sum_k L_k[a] L_k[b]``. Returns the
+    pooled factors too.
+    """
+    kernel = _tuple(kernel_size, dims)
+    step = _tuple(stride if stride is not None and stride != [] else kernel, dims)
+    dil = _tuple(dilation, dims)
+    windows = [_window_slices(f, dims, kernel, step, dil) for f in factors]
+    if covariances:
+        slices = {d: _window_slices(c, dims, kernel, step, dil) for d, c in covariances.items()}
+        offsets = window_offsets(kernel, dil)
+
+        def cov(a: int, b: int) -> Tensor:
+            delta = tuple(ob - oa for oa, ob in zip(offsets[a], offsets[b]))
+            return slices[delta][a] if delta in slices else slices[tuple(-d for d in delta)][b]
+
+    else:
+
+        def cov(a: int, b: int) -> Tensor:
+            return sum((w[a] * w[b]).sum(1) for w in windows)  # type: ignore[return-value]
+
+    means = _window_slices(mean, dims, kernel, step, dil)
+    return _correlated_max(means, _window_slices(var, dims, kernel, step, dil), cov, windows)
 
 
 def _shift(x: Tensor, axis: int, s: int) -> Tensor:
@@ -846,7 +891,9 @@ def sampled_attention_moments(
 
 
 
-def logit_uncertainty(mean: Tensor, var: Tensor, dim: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+def logit_uncertainty(
+    mean: Tensor, var: Tensor, dim: int = -1, factor: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Predictive entropy, expected entropy and mutual information of Gaussian logits ``N(mean, var)``.
 
     Over the fixed ``LOGIT_SAMPLES`` antithetic draws of :func:`softmax_log_probs`'s
@@ -854,10 +901,22 @@ def logit_uncertainty(mean: Tensor, var: Tensor, dim: int = -1) -> tuple[Tensor,
     ``H[E p]`` (total), ``E H[p]`` (aleatoric) and their difference, the mutual
     information between the prediction and the network's randomness (epistemic; the
     score MC dropout users rank OOD inputs by). Each has the shape of ``mean`` without ``dim``.
+
+    ``factor`` (``[N, K, C]``, for ``[N, C]`` logits) are noise sources the logits share
+    (``covariance="low_rank"``): the draws are ``mean + factor^T e + sqrt(var - sum factor^2) e'``,
+    so that the classes' correlation is kept. Logits that move together change the
+    softmax less than independent ones: without it the mutual information is overstated.
     """
     mean, var = mean.movedim(dim, -1), var.movedim(dim, -1)
-    draws = torch.tensor(_logit_draws(mean.shape[-1]), dtype=mean.dtype, device=mean.device)
-    log_p = torch.log_softmax(mean.unsqueeze(-2) + var.sqrt().unsqueeze(-2) * draws, dim=-1)  # [..., K, C]
+    shared = 0 if factor is None else factor.shape[1]
+    draws = torch.tensor(_logit_draws(mean.shape[-1] + shared), dtype=mean.dtype, device=mean.device)
+    if factor is None or shared == 0:
+        logits = mean.unsqueeze(-2) + var.sqrt().unsqueeze(-2) * draws
+    else:
+        rest = (var - (factor * factor).sum(1)).clamp_min(0.0)
+        own, common = draws[:, : mean.shape[-1]], draws[:, mean.shape[-1] :]
+        logits = mean.unsqueeze(-2) + rest.sqrt().unsqueeze(-2) * own + torch.einsum("sk,nkc->nsc", common, factor)
+    log_p = torch.log_softmax(logits, dim=-1)  # [..., S, C]
     expected = -(log_p.exp() * log_p).sum(-1).mean(-1)
     log_mean = _logsumexp(log_p, dim=-2) - math.log(LOGIT_SAMPLES)
     total = -(log_mean.exp() * log_mean).sum(-1)

@@ -22,6 +22,23 @@ from torch import Tensor, fx, nn
 
 from lightning_relief.errors import ReliefError
 from lightning_relief.moments import functional as MF
+from lightning_relief.moments import low_rank as LR
+
+
+@dataclass(frozen=True)
+class Factor:
+    """Shared noise sources of a random value (``covariance="low_rank"``; see :mod:`~lightning_relief.moments.low_rank`).
+
+    ``rank`` is the number of sources (per channel for ``"channels"``; known while building,
+    except for ``"diag"``: the width), ``blocks`` the channel count of a ``"channels"``
+    factor, ``flat`` whether its value was flattened to ``[N, C * spatial]``.
+    """
+
+    node: fx.Node
+    kind: LR.FactorKind
+    rank: int
+    blocks: int = 0
+    flat: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,7 @@ class Moments:
     cov: Callable[[tuple[int, ...]], fx.Node] | None = field(default=None, compare=False)
     pre: tuple[Moments, Callable[[Moments], Any]] | None = field(default=None, compare=False)
     dense: fx.Node | None = field(default=None, compare=False)  # [N, D, D] (covariance="dense")
+    factors: tuple[Factor, ...] = field(default=(), compare=False)  # covariance="low_rank"
 
 
 class UnsupportedOperationError(ReliefError, NotImplementedError):
@@ -62,11 +80,14 @@ class UnsupportedOperationError(ReliefError, NotImplementedError):
 class RuleContext:
     """What a handler may do: emit nodes into the new graph and reach the model's modules."""
 
-    def __init__(self, graph: fx.Graph, model: nn.Module, module_prefix: str, dense: bool = False) -> None:
+    def __init__(
+        self, graph: fx.Graph, model: nn.Module, module_prefix: str, dense: bool = False, low_rank: bool = False
+    ) -> None:
         self.graph = graph
         self.model = model
         self._prefix = module_prefix
         self.dense = dense
+        self.low_rank = low_rank
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
         return self.graph.call_function(fn, tuple(args), kwargs)
@@ -313,7 +334,20 @@ def _max_pool(ctx: RuleContext, x: Any, window: tuple, options: dict[str, Any]) 
     the max is taken over its Gaussian input and the activation applied after.
     """
     x = ctx.moments(x)
-    base, after = (x.pre[0], x.pre[1]) if x.pre is not None and x.pre[0].cov is not None else (x, None)
+    base, after = (x.pre[0], x.pre[1]) if x.pre is not None and (x.pre[0].cov is not None or x.pre[0].factors) else (x, None)
+    factors = [f for f in base.factors if f.kind in ("units", "channels") and not f.flat]
+    if factors and not options["ceil_mode"] and not any(MF._tuple(window[2], options["dims"])):
+        offsets = MF.pool_offsets(window[0], window[3], options["dims"])
+        covariances = {offset: base.cov(offset) for offset in offsets} if base.cov is not None else None
+        kernel, stride, _, dilation = window
+        out = ctx.call(
+            MF.max_pool_factor_moments, base.mean, base.var, [f.node for f in factors], kernel, stride, dilation,
+            options["dims"], covariances,
+        )  # fmt: skip
+        pooled_factors = ctx.call(operator.getitem, out, 2)
+        kept = tuple(replace(f, node=ctx.call(operator.getitem, pooled_factors, i)) for i, f in enumerate(factors))
+        pooled = Moments(ctx.call(operator.getitem, out, 0), ctx.call(operator.getitem, out, 1), factors=kept)
+        return after(pooled) if after is not None else pooled
     if base.cov is None:
         return ctx.rule(MF.max_pool_moments, x.mean, x.var, *window, **options)
     offsets = MF.pool_offsets(window[0], window[3], options["dims"])
@@ -572,7 +606,7 @@ def _softmax_at_output(kind: str) -> Handler:
         dim = module.dim if module is not None else _arg(args, kwargs, 1, "dim")
         if dim not in (-1, 1):
             raise UnsupportedOperationError(f"{kind} over dim {dim} (only the class dim, -1 or 1, at the output)")
-        return Moments(x.mean, x.var, before_softmax=kind)
+        return Moments(x.mean, x.var, before_softmax=kind, factors=x.factors)
 
     return handler
 
@@ -884,13 +918,42 @@ STOCHASTIC_MODULES: tuple[type, ...] = (
 )  # fmt: skip
 
 
+def _rectified_factors(negative_slope: float | None) -> Callable[[Handler], Handler]:
+    """Scales the input's factors by the (leaky) ReLU's expected slope (``negative_slope=None``: read it from the call)."""
+
+    def decorate(handler: Handler) -> Handler:
+        def wrapped(ctx, node, module, args, kwargs):
+            out = handler(ctx, node, module, args, kwargs)
+            x = args[0] if args else kwargs.get("input")
+            if not (isinstance(out, Moments) and isinstance(x, Moments) and x.factors):
+                return out
+            slope = negative_slope
+            if slope is None:
+                slope = float(module.negative_slope) if module is not None else float(_arg(args, kwargs, 1, "negative_slope", 0.01))
+            scale = ctx.call(LR.rectified_slope, x.mean, x.var, slope)
+            factors = tuple(replace(f, node=ctx.call(LR.scale_factor, f.node, f.kind, scale)) for f in x.factors)
+            return replace(out, factors=factors)
+
+        return wrapped
+
+    return decorate
+
+
+for _key, _slope in ((nn.ReLU, 0.0), (nn.LeakyReLU, None)):
+    MODULE_RULES[_key] = _rectified_factors(_slope)(MODULE_RULES[_key])
+for _key, _slope in ((F.relu, 0.0), (torch.relu, 0.0), (F.leaky_relu, None)):
+    FUNCTION_RULES[_key] = _rectified_factors(_slope)(FUNCTION_RULES[_key])
+for _method in ("relu", "relu_"):
+    METHOD_RULES[_method] = _rectified_factors(0.0)(METHOD_RULES[_method])
+
+
 def _monotone(handler: Handler) -> Handler:
     """Records ``(input, reapply)`` on the output of a non-decreasing elementwise function of a correlated input."""
 
     def wrapped(ctx, node, module, args, kwargs):
         out = handler(ctx, node, module, args, kwargs)
         x = args[0] if args else None
-        if not (isinstance(out, Moments) and isinstance(x, Moments) and x.cov is not None):
+        if not (isinstance(out, Moments) and isinstance(x, Moments) and (x.cov is not None or x.factors)):
             return out
         if getattr(module, "negative_slope", 0.0) < 0 or (node.target is F.leaky_relu and _arg(args, kwargs, 1, "negative_slope", 0.01) < 0):
             return out
@@ -911,6 +974,91 @@ for _fn in _MONOTONE_FUNCTIONS:
     FUNCTION_RULES[_fn] = _monotone(FUNCTION_RULES[_fn])
 for _name_ in ("relu", "relu_", "sigmoid", "tanh", "clamp"):
     METHOD_RULES[_name_] = _monotone(METHOD_RULES[_name_])
+
+
+def _is_flatten(node: fx.Node, module: nn.Module | None, args: Sequence[Any]) -> bool:
+    """A flatten of everything after the batch dimension."""
+    if isinstance(module, nn.Flatten):
+        return module.start_dim == 1 and module.end_dim == -1
+    if node.target is torch.flatten or (node.op == "call_method" and node.target == "flatten"):
+        return tuple(args[1:]) in ((1,), (1, -1))
+    return False
+
+
+def _mixing_layer(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> tuple[fx.Node, tuple | None, int] | None:
+    """``(mean weight, conv arguments or None for a linear layer, input width)`` of a Linear/Conv layer
+    (fixed weights, or bayesian-torch's mean weights) with zero padding; ``None`` for anything else."""
+    if isinstance(module, nn.Linear):
+        return ctx.attr(f"{node.target}.weight"), None, module.in_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        conv = (module.stride, module.padding, module.dilation, module.groups)
+        return ctx.attr(f"{node.target}.weight"), conv, module.in_channels
+    if module is not None and isinstance(module, bayesian_layer_types()):
+        if hasattr(module, "mu_weight"):
+            return ctx.attr(f"{node.target}.mu_weight"), None, module.mu_weight.shape[1]
+        if module.mu_kernel.dim() in (3, 4) and not isinstance(module.padding, str):
+            conv = (module.stride, module.padding, module.dilation, module.groups)
+            return ctx.attr(f"{node.target}.mu_kernel"), conv, module.mu_kernel.shape[1] * module.groups
+    return None
+
+
+def _gaussian_conv_factor(ctx: RuleContext, node: fx.Node, module: nn.Module, x: Any, conv: tuple) -> Factor | None:
+    """The factor of a bayesian-torch convolution's own weights (one draw shared by every position)."""
+    dims = module.mu_kernel.dim() - 2
+    has_bias = getattr(module, "mu_bias", None) is not None
+    rank = module.mu_kernel[0].numel() + has_bias
+    if conv[3] != 1 or rank > LR.MAX_RANK:
+        return None
+    weight_var = ctx.call(_softplus_square, ctx.attr(f"{node.target}.rho_kernel"))
+    bias_var = ctx.call(_softplus_square, ctx.attr(f"{node.target}.rho_bias")) if has_bias else None
+    stride, padding, dilation = (MF._tuple(v, dims) for v in conv[:3])
+    factor = ctx.call(LR.gaussian_conv_factor, ctx.moments(x).mean, weight_var, bias_var, stride, padding, dilation)
+    return Factor(factor, "channels", rank, blocks=module.mu_kernel.shape[0])
+
+
+def factor_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, args: Sequence[Any], out: Any) -> Any:
+    """``covariance="low_rank"``: carry the shared noise sources of a value (:class:`Factor`) through the layers
+    that map them exactly or to first order, and add the covariance they carry where a linear layer sums units.
+
+    Started by dropout on flat (``[N, D]``) activations (one source per unit) and by Gaussian-weight
+    convolutions (the weights of an output channel, shared by all its positions); carried by
+    ``Linear``/``Conv1d/2d`` (fixed or mean weights, zero padding), dropout, (leaky) ReLU, max pooling
+    without padding and flatten. Any other operation drops them (its output is treated per unit), and so
+    does a layer where a factor would have more than ``MAX_RANK`` sources.
+    """
+    if isinstance(out, tuple) and out and isinstance(out[0], Moments):  # bayesian-torch's (out, kl)
+        return (factor_update(ctx, node, module, args, out[0]), *out[1:])
+    x = args[0] if args else None
+    if not isinstance(out, Moments):
+        return out
+    incoming = x.factors if isinstance(x, Moments) else ()
+    if type(module) is nn.Dropout or node.target is F.dropout:
+        std = ctx.call(LR.dropout_std, out.var, x.var if isinstance(x, Moments) else None)
+        return replace(out, factors=(*incoming, Factor(std, "diag", 0)))  # rank: the width, known at the next layer
+    if _is_flatten(node, module, args):
+        return replace(out, factors=tuple(f if f.kind in ("diag", "mapped") else replace(
+            f, node=ctx.method("flatten", f.node, 2), flat=True) for f in incoming))  # fmt: skip
+    layer = _mixing_layer(ctx, node, module)
+    if layer is None:
+        return out
+    weight, conv, width = layer
+    var, factors = out.var, []
+    for f in incoming:
+        rank = {"units": f.rank, "mapped": f.rank, "diag": width, "channels": f.rank * f.blocks}[f.kind]
+        if rank > LR.MAX_RANK:
+            continue
+        if conv is None and (f.kind != "channels" or f.flat):
+            pair = ctx.pair(ctx.call(LR.linear_factor, f.node, f.kind, f.blocks, weight, var))
+        elif conv is not None and f.kind in ("units", "channels") and not f.flat and (f.kind == "units" or conv[3] == 1):
+            pair = ctx.pair(ctx.call(LR.conv_factor, f.node, f.kind, weight, var, *conv))
+        else:
+            continue
+        var = pair.var
+        factors.append(Factor(pair.mean, "mapped" if f.kind == "diag" else "units", rank))
+    if conv is not None and module is not None and isinstance(module, bayesian_layer_types()):
+        own = _gaussian_conv_factor(ctx, node, module, x, conv)
+        factors += [own] if own is not None else []
+    return replace(out, var=var, factors=tuple(factors))
 
 
 def dense_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, args: Sequence[Any], out: Any) -> Any:

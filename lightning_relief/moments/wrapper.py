@@ -17,6 +17,7 @@ from lightning_relief.moments.convert import (
 )
 
 _OUTPUTS = ("moments", "probs", "log_probs")
+_COVARIANCES = ("diagonal", "dense", "low_rank")
 
 
 class MomentPropagationWrapper(nn.Module):
@@ -100,7 +101,7 @@ class MomentPropagationWrapper(nn.Module):
         leaf_types: Sequence[type] = (),
         softmax: MF.SoftmaxMethod = "daunizeau",
         elementwise: Sequence[type] = (),
-        covariance: Literal["diagonal", "dense"] = "diagonal",
+        covariance: Literal["diagonal", "dense", "low_rank"] = "diagonal",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -112,8 +113,8 @@ class MomentPropagationWrapper(nn.Module):
         bad = [t for t in leaf_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
         if bad:
             raise TypeError(f"leaf_types must be nn.Module subclasses, got {bad}")
-        if covariance not in ("diagonal", "dense"):
-            raise ValueError(f"covariance must be 'diagonal' or 'dense', got {covariance!r}")
+        if covariance not in _COVARIANCES:
+            raise ValueError(f"covariance must be one of {_COVARIANCES}, got {covariance!r}")
         bad = [t for t in elementwise if not (isinstance(t, type) and issubclass(t, nn.Module))]
         if bad:
             raise TypeError(f"elementwise must be nn.Module subclasses, got {bad}")
@@ -175,7 +176,8 @@ class MomentPropagationWrapper(nn.Module):
         See :func:`~lightning_relief.moments.functional.logit_uncertainty` (the C logits
         are sampled after the one analytic pass; the network is not).
         """
-        total, expected, mutual = MF.logit_uncertainty(*self.moments(x))
+        mean, var, factor = self._graph(False, "factor")(x)
+        total, expected, mutual = MF.logit_uncertainty(mean, var, factor=factor)
         return {"predictive_entropy": total, "expected_entropy": expected, "mutual_information": mutual}
 
     def propagate_moments(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
