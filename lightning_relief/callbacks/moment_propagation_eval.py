@@ -122,21 +122,21 @@ class MomentPropagationEvalCallback(Callback):
         self._metrics = {k: m.to(pl_module.device) for k, m in metrics.items()}
 
     @torch.no_grad()
-    def _moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _moments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         assert self._wrapper is not None
-        mean, var = self._wrapper(x)
-        return mean.float(), var.float()
+        mean, var, factor = self._wrapper.logit_moments(x)  # the classes' correlation: for the mutual information
+        return mean.float(), var.float(), factor.float()
 
     def _collect(self, batch: Any) -> None:
         x, y = batch[0], batch[1]
-        mean, var = self._moments(x)
+        mean, var, factor = self._moments(x)
         probs = softmax_probs(mean, var, method=self.softmax)
         self._metrics["acc"].update((probs.argmax(-1) == y).float())
         self._metrics["nll"].update(probs, y)
         self._metrics["ece"].update(probs, y)
         self._metrics["entropy"].update(probs)
-        self._metrics["mutual_information"].update(mean, var)
-        self._metrics["ood_auroc"].update(self._score(probs, mean, var), is_ood=False)
+        self._metrics["mutual_information"].update(mean, var, factor)
+        self._metrics["ood_auroc"].update(self._score(probs, mean, var, factor), is_ood=False)
 
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -167,10 +167,10 @@ class MomentPropagationEvalCallback(Callback):
             return datamodule.ood_dataloader()
         return None
 
-    def _score(self, probs: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    def _score(self, probs: Tensor, mean: Tensor, var: Tensor, factor: Tensor) -> Tensor:
         if self.ood_score == "entropy":
             return U.predictive_entropy(probs)
-        return logit_uncertainty(mean, var)[2] if self.ood_score == "mutual_information" else var.sum(-1)
+        return logit_uncertainty(mean, var, factor=factor)[2] if self.ood_score == "mutual_information" else var.sum(-1)
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self._metrics:
@@ -181,9 +181,9 @@ class MomentPropagationEvalCallback(Callback):
                 if index % trainer.world_size != trainer.global_rank:
                     continue
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                mean, var = self._moments(x.to(pl_module.device))
+                mean, var, factor = self._moments(x.to(pl_module.device))
                 probs = softmax_probs(mean, var, method=self.softmax)
-                self._metrics["ood_auroc"].update(self._score(probs, mean, var), is_ood=True)
+                self._metrics["ood_auroc"].update(self._score(probs, mean, var, factor), is_ood=True)
         short = "val" if stage == "validate" else "test"
         # every rank computes every metric (compute() is a collective), in the same order
         names = ["acc", "nll", "ece", "entropy", "mutual_information"] + (["ood_auroc"] if loader is not None else [])

@@ -266,7 +266,10 @@ def build_moment_graph(
     through ``constants``; the caller sets both (see ``MomentPropagationWrapper``).
     """
     graph = fx.Graph()
-    ctx = RuleContext(graph, model, MODEL_PREFIX, dense=covariance == "dense", low_rank=covariance == "low_rank")
+    ctx = RuleContext(
+        graph, model, MODEL_PREFIX, dense=covariance == "dense", low_rank=covariance == "low_rank",
+        last_layer=output == "factor" and covariance != "low_rank",
+    )  # fmt: skip
     constants: dict[str, torch.Tensor] = {}
 
     if has_moment_protocol(model):  # the whole model carries its own rule
@@ -319,7 +322,7 @@ def build_moment_graph(
             env[node] = _convert_node(ctx, node, module, tuple(args), dict(kwargs), random, stochastic_modules, elementwise)
             if ctx.dense:
                 env[node] = dense_update(ctx, node, module, tuple(args), env[node])
-            if ctx.low_rank:
+            if ctx.low_rank or ctx.last_layer:
                 env[node] = factor_update(ctx, node, module, tuple(args), env[node])
         except UnsupportedOperationError as err:
             raise UnsupportedOperationError(f"{err} (at {_location(node)})", **where) from None

@@ -14,10 +14,11 @@ _SCORES = ("mutual_information", "predictive_entropy", "expected_entropy")
 
 
 class MomentUncertainty(Metric):
-    """Mean mutual information (or predictive / expected entropy) of Gaussian logits; ``update(mean, var)``.
+    """Mean mutual information (or predictive / expected entropy) of Gaussian logits; ``update(mean, var, factor=None)``.
 
-    ``mean``/``var`` are ``[N, C]`` logit moments, e.g. from
-    :class:`~lightning_relief.moments.MomentPropagationWrapper`; the score is
+    ``mean``/``var`` are ``[N, C]`` logit moments and ``factor`` (``[N, K, C]``) their shared
+    sources, e.g. from :meth:`~lightning_relief.moments.MomentPropagationWrapper.logit_moments`
+    (without it the classes are independent, which overstates the mutual information); the score is
     :func:`~lightning_relief.moments.functional.logit_uncertainty`'s, averaged over all
     samples seen (synchronised across processes by torchmetrics).
 
@@ -51,12 +52,16 @@ class MomentUncertainty(Metric):
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, mean: Tensor, var: Tensor) -> None:
+    def update(self, mean: Tensor, var: Tensor, factor: Tensor | None = None) -> None:
         if mean.shape != var.shape or mean.dim() != 2:
             raise ValueError(f"mean and var must both be [N, C], got {tuple(mean.shape)} and {tuple(var.shape)}")
         if not torch.isfinite(var).all() or (var < 0).any():
             raise ValueError("var must be finite and non-negative")
-        total, expected, mutual = logit_uncertainty(mean.detach(), var.detach())
+        if factor is not None and (factor.dim() != 3 or factor.shape[0] != mean.shape[0] or factor.shape[2] != mean.shape[1]):
+            raise ValueError(f"factor must be [N, K, C] for [N, C] logits, got {tuple(factor.shape)}")
+        if factor is not None:
+            factor = factor.detach()
+        total, expected, mutual = logit_uncertainty(mean.detach(), var.detach(), factor=factor)
         value = {"mutual_information": mutual, "predictive_entropy": total, "expected_entropy": expected}[self.score]
         self.total += value.double().sum()
         self.count += value.numel()

@@ -81,13 +81,17 @@ class RuleContext:
     """What a handler may do: emit nodes into the new graph and reach the model's modules."""
 
     def __init__(
-        self, graph: fx.Graph, model: nn.Module, module_prefix: str, dense: bool = False, low_rank: bool = False
-    ) -> None:
+        self, graph: fx.Graph, model: nn.Module, module_prefix: str, dense: bool = False, low_rank: bool = False,
+        last_layer: bool = False,
+    ) -> None:  # fmt: skip
         self.graph = graph
         self.model = model
         self._prefix = module_prefix
         self.dense = dense
         self.low_rank = low_rank
+        # factors only from a linear layer's per-unit input variance: the logits' correlation when the
+        # network ends in one (what the per-unit modes imply for the classes)
+        self.last_layer = last_layer
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
         return self.graph.call_function(fn, tuple(args), kwargs)
@@ -1032,6 +1036,13 @@ def factor_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, arg
     if not isinstance(out, Moments):
         return out
     incoming = x.factors if isinstance(x, Moments) else ()
+    if not ctx.low_rank:  # last_layer
+        layer = _mixing_layer(ctx, node, module)
+        if layer is None or layer[1] is not None or not isinstance(x, Moments) or layer[2] > LR.MAX_RANK:
+            return out
+        std = ctx.call(torch.sqrt, x.var)
+        mapped = ctx.call(operator.getitem, ctx.call(LR.linear_factor, std, "diag", 0, layer[0], out.var), 0)
+        return replace(out, factors=(Factor(mapped, "mapped", layer[2]),))
     if type(module) is nn.Dropout or node.target is F.dropout:
         std = ctx.call(LR.dropout_std, out.var, x.var if isinstance(x, Moments) else None)
         return replace(out, factors=(*incoming, Factor(std, "diag", 0)))  # rank: the width, known at the next layer

@@ -166,6 +166,15 @@ class MomentPropagationWrapper(nn.Module):
         """Mean and variance of the logits for a deterministic input."""
         return self._graph(False, "moments")(x)
 
+    def logit_moments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and the shared noise sources ``[N, K, C]`` of the logits (``Cov = L^T L + diag(rest)``).
+
+        With ``covariance="low_rank"`` the sources carried through the network; otherwise those
+        of the last layer, when it is a linear one, from its inputs' per-unit variances (the
+        classes' correlation that the per-unit modes imply). ``K = 0`` without any.
+        """
+        return self._graph(False, "factor")(x)
+
     def predict_proba(self, x: Tensor) -> Tensor:
         """Predictive class probabilities (the ``softmax`` approximation)."""
         return self._graph(False, "probs")(x)
@@ -174,9 +183,10 @@ class MomentPropagationWrapper(nn.Module):
         """Per-sample ``predictive_entropy``, ``expected_entropy`` and ``mutual_information`` from the logit moments.
 
         See :func:`~lightning_relief.moments.functional.logit_uncertainty` (the C logits
-        are sampled after the one analytic pass; the network is not).
+        are sampled, with their correlation from :meth:`logit_moments`, after the one analytic
+        pass; the network is not).
         """
-        mean, var, factor = self._graph(False, "factor")(x)
+        mean, var, factor = self.logit_moments(x)
         total, expected, mutual = MF.logit_uncertainty(mean, var, factor=factor)
         return {"predictive_entropy": total, "expected_entropy": expected, "mutual_information": mutual}
 
