@@ -9,9 +9,12 @@ structure record (:mod:`lightning_relief.nn.structure`).
 
 The module's ``forward`` is replaced (on the instance only; the class is not
 touched) by a function that calls a :class:`MemberForward` (see
-:func:`member_forward`), which runs every member, either with
-``torch.func.vmap`` over the stacked tensors ("vectorized") or in a plain loop
-("sequential"). It has two modes:
+:func:`member_forward`), which runs every member, either vectorized or in a plain loop ("sequential").
+Vectorized, a model whose tensors all sit in ``Linear``, ``Conv1d``/``Conv2d``
+and ``BatchNorm1d``/``BatchNorm2d`` layers runs its members folded into the
+batch (:mod:`~lightning_relief.uncertainty.folded`: one plain forward, once it
+matched vmap on a first batch); any other runs through ``torch.func.vmap``
+over the stacked tensors. It has two modes:
 
 - ``"members"``: the input holds one chunk per member along dim 0
   (``[M*N, ...]``); member ``m`` runs on chunk ``m`` and the outputs are
@@ -36,6 +39,7 @@ from torch.func import functional_call, vmap
 
 from lightning_relief._rng import isolated_seed
 from lightning_relief.uncertainty.ensemble import EnsembleModel
+from lightning_relief.uncertainty.folded import foldable, folded_forward
 
 STACK_ATTR = "_relief_members"
 RUNNER_ATTR = "_relief_member_forward"
@@ -66,6 +70,8 @@ class MemberForward:
         self.gather: Callable[[Tensor], Tensor] | None = None
         self.last_member_log_probs: Tensor | None = None
         self.calls = 0
+        # members folded into the batch instead of vmap? decided per (autocast, input dtype) (see _folds)
+        self.folding: dict[tuple[bool, torch.dtype], bool] = {}
 
     @property
     def module(self) -> nn.Module:
@@ -90,9 +96,11 @@ class MemberForward:
             return out
 
         x = args[0]
+        if inputs_batched and x.shape[0] % k:
+            raise ValueError(f"members mode needs a batch of {k} equal chunks, got {x.shape[0]} rows")
+        if self.execution == "vectorized" and self._folds(args, kwargs, inputs_batched, one):
+            return self._folded(x, k, inputs_batched)
         if inputs_batched:
-            if x.shape[0] % k:
-                raise ValueError(f"members mode needs a batch of {k} equal chunks, got {x.shape[0]} rows")
             x = x.reshape(k, x.shape[0] // k, *x.shape[1:])
         if self.execution == "vectorized":
             in_dims = (0, 0, 0 if inputs_batched else None)
@@ -103,6 +111,47 @@ class MemberForward:
             b = {n: t[m] for n, t in buffers.items()}
             outs.append(one(p, b, x[m] if inputs_batched else x))
         return torch.stack(outs)
+
+    def _folded(self, x: Tensor, k: int, inputs_batched: bool) -> Tensor:
+        if not inputs_batched:
+            x = x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+        out = folded_forward(self.module, x, k)
+        return out.reshape(k, out.shape[0] // k, *out.shape[1:])
+
+    def _folds(self, args: tuple[Any, ...], kwargs: dict[str, Any], inputs_batched: bool, one: Callable) -> bool:
+        """Fold the members into the batch (:mod:`~lightning_relief.uncertainty.folded`) rather than vmap?
+
+        Decided once per autocast state and input dtype, by one folded forward against vmap in eval
+        mode on this call's input; exports and traces keep vmap.
+        """
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        if len(args) != 1 or kwargs or tracing:
+            return False
+        x = args[0]
+        key = (torch.is_autocast_enabled(x.device.type), x.dtype)
+        if key not in self.folding:
+            self.folding[key] = foldable(self.module) and self._folding_matches_vmap(x, inputs_batched, one)
+        return self.folding[key]
+
+    def _folding_matches_vmap(self, x: Tensor, inputs_batched: bool, one: Callable) -> bool:
+        module, k = self.module, num_members(self.module)
+        modes = [(m, m.training) for m in module.modules()]
+        params, buffers = self._state()
+        try:
+            module.eval()
+            with torch.no_grad():
+                batched = x.reshape(k, x.shape[0] // k, *x.shape[1:]) if inputs_batched else x
+                in_dims = (0, 0, 0 if inputs_batched else None)
+                reference = vmap(one, in_dims=in_dims, randomness="different")(params, buffers, batched)
+                folded = self._folded(x, k, inputs_batched)
+        except Exception:  # e.g. a forward that hard-codes the batch size
+            return False
+        finally:
+            for m, training in modes:
+                m.training = training
+        if folded.shape != reference.shape or folded.dtype != reference.dtype:  # e.g. autocast casts bmm otherwise
+            return False
+        return torch.allclose(folded, reference, rtol=1e-4, atol=1e-5)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         if not args or not isinstance(args[0], Tensor):
