@@ -398,3 +398,19 @@ def test_probability_outputs_export_and_eager_stays_real(softmax, images):
     after = MomentPropagationWrapper(wrapper.model, output="log_probs", softmax=softmax)(images)
     assert torch.isfinite(after).all() and float(after.exp().sum()) == pytest.approx(len(images), rel=1e-5)
     torch.testing.assert_close(after, expected)
+
+
+def test_a_fabric_module_is_unwrapped():
+    from lightning.fabric import Fabric
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    fabric = Fabric(accelerator="cpu", devices=1)
+    wrapped = fabric.setup_module(net)
+    assert type(wrapped).__name__ == "_FabricModule"
+    wrapper = MomentPropagationWrapper(wrapped)
+    assert wrapper.model is net
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(wrapper(x), MomentPropagationWrapper(net)(x))
+    compiled = torch.compile(net)
+    assert MomentPropagationWrapper(compiled).model is net

@@ -20,6 +20,26 @@ _OUTPUTS = ("moments", "probs", "log_probs")
 _COVARIANCES = ("diagonal", "dense", "low_rank")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's network inside Fabric's ``_FabricModule``, ``torch.compile`` or ``DistributedDataParallel``.
+
+    Those wrappers cannot be traced by ``torch.fx`` (they dispatch in Python at call time); the
+    moments are the network's own. Precision casts that Fabric applies to inputs are not reproduced.
+    """
+    from lightning.fabric.wrappers import _FabricModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, _FabricModule):
+            model = model.module
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
 class MomentPropagationWrapper(nn.Module):
     """Propagate each activation's mean and variance through a network with dropout or Gaussian weights.
 
@@ -59,7 +79,8 @@ class MomentPropagationWrapper(nn.Module):
     wrapper itself implements the protocol, so wrapped networks nest.
 
     Args:
-        model: the trained network (shared, not copied; it is put in eval mode).
+        model: the trained network (shared, not copied; it is put in eval mode). A network set
+            up by Fabric, compiled or in ``DistributedDataParallel`` is unwrapped (:func:`unwrap`).
         output: what ``forward`` returns: ``"moments"`` the logits' ``(mean, var)``;
             ``"probs"`` class probabilities by a softmax approximation (``softmax``);
             ``"log_probs"`` their logarithm, which can stand in for logits (e.g. as the
@@ -106,6 +127,7 @@ class MomentPropagationWrapper(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model = unwrap(model)
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
         if softmax not in MF.SOFTMAX_METHODS:
