@@ -84,7 +84,6 @@ class MemberForward:
         return params, buffers
 
     def _run(self, inputs_batched: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        params, buffers = self._state()
         k = num_members(self.module)
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -98,19 +97,25 @@ class MemberForward:
         x = args[0]
         if inputs_batched and x.shape[0] % k:
             raise ValueError(f"members mode needs a batch of {k} equal chunks, got {x.shape[0]} rows")
-        if self.execution == "vectorized" and self._folds(args, kwargs, inputs_batched, one):
-            return self._folded(x, k, inputs_batched)
+        if self.execution == "vectorized":
+            if self._folds(args, kwargs, inputs_batched, one):
+                return self._folded(x, k, inputs_batched)
+            return self._vmapped(one, x, k, inputs_batched)
         if inputs_batched:
             x = x.reshape(k, x.shape[0] // k, *x.shape[1:])
-        if self.execution == "vectorized":
-            in_dims = (0, 0, 0 if inputs_batched else None)
-            return vmap(one, in_dims=in_dims, randomness="different")(params, buffers, x)
+        params, buffers = self._state()
         outs = []
         for m in range(k):
             p = {n: t[m] for n, t in params.items()}
             b = {n: t[m] for n, t in buffers.items()}
             outs.append(one(p, b, x[m] if inputs_batched else x))
         return torch.stack(outs)
+
+    def _vmapped(self, one: Callable, x: Tensor, k: int, inputs_batched: bool) -> Tensor:
+        params, buffers = self._state()
+        if inputs_batched:
+            x = x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        return vmap(one, in_dims=(0, 0, 0 if inputs_batched else None), randomness="different")(params, buffers, x)
 
     def _folded(self, x: Tensor, k: int, inputs_batched: bool) -> Tensor:
         if not inputs_batched:
@@ -136,13 +141,10 @@ class MemberForward:
     def _folding_matches_vmap(self, x: Tensor, inputs_batched: bool, one: Callable) -> bool:
         module, k = self.module, num_members(self.module)
         modes = [(m, m.training) for m in module.modules()]
-        params, buffers = self._state()
         try:
             module.eval()
             with torch.no_grad():
-                batched = x.reshape(k, x.shape[0] // k, *x.shape[1:]) if inputs_batched else x
-                in_dims = (0, 0, 0 if inputs_batched else None)
-                reference = vmap(one, in_dims=in_dims, randomness="different")(params, buffers, batched)
+                reference = self._vmapped(one, x, k, inputs_batched)
                 folded = self._folded(x, k, inputs_batched)
         except Exception:  # e.g. a forward that hard-codes the batch size
             return False
