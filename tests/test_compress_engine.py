@@ -216,3 +216,60 @@ def test_a_latency_plan_on_the_mnist1d_cnn_quantizes_its_conv1d_layers(tmp_path)
     assert bits and any(name.startswith("features.") for name in bits)
     assert result.chosen.measured_cost <= 0.95 * 1.05 * result.original_cost
     assert quantized_bits(model) == {}  # plan never touches the model
+
+
+class PaddedMACsMeter(AnalyticMeter):
+    """MACs on a machine of 8-wide vectors: a layer's output channels count rounded up to a multiple of 8,
+    so cost is a staircase in channels (as measured latency is), and noisy-meter rules apply."""
+
+    def __init__(self) -> None:
+        super().__init__("macs")
+        self.exact = False
+
+    def measure(self, module: nn.Module) -> float:
+        total = []
+
+        def count(layer, inputs, output):
+            channels = output.shape[1]
+            padded = -(-channels // 8) * 8
+            per_out = layer.weight[0].numel()
+            total.append(output[0].numel() // channels * padded * per_out)
+
+        handles = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        try:
+            with torch.no_grad():
+                module.eval()(torch.zeros(self._example_shape))
+        finally:
+            for h in handles:
+                h.remove()
+        return sum(total) / 1e6
+
+
+def test_channels_are_given_back_while_the_measured_cost_stays_within_budget(digits):
+    x, y = digits.dataset("train").tensors
+    train = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    val = [digits.dataset("val").tensors]
+    torch.manual_seed(0)
+    model = LeNet5(input_size=8)
+    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2,
+                               max_rounds=2, grow=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = plan(model, train[:2], config, PaddedMACsMeter(), val, train)
+    high = 0.4 * 1.05 * result.original_cost
+    grown = [c for c in result.evaluated if c.extra.get("kind") == "grown"]
+    assert 1 <= len(grown) <= 6
+    units = analyze(model, x[:1])
+    kept = {g.root: g.channels for g in units.groups}
+    start = max((c for c in result.evaluated if c.extra.get("kind") != "grown" and c.measured_cost <= high
+                 and c.policy.pruned_groups()), key=lambda c: (c.val_acc, -c.measured_cost))
+
+    def channels(c):
+        return {r: n - round(c.policy.prune.get(r, 0.0) * n) for r, n in kept.items()}
+
+    # each grown policy is its start with channels given back to one group
+    first = channels(grown[0])
+    assert sum(first[r] - channels(start)[r] for r in kept) >= 1 and all(first[r] >= channels(start)[r] for r in kept)
+    chosen = result.chosen
+    assert chosen.measured_cost <= high
+    assert chosen.val_acc >= max(c.val_acc for c in result.evaluated if c.measured_cost <= high)

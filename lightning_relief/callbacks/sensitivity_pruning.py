@@ -72,7 +72,7 @@ class SensitivityPruningCallback(Callback):
             or ``max_epochs // 2`` when the run is not longer than ``finetune_epochs``, or 0 without ``finetune_epochs``).
         finetune_epochs: epochs of fine-tuning after compression; training stops after them. Default: all remaining.
         prune_ratios, bit_widths, importance, ignored_layers, search, candidates, tolerance, max_rounds,
-        recovery_steps, recovery_lr, seed: see :class:`~lightning_relief.compress.engine.CompressionConfig`.
+        recovery_steps, recovery_lr, grow, seed: see :class:`~lightning_relief.compress.engine.CompressionConfig`.
         val_batches: validation batches per candidate (``None``: all).
         cache_dir: directory for the sensitivity table and TVM latency caches (reused across runs).
         latency_batch, tuning_trials: latency batch size and MetaSchedule trials (0: untuned).
@@ -99,6 +99,7 @@ class SensitivityPruningCallback(Callback):
         max_rounds: int = 5,
         recovery_steps: int = 50,
         recovery_lr: float = 1e-3,
+        grow: int = 12,
         val_batches: int | None = None,
         cache_dir: str | None = None,
         latency_batch: int = 1,
@@ -109,7 +110,8 @@ class SensitivityPruningCallback(Callback):
         super().__init__()
         self.config = CompressionConfig(target, tuple(methods) if not isinstance(methods, str) else methods,
                                         tuple(prune_ratios), tuple(bit_widths), importance, tuple(ignored_layers),
-                                        search, candidates, tolerance, max_rounds, recovery_steps, recovery_lr, seed)
+                                        search, candidates, tolerance, max_rounds, recovery_steps, recovery_lr,
+                                        grow=grow, seed=seed)
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
         if start_epoch is not None and start_epoch < 0:
