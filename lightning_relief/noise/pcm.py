@@ -36,12 +36,13 @@ _LN2 = math.log(2.0)
 
 def prog_noise_std(g_target: Tensor, g_max: float = G_MAX) -> Tensor:
     """σ_prog (µS) of programming a device to ``g_target`` (µS)."""
-    return _prog_std_of(g_target / g_max, g_max)
+    return _prog_std_of(g_target / g_max).mul_(g_max)
 
 
-def _prog_std_of(g_hat: Tensor, g_max: float) -> Tensor:
-    sigma = g_hat.mul(PROG_COEFF[2]).add_(PROG_COEFF[1]).mul_(g_hat).add_(PROG_COEFF[0])  # Horner: c0 + c1·ĝ + c2·ĝ²
-    return sigma.mul_(g_max / G_MAX) if g_max != G_MAX else sigma
+def _prog_std_of(g_hat: Tensor) -> Tensor:
+    """σ_prog in units of g_max of a device at ``g_hat`` = g / g_max (the fit scales with g_max)."""
+    c0, c1, c2 = (c / G_MAX for c in PROG_COEFF)
+    return _affine(g_hat, c2, c1).mul_(g_hat).add_(c0)  # Horner: c0 + c1·ĝ + c2·ĝ²
 
 
 def drift_nu_params(g_target: Tensor, g_max: float = G_MAX) -> tuple[Tensor, Tensor]:
@@ -52,18 +53,28 @@ def drift_nu_params(g_target: Tensor, g_max: float = G_MAX) -> tuple[Tensor, Ten
 def _drift_nu_of(g_hat: Tensor) -> tuple[Tensor, Tensor]:
     # log2 and exp2 run at a fraction of log's and exp's cost on CPU: ln ĝ = ln 2 · log2 ĝ
     log2_g = g_hat.clamp(min=1e-7).log2_()
-    mu = log2_g.mul(-0.0155 * _LN2).add_(0.0244).clamp_(0.049, 0.1)
-    sigma = log2_g.mul_(-0.0125 * _LN2).sub_(0.0059).clamp_(0.008, 0.045)
+    mu = _affine(log2_g, -0.0155 * _LN2, 0.0244).clamp_(0.049, 0.1)
+    sigma = _affine(log2_g, -0.0125 * _LN2, -0.0059, out=log2_g).clamp_(0.008, 0.045)
     return mu, sigma
 
 
 def read_noise_q(g_prog: Tensor, g_max: float = G_MAX) -> Tensor:
     """Q_s of the 1/f read noise of a device at ``g_prog`` (µS, >= 0)."""
+    return _read_q_of(g_prog / g_max)
+
+
+def _read_q_of(g_hat: Tensor, factor: float = 1.0) -> Tensor:
+    """``factor``·Q_s of devices at ``g_hat`` = g / g_max (>= 0); ``factor`` > 0."""
     # min(0.0088 / max(ĝ^0.65, 1e-3), 0.2) = min(2^(log2 0.0088 - 0.65 log2 ĝ), 0.2): the 1e-3 floor
     # only matters where the 0.2 ceiling already holds (below ĝ = 0.0083); the floor keeps zeros out
     # of log2, whose slow path for 0 (and exp2's for inf) costs six times a normal value
-    offset = math.log2(0.0088) + 0.65 * math.log2(g_max)
-    return g_prog.clamp(min=1e-6 * g_max).log2_().mul_(-0.65).add_(offset).exp2_().clamp_(max=0.2)
+    log2_g = g_hat.clamp(min=1e-6).log2_()
+    return _affine(log2_g, -0.65, math.log2(0.0088 * factor), out=log2_g).exp2_().clamp_(max=0.2 * factor)
+
+
+def _affine(x: Tensor, scale: float, shift: float, out: Tensor | None = None) -> Tensor:
+    """``scale·x + shift`` in one pass over ``x`` (two in-place ops make two)."""
+    return torch.add(x.new_tensor(shift), x, alpha=scale, out=out)
 
 
 def read_noise_time_factor(t_inference: float, t0: float = T0, t_read: float = T_READ) -> float:
@@ -141,44 +152,47 @@ class PCMNoise(NoiseModel):
 
     # -- the device model
     def program(self, g_hat: Tensor, generator: Draws = None) -> tuple[Tensor, Tensor]:
-        """Programmed conductances (µS) and drift exponents ν of the device pairs of weights ``g_hat``.
+        """Programmed conductances and drift exponents ν of the device pairs of weights ``g_hat``.
 
-        ``g_hat`` = |w| / max|w| of each weight; both results are ``(2, *g_hat.shape)``: row 0 the
-        device that holds |w| (target ĝ·g_max), row 1 its partner, targeted at 0 µS. The partner's
-        σ_prog, μ_ν and σ_ν are constants, so the device formulas run over the weights once, not twice.
+        ``g_hat`` = |w| / max|w| of each weight; conductances are in units of ``g_max``. Both
+        results are ``(2, *g_hat.shape)``: row 0 the device that holds |w| (target ĝ), row 1 its
+        partner, targeted at 0. The partner's σ_prog, μ_ν and σ_ν are constants, so the device
+        formulas run over the weights once, not twice.
         """
         shape = (2, *g_hat.shape)
         eps_prog, eps_nu = randn_like_shape(g_hat, shape, generator), randn_like_shape(g_hat, shape, generator)
         zero = torch.zeros((), dtype=g_hat.dtype, device=g_hat.device)
-        g_prog = torch.empty(shape, dtype=g_hat.dtype, device=g_hat.device)
         # the draws may be a read-only pool slice: results go to fresh tensors (out=)
-        sigma_prog = _prog_std_of(g_hat, self.g_max)
-        sigma_prog_zero = float(_prog_std_of(zero, self.g_max))
+        g_prog = torch.empty(shape, dtype=g_hat.dtype, device=g_hat.device)
+        sigma_prog = _prog_std_of(g_hat)
+        sigma_prog_zero = float(_prog_std_of(zero)) * self.prog_noise_scale
         if self.prog_noise_scale != 1.0:
             sigma_prog.mul_(self.prog_noise_scale)
-            sigma_prog_zero *= self.prog_noise_scale
-        torch.addcmul(g_hat * self.g_max, sigma_prog, eps_prog[0], out=g_prog[0])
+        torch.addcmul(g_hat, sigma_prog, eps_prog[0], out=g_prog[0])
         torch.mul(eps_prog[1], sigma_prog_zero, out=g_prog[1])
         g_prog.clamp_(min=0.0)
         mu_nu, sigma_nu = _drift_nu_of(g_hat)
         mu_zero, sigma_zero = (float(v) for v in _drift_nu_of(zero))
         nu = torch.empty(shape, dtype=g_hat.dtype, device=g_hat.device)
         torch.addcmul(mu_nu, sigma_nu, eps_nu[0], out=nu[0])
-        torch.mul(eps_nu[1], sigma_zero, out=nu[1]).add_(mu_zero)
+        _affine(eps_nu[1], sigma_zero, mu_zero, out=nu[1])
         nu.abs_()
         if self.drift_scale != 1.0:
             nu.mul_(self.drift_scale)
         return g_prog, nu
 
     def drift(self, g_prog: Tensor, nu: Tensor, t_inference: float, generator: Draws = None) -> Tensor:
-        """Conductances ``t_inference`` seconds after programming (drift and 1/f noise)."""
+        """Conductances (units of ``g_max``) ``t_inference`` seconds after programming (drift and 1/f noise)."""
         if t_inference < 0:
             raise ValueError(f"t_inference must be >= 0 seconds, got {t_inference}")
         t = t_inference + self.t0
         # (t/t0)^-ν = 2^(-ν·log2(t/t0)); g_prog >= 0, so the drifted conductance is too
-        g_drift = torch.mul(nu, -math.log2(t / self.t0)).exp2_().mul_(g_prog) if t_inference > 0 else g_prog
-        sigma = read_noise_q(g_prog, self.g_max).mul_(self.read_noise_scale * read_noise_time_factor(t_inference, self.t0, self.t_read))
-        return torch.addcmul(g_drift, randn_like(g_prog, generator), sigma.mul_(g_drift)).clamp_(min=0.0)
+        g_drift = torch.mul(nu, -math.log2(t / self.t0)).exp2_().mul_(g_prog) if t_inference > 0 else g_prog.clone()
+        factor = self.read_noise_scale * read_noise_time_factor(t_inference, self.t0, self.t_read)
+        if factor > 0:
+            sigma = _read_q_of(g_prog, factor).mul_(g_drift)
+            g_drift.addcmul_(sigma, randn_like(g_prog, generator))
+        return g_drift.clamp_(min=0.0)
 
     def weights_at(self, w: Tensor, t_inference: float, generator: Draws = None) -> Tensor:
         """``w`` programmed onto PCM pairs and read ``t_inference`` seconds later."""
@@ -194,20 +208,20 @@ class PCMNoise(NoiseModel):
             return []
         sizes = [w.numel() for w in weights]
         flat = torch.cat([w.detach().reshape(-1) for w in weights])
-        g_hat = flat.abs()
+        g_hat = flat.abs()  # then scaled, tensor by tensor: the pair's target in units of g_max
         w_max = torch.stack([part.amax() for part in g_hat.split(sizes)]).clamp_(min=1e-7)
-        for part, inv in zip(g_hat.split(sizes), w_max.reciprocal().unbind()):  # views: scaled in place, tensor by tensor
+        for part, inv in zip(g_hat.split(sizes), w_max.reciprocal().unbind()):
             part.mul_(inv)
         g_prog, nu = self.program(g_hat, generator)
         g_final = self.drift(g_prog, nu, t_inference, generator)
         # the pair reads |w| (row 0 minus row 1); the weight's sign says which device held it
         w_drift = torch.sub(g_final[0], g_final[1]).mul_(flat.sign())
-        factors = w_max / self.g_max
+        factors = w_max  # conductance 1 (g_max) reads as the tensor's max |w|
         if self.drift_compensation:
             # global drift compensation: the programmed mean |w| over the drifted one, per tensor
             programmed = _sums(torch.sub(g_prog[0], g_prog[1]).abs_(), sizes)
             drifted = _sums(w_drift.abs(), sizes)
-            to_mean_weight = factors / flat.new_tensor(sizes)  # a sum of µS -> the mean |w|
+            to_mean_weight = factors / flat.new_tensor(sizes)  # a sum of conductances -> the mean |w|
             gains = (programmed * to_mean_weight).clamp_(min=1e-4) / (drifted * to_mean_weight).clamp_(min=1e-4)
             factors = factors * gains
         else:
