@@ -114,3 +114,36 @@ def test_moment_uncertainty_metric_takes_the_factor():
     assert independent.compute().item() > 0.05
     with pytest.raises(ValueError, match="factor must be"):
         metric.update(mean, var, torch.ones(4, 3))
+
+
+@pytest.mark.slow
+def test_low_rank_compiles_to_one_tvm_graph_matching_pytorch():
+    pytest.importorskip("tvm")
+    pytest.importorskip("bayesian_torch")
+    from bayesian_torch.layers import Conv1dReparameterization
+
+    from lightning_relief.deploy import compile_for_target
+
+    class Conv(nn.Module):  # bayesian-torch's layer without its KL output
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = Conv1dReparameterization(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.layer(x, return_kl=False)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Conv(), nn.ReLU(), nn.MaxPool1d(2), nn.Conv1d(4, 6, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2),
+        nn.Linear(36, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3),
+    ).eval()  # fmt: skip
+    x = torch.randn(4, 1, 16)
+    wrapper = MomentPropagationWrapper(model, covariance="low_rank")
+    for rule in ("gaussian_conv_factor", "max_pool_factor_moments", "conv_factor", "linear_factor"):
+        assert rule in wrapper.code, rule
+    compiled = compile_for_target(wrapper, x)
+    assert len(compiled.metadata["outputs"]) == 2
+    mean, var = compiled(x)
+    expected_mean, expected_var = wrapper(x)
+    torch.testing.assert_close(mean, expected_mean.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var, expected_var.detach(), rtol=1e-4, atol=1e-6)

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_relief.moments.functional import _window_slices
+
 FactorKind = Literal["units", "diag", "mapped", "channels"]
 MAX_RANK = 4096  # a factor with more sources costs more than the covariance it carries is worth
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -121,14 +123,12 @@ def conv_factor(
 
 def _patches(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """``[N, C_in * prod(kernel), *out_spatial]``: the input under each kernel tap, in the weight's order."""
-    if x.dim() == 4:
-        cols = F.unfold(x, tuple(kernel), tuple(dilation), tuple(padding), tuple(stride))
-        size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
-        return cols.reshape(x.shape[0], cols.shape[1], *size)
-    padded = F.pad(x, (padding[0], padding[0]))
-    span = dilation[0] * (kernel[0] - 1) + 1
-    windows = padded.unfold(2, span, stride[0])[..., :: dilation[0]]  # [N, C_in, L_out, k]
-    return windows.permute(0, 1, 3, 2).reshape(x.shape[0], -1, windows.shape[2])
+    dims = x.dim() - 2
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    # strided slices rather than unfold/im2col, which TVM's frontend lacks
+    taps = _window_slices(x, dims, kernel, stride, dilation)
+    return torch.stack(taps, dim=2).flatten(1, 2)
 
 
 def gaussian_conv_factor(
