@@ -88,3 +88,22 @@ class UntrustedClassPathError(ReliefError, ValueError):
         self.path = path
         self.reason = reason
         super().__init__(f"{key}: {path!r} is refused: {reason}")
+
+
+class UnsupportedStrategyError(ReliefError, TypeError):
+    """A plugin cannot run under a training strategy (the way it shards or wraps the model).
+
+    Args:
+        plugin: who raises it.
+        strategy: the strategy, or its class name.
+        reason: why, in one sentence that says what works instead.
+
+    >>> print(UnsupportedStrategyError("AnalogNoise", "FSDPStrategy", "its weights are flat shards"))
+    AnalogNoise does not support strategy FSDPStrategy: its weights are flat shards
+    """
+
+    def __init__(self, plugin: str, strategy: object, reason: str) -> None:
+        self.plugin = plugin
+        self.strategy_type = strategy if isinstance(strategy, str) else type(strategy).__name__
+        self.reason = reason
+        super().__init__(f"{plugin} does not support strategy {self.strategy_type}: {reason}")
