@@ -190,3 +190,16 @@ def test_level_is_logged_as_a_tensor_without_host_sync_in_the_hooks(seed):
     quiet_trainer(callbacks=[noise, levels], max_steps=5, limit_val_batches=0).fit(Spread(), digits())
     expected = [10 ** (math.log10(DeploymentTime.TEN_YEARS) * min(k / 4, 1.0)) for k in range(5)]
     assert levels.levels == pytest.approx(expected, rel=1e-5)
+
+
+def test_weight_noise_under_a_sharding_strategy_is_a_typed_error():
+    """FSDP keeps flat shards between steps (Lightning runs it on GPUs only, so the check is called directly)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from lightning_relief.errors import UnsupportedStrategyError
+
+    for strategy in (FSDPStrategy(), ModelParallelStrategy()):
+        with pytest.raises(UnsupportedStrategyError, match=f"AnalogNoise does not support strategy {type(strategy).__name__}: weight noise"):
+            AnalogNoise(PCMNoise(), DeploymentTime()).check_strategy(strategy)
+        AnalogNoise(AdditiveGaussian(), 0.1, placement=["outputs", "activations"]).check_strategy(strategy)
+    AnalogNoise(PCMNoise(), DeploymentTime()).check_strategy(DDPStrategy())

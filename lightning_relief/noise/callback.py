@@ -14,15 +14,20 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
+from lightning_relief.errors import UnsupportedStrategyError
 from lightning_relief.noise.injector import NoiseInjector
 from lightning_relief.noise.models import NoiseModel
 from lightning_relief.noise.placement import Placement
 from lightning_relief.noise.schedules import Schedule
 
 _STAGES = {"validate": 0, "test": 1, "predict": 2}
+# strategies that shard parameters: a layer's ``weight`` is a flat shard (or a DTensor) outside its
+# forward, so weights perturbed before the forward pass would miss (or corrupt) the gathered copy
+_SHARDING = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
 
 
 def _batch_size(batch: Any) -> int:
@@ -57,7 +62,8 @@ class AnalogNoise(Callback):
         placement: a ``Placement``, a site name (``"weights"``, ``"outputs"``,
             ``"activations"``) or a list of them; default: the noise model's
             sites. A placement that selects no layer, or covers a layer noise
-            cannot reach (GRU, attention), is an error at setup.
+            cannot reach (GRU, attention), is an error at setup; so is weight
+            noise under a strategy that shards weights (FSDP, DeepSpeed).
         eval_noise: inject noise in validation/test/predict too.
         eval_level: the level used there (default: mean of the last training level).
         seed: seeds the schedule and noise generators.
@@ -110,8 +116,19 @@ class AnalogNoise(Callback):
         return self._generate_state_key(noise=repr(inj.noise), placement=repr(inj.placements), seed=inj.seed)
 
     # -- lifecycle
+    def check_strategy(self, strategy: Strategy) -> None:
+        """Raise :class:`~lightning_relief.errors.UnsupportedStrategyError` for weight noise under a
+        strategy that shards parameters (FSDP, ``ModelParallelStrategy``, DeepSpeed)."""
+        if isinstance(strategy, _SHARDING) and any(p.site == "weights" for p in self.injector.placements):
+            raise UnsupportedStrategyError(
+                type(self).__name__, strategy,
+                "weight noise needs each layer's full weight between steps, and this strategy keeps flat shards; "
+                "use placement 'outputs'/'activations' here, or DDP (AnalogNoiseStrategy) for weight noise",
+            )
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check_strategy(trainer.strategy)
         self.injector.attach(pl_module, rank=trainer.global_rank, plugin=type(self).__name__)
 
     @override

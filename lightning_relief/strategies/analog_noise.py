@@ -31,7 +31,8 @@ class AnalogNoiseStrategy(DDPStrategy):
     conv/linear output) is registered in Lightning's ``StrategyRegistry`` once
     :mod:`lightning_relief.strategies` is imported. With another strategy
     (``DeepEnsembleStrategy``, FSDP, your own), pass
-    ``callbacks=[AnalogNoise(...)]`` instead; on MPS too, where Lightning
+    ``callbacks=[AnalogNoise(...)]`` instead (under FSDP and other sharding
+    strategies: output and activation noise only, weight noise is a typed error); on MPS too, where Lightning
     refuses every DDP-family strategy (the callback runs there on the MPS device).
 
     Args:
