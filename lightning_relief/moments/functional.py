@@ -359,18 +359,26 @@ def max_pool_moments(
     variances = _window_slices(var, dims, kernel, step, dil)
     if covariances:
         flat = [v for p, e in zip(reversed(pad), reversed(extra)) for v in (p, p + e)]
-        windows = {d: _window_slices(F.pad(c, flat) if any(flat) else c, dims, kernel, step, dil) for d, c in covariances.items()}
-        offsets = window_offsets(kernel, dil)
-
-        def cov(a: int, b: int) -> Tensor:  # Cov(unit a, unit b) of every window, a < b
-            delta = tuple(ob - oa for oa, ob in zip(offsets[a], offsets[b]))
-            return windows[delta][a] if delta in windows else windows[tuple(-d for d in delta)][b]
-
-        return _correlated_max(means, variances, cov)[:2]
+        padded = {d: F.pad(c, flat) if any(flat) else c for d, c in covariances.items()}
+        return _correlated_max(means, variances, _window_cov(padded, dims, kernel, step, dil))[:2]
     out_mean, out_var = means[0], variances[0]
     for m, v in zip(means[1:], variances[1:]):
         out_mean, out_var = max_moments(out_mean, out_var, m, v)
     return out_mean, out_var
+
+
+def _window_cov(
+    covariances: dict[tuple[int, ...], Tensor], dims: int, kernel: Sequence[int], step: Sequence[int], dil: Sequence[int]
+) -> Callable[[int, int], Tensor]:
+    """``cov(a, b)``: ``Cov(unit a, unit b)`` of every window (``a < b``), from the covariance at each offset."""
+    windows = {d: _window_slices(c, dims, kernel, step, dil) for d, c in covariances.items()}
+    offsets = window_offsets(kernel, dil)
+
+    def cov(a: int, b: int) -> Tensor:
+        delta = tuple(ob - oa for oa, ob in zip(offsets[a], offsets[b]))
+        return windows[delta][a] if delta in windows else windows[tuple(-d for d in delta)][b]
+
+    return cov
 
 
 def window_offsets(kernel: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, ...]]:
@@ -445,13 +453,7 @@ def max_pool_factor_moments(
     dil = _tuple(dilation, dims)
     windows = [_window_slices(f, dims, kernel, step, dil) for f in factors]
     if covariances:
-        slices = {d: _window_slices(c, dims, kernel, step, dil) for d, c in covariances.items()}
-        offsets = window_offsets(kernel, dil)
-
-        def cov(a: int, b: int) -> Tensor:
-            delta = tuple(ob - oa for oa, ob in zip(offsets[a], offsets[b]))
-            return slices[delta][a] if delta in slices else slices[tuple(-d for d in delta)][b]
-
+        cov = _window_cov(covariances, dims, kernel, step, dil)
     else:
 
         def cov(a: int, b: int) -> Tensor:
