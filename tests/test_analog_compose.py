@@ -63,6 +63,17 @@ def test_schedule_follows_optimizer_steps_under_gradient_accumulation(seed):
     assert trainer.global_step == 8 and noise.injector.batches_done == 16
 
 
+def test_random_schedule_draws_once_per_optimizer_step(seed):
+    """A random level (a deployment time) is drawn per optimizer step: micro-batches of one step share it."""
+    noise = AnalogNoise(PCMNoise(), DeploymentTime(), placement="weights")
+    levels = Levels(noise)
+    trainer = quiet_trainer(callbacks=[noise, levels], accumulate_grad_batches=2, max_epochs=1, limit_train_batches=12, limit_val_batches=0)
+    trainer.fit(Spread(), digits(32))
+    assert trainer.global_step == 6 and len(levels.levels) == 12
+    assert all(levels.levels[2 * k] == levels.levels[2 * k + 1] for k in range(6))
+    assert len(set(levels.levels)) == 6  # a fresh time at every optimizer step
+
+
 def _fit_eval_noise(tmp_path, max_epochs, ckpt_path=None, save_to=None):
     L.seed_everything(0, verbose=False)
     dm = digits(128)

@@ -110,6 +110,7 @@ class NoiseInjector:
         self.rank = 0
         self.batches_done = 0  # training batches drawn so far: the next batch's noise seed
         self.current_level: Tensor | None = None
+        self.level_step: int | None = None  # the schedule step current_level was drawn for
         self.schedule_generator = torch.Generator().manual_seed(self.seed)
         self._generator: torch.Generator | None = None  # re-seeded for every batch, so it holds no state
         self._model: nn.Module | None = None
@@ -261,11 +262,19 @@ class NoiseInjector:
         """Draw this batch's level, seed the noise and turn it on; returns the level.
 
         ``step`` is the schedule's step (the optimizer step: micro-batches of one
-        accumulated step share it); default: the number of batches so far.
+        accumulated step share it, and share one level, random or not; per-sample
+        levels are drawn for each micro-batch's samples); default: the number of batches so far.
         """
         if self._model is None:
             raise RuntimeError("NoiseInjector.attach(model) must be called before a step")
-        level = self.schedule.level(self.batches_done if step is None else int(step), batch_size, self.schedule_generator)
+        step = self.batches_done if step is None else int(step)
+        if step == self.level_step and self.current_level is not None and self.current_level.dim() == 0:
+            # another micro-batch of the same optimizer step: the same level (a random one is drawn once);
+            # a per-sample level is drawn for each micro-batch's own samples
+            level = self.current_level
+        else:
+            level = self.schedule.level(step, batch_size, self.schedule_generator)
+        self.level_step = step
         seed = step_seed(self.seed, self.rank, self.batches_done)
         device = self._device()
         generator: torch.Generator | NormalPool
@@ -323,6 +332,7 @@ class NoiseInjector:
             "schedule_rng": self.schedule_generator.get_state(),
             "current_level": None if self.current_level is None else self.current_level.detach().cpu(),
             "seed": self.seed,
+            "level_step": self.level_step,
             "pool_size": self.pool.size,  # the pool is a function of its size and the step: resumed runs read the same
         }
 
@@ -331,4 +341,5 @@ class NoiseInjector:
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.schedule_generator.set_state(state["schedule_rng"])
         self.current_level = state.get("current_level")
+        self.level_step = state.get("level_step")
         self.pool.size = int(state.get("pool_size", 0))
