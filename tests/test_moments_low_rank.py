@@ -50,6 +50,26 @@ def test_a_channels_factor_through_a_convolution_matches_the_dense_covariance():
     torch.testing.assert_close(var, ((each * each).sum(1) - before).clamp_min(0.0))
 
 
+@pytest.mark.parametrize(("dims", "stride", "padding", "dilation"), [(1, 1, 1, 1), (2, 1, 1, 1), (2, 2, 0, 1), (1, 1, 2, 2)])
+def test_the_factor_of_a_gaussian_convolution_gives_its_weight_noise_covariance(dims, stride, padding, dilation):
+    # deterministic input: the output's whole covariance is the one weight draw's, checked against the
+    # neighbour covariance rule (itself checked against sampling in test_moments_correlated.py)
+    g = torch.Generator().manual_seed(2)
+    spatial = (9,) * dims
+    mean = torch.randn(2, 3, *spatial, generator=g)
+    wm, wv = torch.randn(4, 3, *(3,) * dims, generator=g), torch.rand(4, 3, *(3,) * dims, generator=g) * 0.1
+    bv = torch.rand(4, generator=g) * 0.1
+    tup = (stride,) * dims, (padding,) * dims, (dilation,) * dims
+    factor = LR.gaussian_conv_factor(mean, wv, bv, *tup)
+    var = MF.gaussian_conv_moments(mean, torch.zeros_like(mean), wm, wv, None, bv, stride, padding, dilation)[1]
+    torch.testing.assert_close((factor * factor).sum(1), var)
+    offset = (1,) * dims
+    cov = MF.conv_neighbour_cov(mean, torch.zeros_like(mean), wm, wv, bv, stride, padding, dilation, 1, offset)
+    tail = (slice(None, -1),) * dims
+    inner = (factor[(..., *tail)] * factor[(..., *((slice(1, None),) * dims))]).sum(1)
+    torch.testing.assert_close(inner, cov[(..., *tail)])
+
+
 def test_the_logits_correlation_brings_the_mutual_information_to_that_of_mc_dropout():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 5)).eval()

@@ -142,13 +142,12 @@ def gaussian_conv_factor(
     own variance enters the per-unit rule only (a second-order term here).
     """
     patches = _patches(mean, weight_var.shape[2:], stride, padding, dilation)  # [N, R, *S]
-    sd = weight_var.reshape(weight_var.shape[0], -1).sqrt().t()  # [R, C_out]
-    spatial = (1,) * (patches.dim() - 2)
-    out = patches.unsqueeze(2) * sd.reshape(*sd.shape, *spatial)
-    if bias_var is not None:
-        bias = bias_var.sqrt().reshape(1, 1, -1, *spatial).expand(mean.shape[0], 1, -1, *patches.shape[2:])
-        out = torch.cat([out, bias], dim=1)
-    return out
+    sd = weight_var.reshape(weight_var.shape[0], -1)
+    if bias_var is not None:  # the bias as one more tap that always reads 1
+        patches = torch.cat([patches, torch.ones_like(patches[:, :1])], dim=1)
+        sd = torch.cat([sd, bias_var.unsqueeze(1)], dim=1)
+    sd = sd.sqrt().t()  # [R, C_out]
+    return patches.unsqueeze(2) * sd.reshape(*sd.shape, *(1,) * (patches.dim() - 2))
 
 
 def rectified_slope(mean: Tensor, var: Tensor, negative_slope: float = 0.0) -> Tensor:
