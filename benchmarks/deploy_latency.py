@@ -168,6 +168,38 @@ def per_call_ms(fn):
     return run
 
 
+def call_overhead_us(compiled, x, rounds: int = 60, round_ms: float = 10.0) -> dict[str, float]:
+    """What a Python call (torch tensor in and out) costs above TVM's own timer, in microseconds.
+
+    Each round is ``n`` Python calls in a loop and, right after, ``n`` runs timed by TVM's time
+    evaluator in C++ (bound once: ``invoke_stateful`` on inputs set beforehand). This machine's speed
+    drifts by more than the overhead itself on a model of milliseconds (1 % of resnet18 is 50 us),
+    so only adjacent halves of a round are compared, and the median of the rounds' differences is
+    the figure (``n`` makes a half about ``round_ms``; ``single_call`` is the same with ``n = 1``).
+    """
+    import tvm
+
+    compiled(x)
+    vm = compiled.vm
+    vm.set_input("main", tvm.runtime.tensor(x.numpy(), compiled.device), *compiled.device_params())
+    start = time.perf_counter()
+    compiled(x)
+    n = max(1, int(round_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
+    result = {"calls_per_round": n, "rounds": rounds}
+    for label, number in (("median_us", n), ("single_call_us", 1)):
+        timer = vm.time_evaluator("invoke_stateful", compiled.device, number=number, repeat=1)
+        timer("main")
+        diffs = []
+        for _ in range(rounds if number > 1 else rounds * 4):
+            start = time.perf_counter()
+            for _ in range(number):
+                compiled(x)
+            call = (time.perf_counter() - start) / number
+            diffs.append((call - float(timer("main").mean)) * 1e6)
+        result[label] = float(statistics.median(diffs))
+    return result
+
+
 def quantized_copy(model, size: int, calibration: torch.Tensor):
     """8-bit weights and activations on every conv/linear, calibrated on digits."""
     import copy
@@ -219,17 +251,18 @@ def main() -> int:
                 with torch.inference_mode():
                     row["tvm_tuned_max_abs_error"] = float((tuned(x) - model(x)).abs().max())
                     row["tvm_tuned_top1_agreement"] = float((tuned(x).argmax(1) == model(x).argmax(1)).float().mean())
-                # a Python call (torch tensor in and out) against TVM's own timer, fastest of the repeats
+                # Python calls (torch tensor in and out) of each, fastest rounds side by side
                 with torch.inference_mode():
                     best = side_by_side({
                         "eager": per_call_ms(lambda model=model, x=x: model(x)),
                         "onnxruntime": per_call_ms(ort_call),
                         "tvm_tuned_call": per_call_ms(lambda tuned=tuned, x=x: tuned(x)),
-                        "tvm_tuned_timer": lambda n, tuned=tuned, x=x: tuned.time(x, repeat=1, number=n)[0] * 1e3,
                     }, rounds=ARGS.repeat)
                 row["side_by_side_ms"] = best
                 row["python_call_ms"] = best["tvm_tuned_call"]
-                row["call_overhead_us"] = (best["tvm_tuned_call"] - best["tvm_tuned_timer"]) * 1e3
+                overhead = call_overhead_us(tuned, x)
+                row["call_overhead"] = overhead
+                row["call_overhead_us"] = overhead["median_us"]
                 row["fp32_artifact_bytes"] = artifact_bytes(tuned, workdir, f"{name}{batch}fp32")
                 for key in ("onnxruntime_ms", "tvm_untuned_ms"):
                     row[key.replace("_ms", "_vs_eager")] = row[key] / row["eager_ms"]
@@ -273,10 +306,10 @@ def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, tria
     for r in rows:  # the issue's goals: tuned TVM <= 0.5x eager and <= 1.0x ORT at batch 1, <= 1.0x ORT at larger batches
         tag = f"{r['model']}_b{r['batch']}"
         if r["batch"] == 1:
-            goals[f"{tag}_tvm_tuned_vs_eager_le_0.5"] = r["tvm_tuned_vs_eager"] <= 0.5
-            goals[f"{tag}_call_overhead_le_20us"] = r["call_overhead_us"] <= 20
-        goals[f"{tag}_tvm_tuned_vs_onnxruntime_le_1.0"] = r["tvm_tuned_vs_onnxruntime"] <= 1.0
-        goals[f"{tag}_parity_1e-4_top1"] = r["tvm_tuned_max_abs_error"] <= 1e-4 and r["tvm_tuned_top1_agreement"] == 1.0
+            goals[f"{tag}_tvm_tuned_vs_eager_le_0.5"] = bool(r["tvm_tuned_vs_eager"] <= 0.5)
+            goals[f"{tag}_call_overhead_le_20us"] = bool(r["call_overhead_us"] <= 20)
+        goals[f"{tag}_tvm_tuned_vs_onnxruntime_le_1.0"] = bool(r["tvm_tuned_vs_onnxruntime"] <= 1.0)
+        goals[f"{tag}_parity_1e-4_top1"] = bool(r["tvm_tuned_max_abs_error"] <= 1e-4 and r["tvm_tuned_top1_agreement"] == 1.0)
     print("\ngoals:", json.dumps(goals, indent=1))
     result = {
         "benchmark": "deploy_latency",
