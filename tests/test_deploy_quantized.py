@@ -153,7 +153,7 @@ def test_graph_hash_ignores_quantizer_scales_but_not_structure(trained):
 
 
 def test_quantized_conv1d_lowers_to_an_int8_conv_matching_brevitas():
-    """QuantConv1d (strided, grouped, W4/W8, Int32 bias) runs as a 1×k int8 conv2d in TVM."""
+    """QuantConv1d (strided, grouped, W4/W8, Int32 bias) runs as an int8 conv1d in TVM."""
     torch.manual_seed(0)
     model = nn.Sequential(
         qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True),
@@ -183,13 +183,13 @@ def test_quantized_conv1d_lowers_to_an_int8_conv_matching_brevitas():
     out = compile_for_target(lowered, x[:1])(x)
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     script = to_relax(lowered, x[:2]).mod.script(show_meta=False)
-    convs = [line for line in script.splitlines() if "R.nn.conv2d(" in line]
-    assert len(convs) == 2 and all('out_dtype="int32"' in line for line in convs)
-    assert "R.nn.conv1d(" not in script and script.count('dtype="int8") = R.astype') >= 1
-    # the latency table prices a Conv1d as that same 1×k conv2d
-    spec = LayerSpec.make("conv2d", 2, 8, (1, 5), (1, 2), (0, 2), 1, (1, 40), bits=4)
+    convs = [line for line in script.splitlines() if "R.nn.conv1d(" in line]
+    assert len(convs) == 2 and all('out_dtype="int32"' in line and 'dtype="int32") =' in line for line in convs)
+    assert script.count('dtype="int8") = R.astype') == 1 and script.count('dtype="uint8") = R.astype') == 1
+    # the latency table times a Conv1d (float or integer) as a conv1d of the same shape
+    spec = LayerSpec.make("conv1d", 2, 8, 5, 2, 2, 1, 40, bits=4)
     assert LayerSpec.of(nn.Conv1d(2, 8, 5, stride=2, padding=2), 40, bits=4) == spec
-    assert LayerSpec.of(first, 40, bits=4) == spec
+    assert LayerSpec.of(first, 40, bits=4) == spec and spec.build()(torch.zeros(spec.input_shape(2))).shape == (2, 8, 20)
 
 
 def test_compressed_mnist1d_cnn_lowers_with_its_derived_input():

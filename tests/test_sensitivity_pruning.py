@@ -214,7 +214,7 @@ def test_latency_metric_measures_candidates_with_tvm(digits, seed, tmp_path):
 
     module = ClassifierModule(MLP(in_features=64, hidden=(256,), dropout=0.0))
     cb = SensitivityPruningCallback(target=0.6, metric="latency", start_epoch=0, calibration_batches=1,
-                                    prune_ratios=(0.5, 0.75), bit_widths=(8,), candidates=1, max_rounds=2,
+                                    prune_ratios=(0.5, 0.75), bit_widths=(8,), candidates=1, max_rounds=2, grow=2,
                                     cache_dir=str(tmp_path / "cache"), verbose=False)
     trainer = quiet_trainer(max_epochs=1, callbacks=[cb], default_root_dir=tmp_path)
     trainer.fit(module, digits)

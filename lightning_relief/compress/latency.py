@@ -71,8 +71,7 @@ class LatencyMeter(Meter):
     metric = "latency"
     unit = "ms"
     exact = False
-    # the deploy package's integer lowering knows these (a Conv1d runs as a 1×k integer conv2d,
-    # which is also how layer_ms prices it)
+    # the deploy package's integer lowering knows these
     quantizable_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
     def __init__(self, target: Any = "llvm", cache_dir: str | Path | None = None, batch: int = 1,
@@ -108,7 +107,7 @@ class LatencyMeter(Meter):
         if info.kind == "linear":
             rows = info.in_hw[0]
             return rows * self.table.latency_ms("linear", cin, cout, bits=table_bits(bits), bias=info.bias)
-        return self.table.latency_ms("conv2d", cin, cout, info.kernel, info.stride, info.padding, groups,
+        return self.table.latency_ms(info.kind, cin, cout, info.kernel, info.stride, info.padding, groups,
                                      input_size=info.in_hw, bits=table_bits(bits), bias=info.bias)
 
     def cost_model(self, units: ModelUnits, module: nn.Module | None = None) -> LatencyCostModel:

@@ -36,7 +36,7 @@ class LayerInfo:
     """A conv/linear layer as the cost model sees it (channels before compression)."""
 
     name: str
-    kind: str  # "conv2d" | "linear" (a Conv1d is priced as a 1×k Conv2d)
+    kind: str  # "conv1d" | "conv2d" | "linear" (a Conv1d's pairs have a unit first axis: kernel (1, k))
     in_channels: int
     out_channels: int
     kernel: tuple[int, int] = (1, 1)
@@ -186,7 +186,7 @@ def analyze(model: nn.Module, example_inputs: Tensor, ignored_layers: Sequence[s
                 raise UnsupportedLayerError(PLUGIN, name, module, SUPPORTED,
                                             f"padding={module.padding!r} is not supported; give it in numbers")
             layers.append(LayerInfo(
-                name, "conv2d", module.in_channels, module.out_channels, (1, module.kernel_size[0]),
+                name, "conv1d", module.in_channels, module.out_channels, (1, module.kernel_size[0]),
                 (1, module.stride[0]), (0, module.padding[0]), module.groups,
                 (1, in_shape[-1]), (1, out_shape[-1]), module.bias is not None,
             ))

@@ -1,11 +1,11 @@
 """A Relax pass that gives integer conv/matmul their integer operands back.
 
 PyTorch has no int8 convolution, so integer layers are written as
-``conv2d(x_int8.to(int32), w_int8.to(int32))``. TVM's importer then sees int32
+``conv1d/conv2d(x_int8.to(int32), w_int8.to(int32))``. TVM's importer then sees int32
 operands and (for conv/linear) even declares a float32 result, so the kernel
 would multiply 32-bit values converted to float. This pass strips the widening
 casts (looking through transposes) and emits ``conv2d/matmul(int8|uint8,
-int8, out_dtype="int32")``: int8 loads, int32 accumulation, the form
+int8, out_dtype="int32")`` (conv1d likewise): int8 loads, int32 accumulation, the form
 MetaSchedule can vectorise. The result is cast to the dtype the graph expected,
 so the rest of the graph is unchanged.
 """
@@ -18,6 +18,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 _NARROW = ("int8", "uint8")
 _CONV = tvm.ir.Op.get("relax.nn.conv2d")
+_CONV1D = tvm.ir.Op.get("relax.nn.conv1d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _ASTYPE = tvm.ir.Op.get("relax.astype")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -49,16 +50,16 @@ class _Rewriter(PyExprMutator):
 
     def visit_call_(self, op: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(op)
-        if call.op not in (_CONV, _MATMUL) or len(call.args) != 2:
+        if call.op not in (_CONV, _CONV1D, _MATMUL) or len(call.args) != 2:
             return call
         if _dtype(call.args[0]) != "int32" or _dtype(call.args[1]) != "int32":
             return call
         a, b = self._narrow(call.args[0]), self._narrow(call.args[1])
         if a is None or b is None:
             return call
-        if call.op == _CONV:
+        if call.op in (_CONV, _CONV1D):
             attrs = call.attrs
-            new = relax.op.nn.conv2d(
+            new = (relax.op.nn.conv2d if call.op == _CONV else relax.op.nn.conv1d)(
                 a, b, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation, groups=attrs.groups,
                 data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout,
                 out_dtype="int32",

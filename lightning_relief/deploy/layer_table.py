@@ -1,7 +1,8 @@
 """Per-layer latency table: one conv2d or linear layer compiled alone and timed.
 
-A Conv1d is timed as the ``1×k`` conv2d it runs as after integer lowering
-(:class:`~lightning_relief.deploy.quantized.IntegerConv1d`), float or quantized.
+``"conv1d"`` layers are timed as conv1d (float, or the int8
+:class:`~lightning_relief.deploy.quantized.IntegerConv1d`); their spec keeps the
+pair fields with a unit first axis (kernel ``(1, k)``, input ``(1, length)``).
 
 This is the hardware-in-the-loop cost model of the compression search: the
 latency of each layer at each channel count and bit width, measured on the
@@ -41,6 +42,10 @@ from lightning_relief.deploy.tuning import TuningConfig
 _BITS = (None, 8, 4, 2)
 
 
+def _last(v: int | Sequence[int]) -> int:
+    return int(v) if isinstance(v, int) else int(tuple(v)[-1])
+
+
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (v, v) if isinstance(v, int) else tuple(v)
     if len(pair) != 2 or not all(isinstance(p, int) for p in pair):
@@ -50,9 +55,9 @@ def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One layer: ``kind`` "conv2d" (in/out channels) or "linear" (in/out features)."""
+    """One layer: ``kind`` "conv1d"/"conv2d" (in/out channels) or "linear" (in/out features)."""
 
-    kind: Literal["conv2d", "linear"]
+    kind: Literal["conv1d", "conv2d", "linear"]
     in_channels: int
     out_channels: int
     kernel_size: tuple[int, int] = (1, 1)
@@ -77,8 +82,8 @@ class LayerSpec:
         bits: int | None = None,
         bias: bool = True,
     ) -> LayerSpec:
-        if kind not in ("conv2d", "linear"):
-            raise ValueError(f"kind must be 'conv2d' or 'linear', got {kind!r}")
+        if kind not in ("conv1d", "conv2d", "linear"):
+            raise ValueError(f"kind must be 'conv1d', 'conv2d' or 'linear', got {kind!r}")
         if not isinstance(in_channels, int) or in_channels < 1 or not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"in/out channels must be positive ints, got {in_channels!r}, {out_channels!r}")
         if bits not in _BITS:
@@ -87,10 +92,16 @@ class LayerSpec:
             return cls("linear", in_channels, out_channels, bits=bits, bias=bias)
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        spec = cls(
-            "conv2d", in_channels, out_channels, _pair(kernel_size, "kernel_size"), _pair(stride, "stride"),
-            _pair(padding, "padding"), groups, _pair(input_size, "input_size"), bits, bias,
-        )
+        if kind == "conv1d":  # a unit first axis: (1, k), (1, stride), (0, padding), (1, length)
+            spec = cls(
+                "conv1d", in_channels, out_channels, (1, _last(kernel_size)), (1, _last(stride)), (0, _last(padding)),
+                groups, (1, _last(input_size)), bits, bias,
+            )
+        else:
+            spec = cls(
+                "conv2d", in_channels, out_channels, _pair(kernel_size, "kernel_size"), _pair(stride, "stride"),
+                _pair(padding, "padding"), groups, _pair(input_size, "input_size"), bits, bias,
+            )
         out = [(i + 2 * p - k) // s + 1 for i, p, k, s in zip(spec.input_size, spec.padding, spec.kernel_size, spec.stride)]
         if min(out) < 1:
             raise ValueError(f"input_size={spec.input_size} is too small for kernel {spec.kernel_size}, padding {spec.padding}")
@@ -100,15 +111,14 @@ class LayerSpec:
     def of(cls, module: nn.Module, input_size: int | Sequence[int] = 1, bits: int | None = None) -> LayerSpec:
         """The spec of an existing ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Linear`` (or their integer versions).
 
-        A Conv1d is the ``1×k`` conv2d it is computed as once integer-lowered (``input_size``: its length).
+        For a Conv1d, ``input_size`` is its input length.
         """
         if isinstance(module, nn.Linear) or hasattr(module, "in_features"):
             return cls.make("linear", module.in_features, module.out_features, bits=bits, bias=module.bias is not None)
         if isinstance(module, nn.Conv1d) or len(getattr(module, "kernel_size", ())) == 1:
-            length = input_size if isinstance(input_size, int) else tuple(input_size)[-1]
             return cls.make(
-                "conv2d", module.in_channels, module.out_channels, (1, module.kernel_size[0]), (1, module.stride[-1]),
-                (0, module.padding[-1]), module.groups, (1, length), bits, getattr(module, "bias", None) is not None,
+                "conv1d", module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                module.groups, input_size, bits, getattr(module, "bias", None) is not None,
             )
         if isinstance(module, nn.Conv2d) or hasattr(module, "kernel_size"):
             return cls.make(
@@ -120,6 +130,8 @@ class LayerSpec:
     def input_shape(self, batch: int) -> tuple[int, ...]:
         if self.kind == "linear":
             return (batch, self.in_channels)
+        if self.kind == "conv1d":
+            return (batch, self.in_channels, self.input_size[1])
         return (batch, self.in_channels, *self.input_size)
 
     def build(self) -> nn.Module:
@@ -127,6 +139,9 @@ class LayerSpec:
         generator = torch.Generator().manual_seed(0)
         if self.kind == "linear":
             layer: nn.Module = nn.Linear(self.in_channels, self.out_channels, bias=self.bias)
+        elif self.kind == "conv1d":
+            layer = nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size[1], self.stride[1], self.padding[1],
+                              groups=self.groups, bias=self.bias)
         else:
             layer = nn.Conv2d(
                 self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -206,7 +221,7 @@ class LayerLatencyTable:
 
     def latency_ms(
         self,
-        kind: Literal["conv2d", "linear"],
+        kind: Literal["conv1d", "conv2d", "linear"],
         in_channels: int,
         out_channels: int,
         kernel_size: int | Sequence[int] = 1,
@@ -227,7 +242,7 @@ class LayerLatencyTable:
 
     def grid(
         self,
-        kind: Literal["conv2d", "linear"],
+        kind: Literal["conv1d", "conv2d", "linear"],
         in_channels: Iterable[int],
         out_channels: Iterable[int],
         bits: Iterable[int | None] = (None, 8),

@@ -14,9 +14,7 @@ speed. :func:`lower_quantized` returns a copy in which
 
 Written this way, ``torch.export`` → Relax → TVM sees ``conv2d(int8, int8) →
 int32`` (see :mod:`lightning_relief.deploy.int_rewrite`) and generates integer
-code; the weights take a quarter of the float32 storage. A Conv1d is computed
-as a ``1×k`` conv2d over an unsqueezed axis: one integer path to rewrite and
-tune, and the same layer the latency table prices a Conv1d as.
+code; the weights take a quarter of the float32 storage.
 
 Activation scales are read from one calibration forward pass (they are fixed
 in eval mode), so the lowering needs an example input; for this package's
@@ -149,33 +147,22 @@ class IntegerConv2d(_IntegerLayer):
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
 
-class IntegerConv1d(IntegerConv2d):
-    """A conv1d on an integer grid, computed as a ``1×k`` conv2d over an unsqueezed axis.
-
-    ``weight_int`` is given as ``(out, in/groups, k)`` (brevitas' layout) and stored as
-    ``(out, in/groups, 1, k)``. The axis is added to the float input, before it is quantized,
-    so the graph keeps the ``astype(int8) → astype(int32) → conv2d`` chain that
-    :mod:`lightning_relief.deploy.int_rewrite` turns into an int8 convolution (TVM 0.27's
-    importer would otherwise see the widening cast behind an ``expand_dims``).
-    """
+class IntegerConv1d(_IntegerLayer):
+    """A conv1d on an integer grid: int8 weights, int32 accumulation, float requantization."""
 
     def __init__(self, weight_int: Tensor, weight_scale: Tensor, weight_bits: int, bias: Tensor | None, stride=1,
                  padding=0, dilation=1, groups: int = 1, **input_quant: Any) -> None:
         if weight_int.dim() != 3:
             raise ValueError(f"IntegerConv1d expects (out, in/groups, k) weights, got shape {tuple(weight_int.shape)}")
-        super().__init__(weight_int.unsqueeze(2), weight_scale, weight_bits, bias, (1, _single(stride)),
-                         (0, _single(padding)), (1, _single(dilation)), groups, **input_quant)
+        super().__init__(weight_int, weight_scale, weight_bits, bias, **input_quant)
+        self.stride, self.padding, self.dilation = (_single(stride),), (_single(padding),), (_single(dilation),)
+        self.groups = groups
+        self.in_channels = weight_int.shape[1] * groups
+        self.out_channels = weight_int.shape[0]
         self.kernel_size = (weight_int.shape[2],)
 
-    def float_weight(self) -> Tensor:
-        return super().float_weight().squeeze(2)
-
     def _product(self, x: Tensor, w: Tensor) -> Tensor:
-        return F.conv2d(x, w if w.dim() == 4 else w.unsqueeze(2), None, self.stride, self.padding, self.dilation,
-                        self.groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.unsqueeze(2)).squeeze(2)
+        return F.conv1d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
 
 class IntegerLinear(_IntegerLayer):
