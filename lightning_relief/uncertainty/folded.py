@@ -83,9 +83,12 @@ def _conv(layer: nn.Conv1d | nn.Conv2d, members: int, grouped: bool | None) -> C
     def forward(x: Tensor) -> Tensor:
         weight, bias = layer.weight, layer.bias
         if not (x.device.type != "cpu" if grouped is None else grouped):
+            # unbind, not weight[m]: its backward stacks the members' gradients once instead of
+            # scattering each into a zero tensor of all members
+            biases = [None] * members if bias is None else bias.unbind(0)
             return torch.cat([
-                conv(rows, weight[m], None if bias is None else bias[m], *options, layer.groups)  # type: ignore[arg-type]
-                for m, rows in enumerate(x.chunk(members))
+                conv(rows, w, b, *options, layer.groups)  # type: ignore[arg-type]
+                for rows, w, b in zip(x.chunk(members), weight.unbind(0), biases)
             ])
         # [M*N, C, ...] -> [N, M*C, ...]: member m's channels are group block m of one grouped convolution
         n, spatial = x.shape[0] // members, x.shape[2:]
@@ -105,12 +108,11 @@ def _batch_norm(layer: nn.BatchNorm1d | nn.BatchNorm2d, members: int) -> Callabl
         if layer.training and layer.num_batches_tracked is not None:
             layer.num_batches_tracked.add_(1)
         assert mean is not None and var is not None  # foldable() admits tracked statistics only
+        weights = [None] * members if weight is None else weight.unbind(0)
+        biases = [None] * members if bias is None else bias.unbind(0)
         return torch.cat([
-            F.batch_norm(
-                rows, mean[m], var[m], None if weight is None else weight[m], None if bias is None else bias[m],
-                layer.training, layer.momentum, layer.eps,  # type: ignore[arg-type]
-            )
-            for m, rows in enumerate(x.chunk(members))
+            F.batch_norm(rows, mean[m], var[m], w, b, layer.training, layer.momentum, layer.eps)  # type: ignore[arg-type]
+            for m, (rows, w, b) in enumerate(zip(x.chunk(members), weights, biases))
         ])
 
     return forward
