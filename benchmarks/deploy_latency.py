@@ -16,6 +16,7 @@ run only applies it (operators already tuned are not tuned again).
 
     python benchmarks/deploy_latency.py            # full run (budgets below)
     python benchmarks/deploy_latency.py --quick    # MLP, batch 1, 4 trials: a smoke run
+    python benchmarks/deploy_latency.py --curve lenet5   # latency versus tuning time (JSON and PNG)
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def parse() -> argparse.Namespace:
                    help="any of lenet5, resnet20, mlp, resnet18, mobilenet_v3_small, mnist1d_cnn")
     p.add_argument("--int8-models", default="lenet5,resnet20,mlp", help="models also timed int8 (brevitas lowering)")
     p.add_argument("--batches", default="1,64")
+    p.add_argument("--curve", default=None, metavar="MODEL",
+                   help="instead of the table: latency versus tuning time for MODEL at batch 1, from a fresh database")
+    p.add_argument("--curve-steps", default="8,8,16,32,64",
+                   help="trials added per step (each step tunes every task again, seeded by the database)")
     return p.parse_args()
 
 
@@ -293,6 +298,50 @@ def main() -> int:
     return 0
 
 
+def curve(name: str) -> int:
+    """Latency after N trials: an untuned point, then steps that tune every task again from the records so far."""
+    target = {**host_target_dict(), "num-cores": ARGS.threads}
+    model, data, _ = build(name)
+    x = data[:1].contiguous()
+    steps = [int(s) for s in ARGS.curve_steps.split(",")]
+    points = [{"trials": 0, "tune_s": 0.0, "tvm_ms": tvm_ms(compile_for_target(model, x, target, dynamic_batch=False), x)}]
+    eager = statistics.median(eager_ms(model, x))
+    print(f"{name}: eager {eager:.4f} ms, untuned TVM {points[0]['tvm_ms']:.4f} ms", flush=True)
+    trials = tune_s = 0
+    with tempfile.TemporaryDirectory() as db:
+        for i, step in enumerate(steps):
+            tuning = TuningConfig(trials=step, work_dir=db, population_size=ARGS.population, genetic_iters=2, retune=i > 0)
+            t0 = time.time()
+            compiled = compile_for_target(model, x, target, tuning)
+            trials, tune_s = trials + step, tune_s + time.time() - t0
+            points.append({"trials": trials, "tune_s": round(tune_s, 1), "tasks": tuning.tuned_tasks, "tvm_ms": tvm_ms(compiled, x)})
+            print(f"[{tune_s:6.0f}s] {trials} trials: {points[-1]['tvm_ms']:.4f} ms", flush=True)
+    result = {"benchmark": "deploy_latency_curve", "model": name, "batch": 1, "eager_ms": eager, "points": points,
+              "machine": {**machine_info(), "load_average_at_end": os.getloadavg()},
+              "settings": {"threads": ARGS.threads, "population_size": ARGS.population, "genetic_iters": 2, "steps": steps,
+                           "target": target}}
+    out = Path(ARGS.out) if ARGS.out else result_path("deploy_latency_curve.json", False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p["tune_s"] for p in points], [p["tvm_ms"] for p in points], "o-", label="TVM (MetaSchedule)")
+    for p in points:
+        ax.annotate(str(p["trials"]), (p["tune_s"], p["tvm_ms"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(eager, color="gray", linestyle="--", label="PyTorch eager")
+    ax.set(xlabel="tuning time (s, 2 shared cores)", ylabel="latency (ms, batch 1)", yscale="log",
+           title=f"{name}: latency after N trials")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, trials: int) -> None:
     header = (f"{'model':<19}{'batch':>6}{'eager':>10}{'ORT':>10}{'TVM':>10}{'TVM tuned':>11}{'tune s':>8}{'int8 tuned':>11}"
               f"{'tuned/eager':>12}{'tuned/ORT':>10}{'call-timer us':>14}")
@@ -334,4 +383,4 @@ def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, tria
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(curve(ARGS.curve) if ARGS.curve else main())
