@@ -17,6 +17,7 @@ the VANT schedule (warm-up then per-sample σ) and PCM-drift-aware
     .venv/bin/python benchmarks/analog.py --data mnist1d   # MNIST-1D
     .venv/bin/python benchmarks/analog.py --quick          # smoke run
     .venv/bin/python benchmarks/analog.py --device cuda    # trained and timed on the GPU (analog_cuda.json)
+    .venv/bin/python benchmarks/analog.py --timing-only    # (c) alone, merged into the file an accuracy run wrote
 
 Writes benchmarks/results/analog.json (``analog_mnist1d.json``) and analog_*.png
 (``--quick``: under results/quick/).
@@ -103,13 +104,17 @@ def step_overhead(size: int, width: int, steps: int, device: str = "cpu") -> dic
         "constant": (AdditiveGaussian(), Constant(SIGMA_TRAIN), SITES),
         "vant": (AdditiveGaussian(), vant, SITES),
         "pcm_aware": (PCMNoise(), DeploymentTime(), PCM_SITES),
+        # the same with a fresh Gaussian per element (draws="fresh"): what the noise pool saves
+        "constant_fresh": (AdditiveGaussian(), Constant(SIGMA_TRAIN), SITES),
+        "pcm_aware_fresh": (PCMNoise(), DeploymentTime(), PCM_SITES),
     }
     runners = {}
     for name, spec in configs.items():
         torch.manual_seed(0)
         model = LeNet5(input_size=size, width=width, dropout=0.0).train().to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        injector = NoiseInjector(*spec).attach(model) if spec else None
+        draws = "fresh" if name.endswith("_fresh") else "auto"
+        injector = NoiseInjector(*spec, draws=draws).attach(model) if spec else None
         runners[name] = (model, optimizer, injector)
     times: dict[str, list[float]] = {name: [] for name in configs}
     names = list(configs)
@@ -169,6 +174,55 @@ def lightning_overhead(digits: DigitsDataModule, rounds: int, batches: int, devi
     }
 
 
+def timings(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """Training-step overhead (8 px; 32 px, width 2) and Lightning fit overhead, on the digits."""
+    overhead = step_overhead(8, 1, steps=60 if args.quick else 300, device=args.device)
+    overhead_32 = step_overhead(32, 2, steps=30 if args.quick else 150, device=args.device)
+    timing_digits = DigitsDataModule(batch_size=64, size=8, seed=0)
+    timing_digits.setup()
+    fit_overhead = lightning_overhead(timing_digits, rounds=2 if args.quick else 5, batches=len(timing_digits.train_dataloader()),
+                                      device=args.device)
+    return overhead, overhead_32, fit_overhead
+
+
+def timing_table(overhead: dict, overhead_32: dict, fit_overhead: dict):
+    from rich.table import Table
+
+    table = Table(title="(c) training-step time, interleaved (median)")
+    table.add_column("config")
+    table.add_column("8 px step ms", justify="right")
+    table.add_column("overhead %", justify="right")
+    table.add_column("32 px w2 step ms", justify="right")
+    table.add_column("overhead %", justify="right")
+    table.add_column("Lightning epoch s", justify="right")
+    table.add_column("overhead %", justify="right")
+    for name, v in overhead.items():
+        f = fit_overhead.get(name)
+        v32 = overhead_32[name]
+        table.add_row(name, f"{v['median_ms']:.3f}", f"{v['overhead_pct']:+.1f}",
+                      f"{v32['median_ms']:.3f}", f"{v32['overhead_pct']:+.1f}",
+                      f"{f['median_s']:.3f}" if f else "-", f"{f['overhead_pct']:+.1f}" if f else "-")
+    return table
+
+
+def timing_only(args: argparse.Namespace, console) -> int:
+    """``--timing-only``: time the steps and merge them into the results file an accuracy run wrote."""
+    overhead, overhead_32, fit_overhead = timings(args)
+    console.print(timing_table(overhead, overhead_32, fit_overhead))
+    out = result_path(f"analog{'' if args.device == 'cpu' else '_' + args.device}.json", args.quick)
+    payload = json.loads(out.read_text()) if out.exists() else {"benchmark": "analog", "goals": {}}
+    payload["step_overhead"] = {"lenet5_8px": overhead, "lenet5_32px_width2": overhead_32}
+    payload["lightning_fit_overhead"] = fit_overhead
+    payload["goals"]["step_overhead_pct"] = {n: v["overhead_pct"] for n, v in overhead.items() if n != "plain"}
+    payload["goals"]["step_overhead_pct_32px_width2"] = {n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain"}
+    payload["timing_run"] = {"command": "benchmarks/analog.py --timing-only", "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                             "machine": {**machine_info(), **device_info(args.device)}}
+    out.write_text(json.dumps(payload, indent=2))
+    console.print(payload["goals"])
+    console.print(f"wrote {out}")
+    return 0
+
+
 def plot_sweeps(sweeps: dict, path: Path) -> None:
     import matplotlib
 
@@ -219,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings on a shared machine)")
     parser.add_argument("--data", choices=sorted(DATA), default="digits")
     parser.add_argument("--skip-timing", action="store_true", help="accuracy only (the step timings do not depend on --data)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="the step timings only, merged into the results file of an earlier (--skip-timing) run")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     check_device(args.device)
@@ -230,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     console = Console(width=200)
+    if args.timing_only:
+        return timing_only(args, console)
     make_data, make_model = DATA[args.data]
     digits = make_data()
     digits.setup()
@@ -268,12 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         overhead = overhead_32 = fit_overhead = {}
     else:
         console.print("timing training steps (interleaved)")
-        overhead = step_overhead(8, 1, steps=60 if args.quick else 300, device=args.device)
-        overhead_32 = step_overhead(32, 2, steps=30 if args.quick else 150, device=args.device)
-        timing_digits = DigitsDataModule(batch_size=64, size=8, seed=0)
-        timing_digits.setup()
-        fit_overhead = lightning_overhead(timing_digits, rounds=2 if args.quick else 5, batches=len(timing_digits.train_dataloader()),
-                                          device=args.device)
+        overhead, overhead_32, fit_overhead = timings(args)
 
     # goals
     naive_rob = sweeps["naive"]["robustness"]
@@ -319,21 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             cells += [f"{100 * a:.2f}" for a in entry[source]["accuracy_mean"]] if source in entry else ["-"] * 3
         table.add_row(*cells)
     console.print(table)
-    table = Table(title="(c) training-step time, interleaved (median)")
-    table.add_column("config")
-    table.add_column("8 px step ms", justify="right")
-    table.add_column("overhead %", justify="right")
-    table.add_column("32 px w2 step ms", justify="right")
-    table.add_column("overhead %", justify="right")
-    table.add_column("Lightning epoch s", justify="right")
-    table.add_column("overhead %", justify="right")
-    for name, v in overhead.items():
-        f = fit_overhead.get(name)
-        v32 = overhead_32[name]
-        table.add_row(name, f"{v['median_ms']:.3f}", f"{v['overhead_pct']:+.1f}",
-                      f"{v32['median_ms']:.3f}", f"{v32['overhead_pct']:+.1f}",
-                      f"{f['median_s']:.3f}" if f else "-", f"{f['overhead_pct']:+.1f}" if f else "-")
-    console.print(table)
+    if overhead:
+        console.print(timing_table(overhead, overhead_32, fit_overhead))
     console.print(goals)
 
     suffix = "" if args.data == "digits" else f"_{args.data}"
