@@ -49,6 +49,36 @@ def test_pcm_drifted_weight_statistics_match_aihwkit(t):
         assert float(ref_mean[-1]) < 0.95 and float(ours_mean[-1]) < 0.95
 
 
+@pytest.mark.parametrize("t", [3600.0, ONE_YEAR])
+def test_drift_compensation_factor_matches_aihwkit_tile(t):
+    """aihwkit reads the compensation through the noisy periphery (one-hot inputs): its factor at a
+    year is about 1.83 where the ideal ratio of mean |w| is 2.03; ours must read it the same way."""
+    from aihwkit.nn import AnalogLinear
+
+    from lightning_relief.noise.aihwkit_backend import pcm_rpu_config
+
+    torch.manual_seed(0)
+    w = torch.randn(128, 256)
+    theirs = []
+    for _ in range(4):
+        layer = AnalogLinear(256, 128, bias=False, rpu_config=pcm_rpu_config())
+        layer.set_weights(w)
+        layer.eval()
+        layer.program_analog_weights()
+        layer.drift_analog_weights(t)
+        theirs.append(float(next(layer.analog_tiles()).alpha))
+    ours, ideal = [], []
+    for seed in range(4):
+        for out_noise, into in ((0.06, ours), (0.0, ideal)):
+            pcm = PCMNoise(out_noise=out_noise)
+            pcm.weights_at(w, t, torch.Generator().manual_seed(seed))
+            into.append(float(pcm._last_gains[0]))
+    mean = sum(theirs) / 4
+    assert sum(ours) / 4 == pytest.approx(mean, rel=0.03)
+    if t == ONE_YEAR:
+        assert sum(ideal) / 4 > 1.05 * mean  # an ideal readout would over-compensate
+
+
 def test_model_accuracy_on_aihwkit_matches_our_pcm_noise():
     """A trained CNN: accuracy on aihwkit PCM tiles (ideal periphery) vs our PCMNoise, same times."""
     from conftest import quiet_trainer

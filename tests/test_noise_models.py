@@ -142,7 +142,7 @@ def test_pcm_drift_only_follows_power_law():
 
 def test_pcm_global_drift_compensation_restores_mean_magnitude():
     w = torch.randn(256, 128)
-    comp = PCMNoise(read_noise_scale=0.0).weights_at(w, 3.15e7, gen(1))
+    comp = PCMNoise(read_noise_scale=0.0, out_noise=0.0).weights_at(w, 3.15e7, gen(1))  # an ideal readout
     raw = PCMNoise(read_noise_scale=0.0, drift_compensation=False).weights_at(w, 3.15e7, gen(1))
     programmed = PCMNoise(read_noise_scale=0.0, drift_compensation=False).weights_at(w, 0.0, gen(1))
     assert float(raw.abs().mean()) < 0.75 * float(programmed.abs().mean())  # a year of drift shrinks weights

@@ -89,8 +89,8 @@ class PCMNoise(NoiseModel):
     Args:
         g_max: conductance (µS) that the largest |w| of a tensor maps to.
         drift_compensation: rescale drifted weights to the programmed mean |w|
-            (aihwkit's global drift compensation); without it the weights shrink
-            by about ``(t/t0)^-0.05``.
+            (aihwkit's global drift compensation, whose one-hot readouts carry
+            ``out_noise``); without it the weights shrink by about ``(t/t0)^-0.05``.
         prog_noise_scale, read_noise_scale, drift_scale: scale each noise source
             (1.0 = the measured device; aihwkit's arguments of the same name).
         out_noise: on ``"outputs"``, the analog periphery's output noise
@@ -218,9 +218,18 @@ class PCMNoise(NoiseModel):
         w_drift = torch.sub(g_final[0], g_final[1]).mul_(flat.sign())
         factors = w_max  # conductance 1 (g_max) reads as the tensor's max |w|
         if self.drift_compensation:
-            # global drift compensation: the programmed mean |w| over the drifted one, per tensor
-            programmed = _sums(torch.sub(g_prog[0], g_prog[1]).abs_(), sizes)
-            drifted = _sums(w_drift.abs(), sizes)
+            # global drift compensation: the programmed mean |w| over the drifted one, per tensor, as
+            # aihwkit's GlobalDriftCompensation reads them: one-hot inputs through the tile's periphery,
+            # so each read weight carries the output noise (units of max|w|); it inflates the smaller,
+            # drifted readout more, and the factor falls short of the true ratio (1.86 for 2.0 at a year)
+            w_prog = torch.sub(g_prog[0], g_prog[1])
+            w_read = w_drift
+            if self.out_noise > 0:
+                read_noise = randn_like_shape(flat, (2, flat.numel()), generator)
+                w_prog.add_(read_noise[0], alpha=self.out_noise)
+                w_read = torch.add(w_drift, read_noise[1], alpha=self.out_noise)
+            programmed = _sums(w_prog.abs_(), sizes)
+            drifted = _sums(w_read.abs(), sizes)
             to_mean_weight = factors / flat.new_tensor(sizes)  # a sum of conductances -> the mean |w|
             gains = (programmed * to_mean_weight).clamp_(min=1e-4) / (drifted * to_mean_weight).clamp_(min=1e-4)
             factors = factors * gains
