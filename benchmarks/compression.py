@@ -260,6 +260,8 @@ def mnist1d_summary(runs: list[dict]) -> dict:
                              "drop_vs_original": statistics.fmean(100 * (r["original_acc"] - r["test_acc"]) for r in rows)}
         if "ours" in entry and "uniform" in entry:
             entry["ours_minus_uniform_points"] = entry["ours"]["acc_mean"] - entry["uniform"]["acc_mean"]
+            ours = [r for r in runs if r["target"] == target and r["method"] == "ours" and "error" not in r]
+            entry["ours_chosen_kinds"] = {k: sum(r["kind"] == k for r in ours) for k in sorted({r["kind"] for r in ours})}
             entry["quantized_share"] = statistics.fmean(
                 float(r["quantized"]) for r in runs if r["target"] == target and r["method"] == "ours" and "error" not in r)
         out[str(target)] = entry

@@ -134,6 +134,13 @@ class LatencyMeter(Meter):
             model = lower_quantized(model, example)
         return model, example
 
+    def remeasure(self, module: nn.Module) -> float:
+        cache, self.cache = self.cache, False
+        try:
+            return self.measure(module)
+        finally:
+            self.cache = cache
+
     def set_reference(self, module: nn.Module) -> float:
         """Compile and time the original model (ms, fastest repeat); later measurements are taken against it."""
         from lightning_relief.deploy import compile_for_target, measure_latency

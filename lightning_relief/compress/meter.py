@@ -70,6 +70,10 @@ class Meter:
         """The cost of a whole (compressed) model."""
         raise NotImplementedError
 
+    def remeasure(self, module: nn.Module) -> float:
+        """A second, independent measurement (a measured meter must not answer it from a cache)."""
+        return self.measure(module)
+
     def warm(self, cost: CostModel, units: ModelUnits, bits: list[int], progress=None) -> None:
         """Measure ahead whatever the cost model would measure on first use (default: nothing)."""
 
