@@ -17,6 +17,8 @@ from its own counters), so a resumed run draws the same noise and every
 data-parallel rank draws its own. Schedule draws (per-sample σ, random walk,
 deployment times) use one generator seeded by ``seed`` alone, so every rank
 gets the same level; its state is part of :meth:`NoiseInjector.state_dict`.
+On CPU, training draws come from a :class:`~lightning_relief.noise.pool.NormalPool`
+(``draws="auto"``), itself a function of ``(seed, rank, batch)``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ from lightning_relief.noise.pool import NormalPool
 from lightning_relief.noise.schedules import Constant, Schedule
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, rank, step) over seed space
-
-
 _POOL = 0x2545F4914F6CDD1D  # keeps the pool's seeds apart from the batches' seeds
 DRAWS = ("auto", "fresh", "pool")
 _OWN_OUTPUT = frozenset(

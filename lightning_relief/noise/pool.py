@@ -104,7 +104,7 @@ class NormalPool:
         for d in shape:
             n *= int(d)
         if SLACK * n > self.size:
-            self.size = max(MIN_SIZE, 1 << (SLACK * n - 1).bit_length())
+            self.size = max(MIN_SIZE, SLACK * n)
         self._refresh()
         assert self._pool is not None
         start = self._offsets.randrange(self.size - n + 1)
