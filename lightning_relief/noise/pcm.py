@@ -6,9 +6,10 @@ weight tensor is mapped to a pair of conductances (positive part on one
 device, negative part on the other, the tensor's max |w| at ``g_max``); each
 device gets programming noise, a drift exponent ν of its own, drift
 ``(t/t0)^-ν`` and accumulated 1/f read noise; the weight is read back from the
-difference. Global drift compensation rescales the drifted weights so their
-mean |w| equals the programmed one, as aihwkit's ``GlobalDriftCompensation``
-does with its one-hot read-out.
+difference. Global drift compensation rescales the drifted weights by the
+programmed mean |w| over the drifted one, each read as aihwkit's
+``GlobalDriftCompensation`` reads it: one-hot inputs through the tile's
+periphery, so every read weight carries the output noise.
 
 Being plain tensor ops that never modify their input, it runs on any device
 inside the training step; the strategy uses it to train weights that
