@@ -109,12 +109,17 @@ def _temperature_scaled(module: torch.nn.Module, x_val: Tensor, y_val: Tensor) -
     return (lambda x: (module(x) / temperature).softmax(-1)), temperature
 
 
-def _step_profile(module: ClassifierModule, x: Tensor, y: Tensor, members: int, steps: int) -> dict[str, float]:
+def _step_profile(
+    module: ClassifierModule, x: Tensor, y: Tensor, members: int, steps: int, vmap: bool = False
+) -> dict[str, float]:
     """Median CPU ms of forward, backward and Adam step of one training step as the strategy runs it
-    (``members`` batches concatenated, member forward in "members" mode; 0 members: the plain module)."""
+    (``members`` batches concatenated, member forward in "members" mode; 0 members: the plain module).
+    ``vmap``: the members run through torch.func.vmap rather than folded into the batch."""
     from lightning_relief.uncertainty.stacking import member_forward
 
     module.train()
+    if vmap:
+        member_forward(module).folding = {(False, x.dtype): False}
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
     copies = max(members, 1)
     xb, yb = torch.cat([x] * copies), torch.cat([y] * copies)
@@ -188,12 +193,56 @@ def _scores(probs_in: Tensor, target: Tensor, probs_out: Tensor) -> dict[str, fl
     }
 
 
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def _calibration_over_seeds(
+    args: argparse.Namespace, m1d: MNIST1DDataModule, rows: dict[str, dict[str, Any]], probs: dict[str, Tensor],
+    seeds: int,
+) -> dict[str, Any]:
+    """ECE and NLL of the single model and the ensemble, raw and temperature-scaled, over training seeds
+    (seed 0 is the main run), and the test-set bootstrap spread of seed 0's ECE gap."""
+    x_test, y_test = m1d.dataset("test").tensors
+    x_val, y_val = m1d.dataset("val").tensors
+    names = ("single", "single_ts", "vectorized", "vectorized_ts")
+    values = {name: {"ece": [rows[name]["ece"]], "nll": [rows[name]["nll"]]} for name in names}
+    for seed in range(1, seeds):
+        for mode in ("single", "vectorized"):
+            L.seed_everything(seed, verbose=False)
+            module = _classifier(MNIST1DCNN(dropout=0.1), args.lr)
+            # member g of this run starts from seed*members + g: no member init is shared between runs
+            strategy = "auto" if mode == "single" else DeepEnsembleStrategy(num_members=args.members, seed=seed * args.members)
+            _trainer(args.epochs, EpochTimer(), strategy=strategy).fit(module, m1d)
+            module.eval()
+            with torch.no_grad():  # the ensemble returns its mixture's log-probabilities: softmax gives the mixture
+                logits = module(x_test)
+                temperature = fit_temperature(module(x_val), y_val)
+            for name, p in ((mode, logits.softmax(-1)), (f"{mode}_ts", (logits / temperature).softmax(-1))):
+                values[name]["ece"].append(float(U.expected_calibration_error(p.double(), y_test)))
+                values[name]["nll"].append(float(U.negative_log_likelihood(p.double(), y_test)))
+    out: dict[str, Any] = {name: {k: _mean_std(v) for k, v in row.items()} for name, row in values.items()}
+    for name, other in (("ece_gap_scaled_ensemble_minus_single", "single"),
+                        ("ece_gap_scaled_ensemble_minus_scaled_single", "single_ts")):
+        out[name] = _mean_std([a - b for a, b in zip(values["vectorized_ts"]["ece"], values[other]["ece"])])
+    generator = torch.Generator().manual_seed(0)
+    gaps = []
+    for _ in range(200):
+        index = torch.randint(len(y_test), (len(y_test),), generator=generator)
+        ens = U.expected_calibration_error(probs["vectorized_ts"][index].double(), y_test[index])
+        gaps.append(float(ens - U.expected_calibration_error(probs["single"][index].double(), y_test[index])))
+    out["seed0_gap_bootstrap_std"] = statistics.stdev(gaps)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 5 MC samples, few repeats")
     add_device_argument(parser)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--members", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="training seeds of the MNIST-1D calibration study")
     parser.add_argument("--mc-samples", type=int, default=30)
     parser.add_argument("--size", type=int, default=8, choices=(8, 16, 32), help="digit image size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings comparable)")
@@ -333,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     m1d_val, m1d_val_target = m1d.dataset("val").tensors
     m1d_rows: dict[str, dict[str, Any]] = {}
     m1d_fit: dict[str, FitTimer] = {}
+    m1d_probs: dict[str, Tensor] = {}
     step_profile: dict[str, dict[str, float]] = {}
     x_step, y_step = m1d.dataset("train").tensors[0][:100], m1d.dataset("train").tensors[1][:100]
     for mode in ("single", "vectorized", "sequential"):
@@ -342,20 +392,34 @@ def main(argv: list[str] | None = None) -> int:
         strategy = "auto" if mode == "single" else DeepEnsembleStrategy(num_members=args.members, mode=mode)
         _trainer(args.epochs, timer, callbacks=[m1d_fit[mode]], strategy=strategy).fit(module, m1d)
         # where a training step's time goes, on the trained module (one batch of 100 per member)
+        profile_steps = 10 if args.quick else 40
         step_profile[mode] = _step_profile(copy.deepcopy(module), x_step, y_step, 0 if mode == "single" else args.members,
-                                           10 if args.quick else 40)
+                                           profile_steps)
+        if mode == "single":  # the arithmetic floor of an ensemble step: one model on all members' batches
+            step_profile["single_on_members_batches"] = _step_profile(
+                copy.deepcopy(module), torch.cat([x_step] * args.members), torch.cat([y_step] * args.members), 0,
+                profile_steps)
+        if mode == "vectorized":  # the members through torch.func.vmap, as before folding
+            step_profile["vectorized_vmap"] = _step_profile(
+                copy.deepcopy(module), x_step, y_step, args.members, profile_steps, vmap=True)
         module.eval()
         raw = (lambda x, m=module: m(x).softmax(-1)) if mode == "single" else (lambda x, m=module: m(x).exp())
         scaled, temperature = _temperature_scaled(module, m1d_val, m1d_val_target)
         for name, predict in ((mode, raw), (f"{mode}_ts", scaled)):
             with torch.no_grad():
-                row = _scores(predict(m1d_test), m1d_target, predict(m1d_ood))
+                m1d_probs[name] = predict(m1d_test)
+                row = _scores(m1d_probs[name], m1d_target, predict(m1d_ood))
             row.update(train_s_per_epoch=timer.per_epoch(), fit_cpu_s=m1d_fit[mode].cpu, fit_wall_s=m1d_fit[mode].wall)
             if name.endswith("_ts"):
                 row["temperature"] = temperature
             m1d_rows[name] = row
             print(f"  mnist1d {name}: acc {row['accuracy']:.4f}  nll {row['nll']:.4f}  ece {row['ece']:.4f}  "
                   f"auroc {row['ood_auroc']:.4f}  fit {row['fit_cpu_s']:.1f} s CPU", flush=True)
+
+    # -- MNIST-1D calibration over training seeds (same data split): is the ECE gap within seed and test-set noise?
+    seeds = 2 if args.quick else args.seeds
+    print(f"[extra] MNIST-1D calibration over {seeds} training seeds (single and {args.members} members)", flush=True)
+    calibration = _calibration_over_seeds(args, m1d, m1d_rows, m1d_probs, seeds)
 
     # -- ratios, goals, plots, JSON
     vec, seq, sep = epoch_times["vectorized"], epoch_times["sequential"], epoch_times["separate"]
@@ -382,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         "digits_scaled_ensemble_nll_le_single": ens_ts["nll"] <= one["nll"],
         "mnist1d_scaled_ensemble_ece_le_single": m1d_rows["vectorized_ts"]["ece"] <= m1d_rows["single"]["ece"],
         "mnist1d_scaled_ensemble_nll_le_single": m1d_rows["vectorized_ts"]["nll"] <= m1d_rows["single"]["nll"],
+        "mnist1d_scaled_ensemble_ece_le_single_mean_over_seeds":
+            calibration["vectorized_ts"]["ece"]["mean"] <= calibration["single"]["ece"]["mean"],
         "fit_time_vectorized_le_1.5x_single_digits_lenet": ratios["fit_time_vectorized_vs_single_digits_lenet"] <= 1.5,
         "fit_time_vectorized_le_1.5x_single_mnist1d_cnn": ratios["fit_time_vectorized_vs_single_mnist1d_cnn"] <= 1.5,
         "mlp_vectorized_at_least_2x_faster_than_sequential": ratios["mlp_train_speedup_vectorized_vs_sequential"] >= 2.0,
@@ -403,9 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     print("\nMNIST-1D CNN".ljust(width + 1) + "".join(c[:12].rjust(13) for c in m1d_columns))
     for name, row in m1d_rows.items():
         print(name.ljust(width) + "".join(f"{row[c]:13.4f}" for c in m1d_columns))
+    print(f"\nMNIST-1D CNN over {seeds} training seeds: mean +- std")
+    for name in ("single", "single_ts", "vectorized", "vectorized_ts"):
+        row = calibration[name]
+        print(f"  {name:<14} ece {row['ece']['mean']:.4f} +- {row['ece']['std']:.4f}   "
+              f"nll {row['nll']['mean']:.4f} +- {row['nll']['std']:.4f}")
+    for name in ("ece_gap_scaled_ensemble_minus_single", "ece_gap_scaled_ensemble_minus_scaled_single"):
+        print(f"  {name}: {calibration[name]['mean']:+.4f} +- {calibration[name]['std']:.4f} (over seeds)")
+    print(f"  test-set bootstrap std of the seed-0 gap: {calibration['seed0_gap_bootstrap_std']:.4f}")
     print("\nMNIST-1D CNN training step, CPU ms (batch 100 per member)")
     for mode, row in step_profile.items():
-        print(f"  {mode:<11}" + "  ".join(f"{k} {v:7.2f}" for k, v in row.items()))
+        print(f"  {mode:<26}" + "  ".join(f"{k} {v:7.2f}" for k, v in row.items()))
     print()
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
@@ -440,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         "digits_fit_s": {k: {"cpu": t.cpu, "wall": t.wall} for k, t in fit_timers.items()},
         "mnist1d_cnn": {"config": "MNIST1DCNN(dropout=0.1), Adam, cosine, batch 100, OOD = held-out classes 8 and 9",
                         "results": m1d_rows,
-                        "train_step_cpu_ms": step_profile},
+                        "train_step_cpu_ms": step_profile,
+                        "calibration_over_seeds": calibration},
         "ratios": ratios,
         "goals": goals,
         "reliability_diagrams": plots,
