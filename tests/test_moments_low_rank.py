@@ -6,6 +6,8 @@ dropout for the logits' correlation and the mutual information it changes.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,3 +169,32 @@ def test_low_rank_compiles_to_one_tvm_graph_matching_pytorch():
     expected_mean, expected_var = wrapper(x)
     torch.testing.assert_close(mean, expected_mean.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(var, expected_var.detach(), rtol=1e-4, atol=1e-6)
+
+
+class Tokens(nn.Module):
+    """A ReLU transformer layer over 5 tokens, then the mean over tokens: dropout on [N, T, D] activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.1, batch_first=True)
+        self.layer.self_attn.dropout = 0.0  # sampled attention dropout would make two calls differ
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+def test_dropout_on_tokens_adds_no_factor_and_changes_nothing():
+    # per-unit masks of a [N, T, D] activation are per-token sources too: the factor layout cannot say so,
+    # so they are carried as a zero factor (before, a ReLU feed-forward block made shapes disagree)
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    x = torch.randn(3, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the attention block is sampled
+        low_rank = MomentPropagationWrapper(model, covariance="low_rank")
+        diagonal = MomentPropagationWrapper(model)
+    assert "linear_factor" in low_rank.code
+    torch.testing.assert_close(low_rank(x), diagonal(x))
+    assert not low_rank.logit_moments(x)[2].any()

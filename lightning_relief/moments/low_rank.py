@@ -64,6 +64,10 @@ def linear_factor(
     """
     if kind == "diag":  # independent sources: nothing to add yet
         return (factor, weight, None), out_var
+    if kind == "mapped" and factor[0].dim() != 2:
+        # sources per unit of a [N, T, D] activation (tokens) are sources per token as well, which the
+        # [N, K, *shape] layout cannot say: no covariance from them (a zero source keeps the layout)
+        return out_var.new_zeros(out_var.shape[0], 1, *out_var.shape[1:]), out_var
     if kind == "channels":
         n, r, d = factor.shape
         per_channel = factor.reshape(n, r, blocks, d // blocks)
@@ -94,6 +98,8 @@ def materialize(factor: Any, kind: FactorKind) -> Tensor:
     """A ``"mapped"`` factor as ``[N, K, D']`` (others unchanged)."""
     if kind != "mapped":
         return factor
+    if factor[0].dim() != 2:  # per-token sources (see linear_factor): none
+        return factor[0].new_zeros(factor[0].shape[0], 1, *factor[0].shape[1:-1], factor[1].shape[0])
     return _evaluate(factor, torch.eye(factor[1].shape[0], dtype=factor[0].dtype, device=factor[0].device))
 
 

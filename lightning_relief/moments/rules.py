@@ -1047,8 +1047,13 @@ def factor_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, arg
         std = ctx.call(LR.dropout_std, out.var, x.var if isinstance(x, Moments) else None)
         return replace(out, factors=(*incoming, Factor(std, "diag", 0)))  # rank: the width, known at the next layer
     if _is_flatten(node, module, args):
-        return replace(out, factors=tuple(f if f.kind in ("diag", "mapped") else replace(
-            f, node=ctx.method("flatten", f.node, 2), flat=True) for f in incoming))  # fmt: skip
+        flat = tuple(
+            replace(f, node=ctx.method("flatten", f.node, 1)) if f.kind == "diag"
+            else f if f.kind == "mapped"  # already flat: its layers are linear ones
+            else replace(f, node=ctx.method("flatten", f.node, 2), flat=True)
+            for f in incoming
+        )  # fmt: skip
+        return replace(out, factors=flat)
     layer = _mixing_layer(ctx, node, module)
     if layer is None:
         return out
