@@ -53,7 +53,9 @@ def randn_like(x: Tensor, generator: Draws) -> Tensor:
 def randn_like_shape(x: Tensor, shape: tuple[int, ...] | torch.Size, generator: Draws) -> Tensor:
     """:func:`randn_like` of ``shape``, on ``x``'s device and dtype."""
     if isinstance(generator, NormalPool):
-        return generator.take(shape, x.dtype, x.device)
+        if not torch._C._functorch.is_batchedtensor(x):
+            return generator.take(shape, x.dtype, x.device)
+        generator = generator.fresh()  # inside vmap: each vectorized member draws its own
     return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
 
 

@@ -62,10 +62,12 @@ class NormalPool:
         self._chunk_step: list[int | None] = []  # the step each chunk was drawn at
         self._offsets = random.Random(0)
         self._generator: torch.Generator | None = None
+        self._offset_seed = 0
+        self._fresh: torch.Generator | None = None  # this step's generator for draws a slice cannot serve
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_pool"] = state["_generator"] = None  # redrawn on first use (spawned ranks, pickling)
+        state["_pool"] = state["_generator"] = state["_fresh"] = None  # redrawn on first use (spawned ranks, pickling)
         state["_chunk_step"] = []
         state["_fresh_at"] = None
         return state
@@ -74,6 +76,8 @@ class NormalPool:
         """Start step ``step`` on ``device``: slice offsets come from ``offset_seed``; the chunk due is redrawn on first use."""
         self.step = int(step)
         self._offsets.seed(offset_seed)
+        self._offset_seed = offset_seed
+        self._fresh = None
         if device is not None:
             self.device = torch.device(device)
 
@@ -96,6 +100,13 @@ class NormalPool:
                 lo, hi = self._bounds(j)
                 self._pool[lo:hi].normal_(generator=self._generator.manual_seed(self.seed_of(due)))
                 self._chunk_step[j] = due
+
+    def fresh(self) -> torch.Generator:
+        """A generator seeded for this step, for draws that must be fresh (inside ``vmap``, where one
+        unbatched slice would give every vectorized member the same noise)."""
+        if self._fresh is None:
+            self._fresh = torch.Generator(device=self.device).manual_seed(self._offset_seed)
+        return self._fresh
 
     @torch.compiler.disable  # Python-side bookkeeping (offsets, refresh): a graph break, run eagerly
     def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
