@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     args.lr, args.finetune_lr = 1e-2, 3e-3
     args.repeat, args.number = 10, 10
     args.candidates = 3
+    # a run at other targets than the defaults writes beside the full results, not over them
+    name = "compression" if args.targets in (None, [0.5, 0.2]) else "compression_" + "_".join(map(str, args.targets))
     args.targets = args.targets or [0.5, 0.2]
     if args.quick:
         args.models, args.targets = ["lenet"], [0.5]
@@ -317,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     import tvm
 
-    name = "compression"
     results: dict = {}
     for model_name in args.models:
         results[model_name] = run_model(model_name, args, Path(args.cache_dir))
