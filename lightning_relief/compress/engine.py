@@ -5,7 +5,8 @@ sensitivity table (the fast prior), prices policies with the meter's cost
 model, proposes candidates (the Lagrangian search's policies plus the uniform,
 quantization-only and joint uniform + 8-bit baselines), measures each one
 whole with the meter, steers the budget until candidates land in the target
-window, and scores the candidates that meet the budget by validation accuracy
+window, gives channels back to the best one while it measures within budget
+(measured meters), and scores the candidates that meet the budget by validation accuracy
 after a short recovery (``recovery_steps`` of fine-tuning on a copy), so the
 answer is never worse on validation than the baselines it was compared with.
 The result is a small picklable :class:`CompressionResult` (the channel
