@@ -100,7 +100,7 @@ def test_analog_noise_is_drawn_on_the_model_device(device):
     model = nn.Sequential(nn.Linear(6, 4)).to(device)
     x = torch.randn(3, 6, device=device)
     clean = model(x).detach()
-    injector = NoiseInjector(AdditiveGaussian(), 0.2, Placement("outputs", layers=["Linear"]), seed=7).attach(model)
+    injector = NoiseInjector(AdditiveGaussian(), 0.2, Placement("outputs", layers=["Linear"]), seed=7, draws="fresh").attach(model)
     with injector.step(batch_size=3) as level:
         assert level.device.type == device and injector._level is not None and injector._level.device.type == device
         noisy = model(x).detach()
