@@ -14,7 +14,7 @@ from lightning_relief.noise.injector import step_seed
 
 __all__ = ["PerRankNoise"]
 
-_STAGES = {"train": 0, "validate": 1, "test": 2, "predict": 3}
+_STAGES = {"validate": 1, "test": 2, "predict": 3}
 
 
 class PerRankNoise(Callback):
@@ -77,6 +77,7 @@ class PerRankNoise(Callback):
 
     def _eval_seed(self, trainer: L.Trainer, stage: str, batch_idx: int, dataloader_idx: int) -> int:
         key = ((trainer.global_step * 64 + dataloader_idx) * 2**24 + batch_idx) * 4 + _STAGES[stage]
+        # mixed once more, so that no evaluation key reuses the seed of a training batch with that number
         return step_seed(step_seed(self.seed, trainer.global_rank, key), 1, 0)
 
     @override
