@@ -78,6 +78,11 @@ def _affine(x: Tensor, scale: float, shift: float, out: Tensor | None = None) ->
     return torch.add(x.new_tensor(shift), x, alpha=scale, out=out)
 
 
+# the idle device of a pair (target 0 µS): its σ_prog, μ_ν and σ_ν, once
+_PROG_STD_IDLE = float(_prog_std_of(torch.zeros(())))
+_NU_IDLE = tuple(float(v) for v in _drift_nu_of(torch.zeros(())))
+
+
 def read_noise_time_factor(t_inference: float, t0: float = T0, t_read: float = T_READ) -> float:
     """sqrt(ln((t + t_read) / (2 t_read))) with t counted from the start of programming."""
     t = t_inference + t0
@@ -162,18 +167,17 @@ class PCMNoise(NoiseModel):
         """
         shape = (2, *g_hat.shape)
         eps_prog, eps_nu = randn_like_shape(g_hat, shape, generator), randn_like_shape(g_hat, shape, generator)
-        zero = torch.zeros((), dtype=g_hat.dtype, device=g_hat.device)
         # the draws may be a read-only pool slice: results go to fresh tensors (out=)
         g_prog = torch.empty(shape, dtype=g_hat.dtype, device=g_hat.device)
         sigma_prog = _prog_std_of(g_hat)
-        sigma_prog_zero = float(_prog_std_of(zero)) * self.prog_noise_scale
+        sigma_prog_zero = _PROG_STD_IDLE * self.prog_noise_scale
         if self.prog_noise_scale != 1.0:
             sigma_prog.mul_(self.prog_noise_scale)
         torch.addcmul(g_hat, sigma_prog, eps_prog[0], out=g_prog[0])
         torch.mul(eps_prog[1], sigma_prog_zero, out=g_prog[1])
         g_prog.clamp_(min=0.0)
         mu_nu, sigma_nu = _drift_nu_of(g_hat)
-        mu_zero, sigma_zero = (float(v) for v in _drift_nu_of(zero))
+        mu_zero, sigma_zero = _NU_IDLE
         nu = torch.empty(shape, dtype=g_hat.dtype, device=g_hat.device)
         torch.addcmul(mu_nu, sigma_nu, eps_nu[0], out=nu[0])
         _affine(eps_nu[1], sigma_zero, mu_zero, out=nu[1])
