@@ -18,7 +18,7 @@ MC-100: NLL (within 5 %), OOD AUROC by predictive entropy and by mutual informat
 sampling error is smaller). Cost: process CPU time per call, one thread, methods interleaved round by
 round; ratios MP / deterministic (goal <= 2.5x) and MC-30 / MP (goal >= 10x at batch >= 32;
 batch 1 reported). Per layer type: the error at the output of every layer of the
-Sequential models, grouped by the layer's type.
+Sequential models, grouped by the layer's type (and covariance mode).
 
     python benchmarks/moment_propagation_fidelity.py --part fidelity    # accuracy (~20 min on one busy core)
     flock /tmp/bench.lock python benchmarks/moment_propagation_fidelity.py --part cost   # then the costs (~3 min)
@@ -185,7 +185,7 @@ def fidelity(
 
 
 @torch.no_grad()
-def per_layer(net: nn.Sequential, bayesian: bool, x: Tensor, mc_samples: int) -> list[dict[str, Any]]:
+def per_layer(net: nn.Sequential, bayesian: bool, x: Tensor, mc_samples: int, covariance: str) -> list[dict[str, Any]]:
     """Error at the output of every layer: the prefix network ``net[:k]`` against its own MC."""
     rows = []
     for k in range(1, len(net) + 1):
@@ -194,7 +194,7 @@ def per_layer(net: nn.Sequential, bayesian: bool, x: Tensor, mc_samples: int) ->
         kind = type(layer.layer if isinstance(layer, NoKL) else layer).__name__
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mean, var = MomentPropagationWrapper(prefix).moments(x)
+            mean, var = MomentPropagationWrapper(prefix, covariance=covariance).moments(x)
         reference = sample(prefix, x, mc_samples, bayesian)
         mc_std, mc_var = reference.std(0), reference.var(0)
         keep = mc_var > 1e-8 * mc_var.max()  # units that never vary (e.g. always-zero ReLUs)
@@ -259,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         entry = fidelity(net, bayesian, x, y, x_ood, mc_samples, covariance)
         if args.part == "all":
             entry.update(cost_entry(net, bayesian, rounds, budget, covariance))
-        if isinstance(net, nn.Sequential) and covariance == "diagonal":
-            layers = per_layer(net, bayesian, x[:100], mc_samples // 4)
+        if isinstance(net, nn.Sequential) and covariance in ("diagonal", "low_rank"):
+            layers = per_layer(net, bayesian, x[:100], mc_samples // 4, covariance)
             entry["per_layer"] = layers
-            layer_rows += [{"model": name, **row} for row in layers]
+            suffix = "" if covariance == "diagonal" else f" ({covariance})"
+            layer_rows += [{"model": name, **row, "type": row["type"] + suffix} for row in layers]
         results[name] = entry
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in layer_rows:
