@@ -37,7 +37,9 @@ class MomentPropagationEvalCallback(Callback):
     the predictive probabilities of the moment-propagated logits (one pass, no
     sampling). At epoch end it logs ``{prefix}{stage}_acc``, ``_nll``, ``_ece``
     (15 bins), ``_entropy``, ``_mutual_information`` (the epistemic part, from the logit
-    moments: :class:`~lightning_relief.moments.MomentUncertainty`) and, with OOD data,
+    moments and the classes' correlation that a final linear layer gives them:
+    :meth:`~lightning_relief.moments.MomentPropagationWrapper.logit_moments`,
+    :class:`~lightning_relief.moments.MomentUncertainty`) and, with OOD data,
     ``{prefix}{stage}_ood_auroc`` (OOD = positive; score: predictive entropy, the mutual
     information, or the summed logit variance).
     OOD data is ``ood_dataloader`` or else the datamodule's ``ood_dataloader()``

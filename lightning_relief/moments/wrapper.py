@@ -97,7 +97,12 @@ class MomentPropagationWrapper(nn.Module):
             (``[N, D]``) also carry their full covariance through ``Linear`` (also
             bayesian-torch's), dropout and (leaky) ReLU, so that a linear layer after dropout-ed
             hidden units adds their covariance (an MLP with two dropout layers). Costs
-            ``O(D^3)`` per sample and layer; convolutional parts stay per unit.
+            ``O(D^3)`` per sample and layer; convolutional parts stay per unit. Or ``"low_rank"``:
+            noise sources that many units share (the masks of dropout on flat activations, the
+            weight draw of bayesian-torch convolutions) are carried as factors through
+            linear/conv/(leaky) ReLU/max-pool/flatten layers, and a layer that sums the units
+            adds the covariance they carry (:mod:`~lightning_relief.moments.low_rank`). Costs
+            the number of sources times the activations they pass through.
 
     Example::
 
