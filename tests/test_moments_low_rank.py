@@ -198,3 +198,14 @@ def test_dropout_on_tokens_adds_no_factor_and_changes_nothing():
     assert "linear_factor" in low_rank.code
     torch.testing.assert_close(low_rank(x), diagonal(x))
     assert not low_rank.logit_moments(x)[2].any()
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "low_rank"])
+def test_per_token_logits_get_scores_without_shared_sources(covariance):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 5, 4)  # [N, T, features]: logits [N, T, C]
+    wrapper = MomentPropagationWrapper(model, covariance=covariance)
+    mean, var, factor = wrapper.logit_moments(x)
+    assert mean.shape == (2, 5, 3) and factor.shape[1] == 0
+    scores = wrapper.uncertainty(x)
+    assert scores["mutual_information"].shape == (2, 5)

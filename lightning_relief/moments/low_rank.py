@@ -178,8 +178,8 @@ def dropout_std(out_var: Tensor, var: Tensor | None) -> Tensor:
 
 
 def logit_factor(mean: Tensor, factors: Sequence[Any], kinds: Sequence[FactorKind]) -> Tensor:
-    """The logits' shared sources ``[N, K, C]`` (``K = 0`` without any)."""
-    if not factors:
+    """The logits' shared sources ``[N, K, C]`` (``K = 0`` without any, and for logits that are not ``[N, C]``)."""
+    if not factors or mean.dim() != 2:
         return mean.new_zeros(mean.shape[0], 0, mean.shape[-1])
     return torch.cat([materialize(f, k) for f, k in zip(factors, kinds)], dim=1)
 
