@@ -414,3 +414,11 @@ def test_a_fabric_module_is_unwrapped():
     torch.testing.assert_close(wrapper(x), MomentPropagationWrapper(net)(x))
     compiled = torch.compile(net)
     assert MomentPropagationWrapper(compiled).model is net
+
+
+def test_the_covariance_mode_is_part_of_the_rebuildable_spec():
+    from lightning_relief.models.spec import build_model, model_spec
+
+    wrapper = MomentPropagationWrapper(MLP(in_features=64, dropout=0.2), covariance="low_rank")
+    rebuilt = build_model(model_spec(wrapper))
+    assert isinstance(rebuilt, MomentPropagationWrapper) and rebuilt.covariance == "low_rank"

@@ -164,7 +164,7 @@ class MomentPropagationWrapper(nn.Module):
             )
         spec = model_spec(model)
         if spec is not None:  # lets ClassifierModule.load_from_checkpoint rebuild the wrapper
-            self.init_args = {"model": spec, "output": output, "softmax": softmax}
+            self.init_args = {"model": spec, "output": output, "softmax": softmax, "covariance": covariance}
 
     def _graph(self, random_input: bool, output: Output) -> fx.GraphModule:
         key = (random_input, output)
