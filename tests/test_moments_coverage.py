@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_relief.moments import MomentPropagationWrapper, UnsupportedOperationError
 from lightning_relief.moments import functional as MF
+from moments_export import assert_compiles_to_matching_tvm
 from test_moments_rules import _assert_exact, _gauss, _sample
 
 
@@ -231,8 +232,6 @@ def test_recurrent_layer_is_a_typed_error_naming_it():
 @pytest.mark.slow
 def test_new_rules_compile_to_one_tvm_graph_matching_pytorch():
     pytest.importorskip("tvm")
-    from lightning_relief.deploy import compile_for_target
-
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Dropout(0.2), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),  # correlated pool
@@ -245,12 +244,7 @@ def test_new_rules_compile_to_one_tvm_graph_matching_pytorch():
         warnings.simplefilter("ignore")  # ends in log_softmax
         wrapper = MomentPropagationWrapper(model)
     assert "conv_neighbour_cov" in wrapper.code
-    compiled = compile_for_target(wrapper, x)
-    assert len(compiled.metadata["outputs"]) == 2
-    mean, var = compiled(x)
-    expected_mean, expected_var = wrapper(x)
-    torch.testing.assert_close(mean, expected_mean.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(var, expected_var.detach(), rtol=1e-4, atol=1e-6)
+    assert_compiles_to_matching_tvm(wrapper, x, rtol=1e-4, atol=1e-5)
 
 
 class FunctionalForms(nn.Module):

@@ -17,6 +17,7 @@ from lightning_relief.moments import MomentPropagationWrapper, mc_dropout_logits
 from lightning_relief.moments import functional as MF
 from lightning_relief.moments import low_rank as LR
 from lightning_relief.uncertainty import functional as U
+from moments_export import assert_compiles_to_matching_tvm
 
 
 def test_a_mapped_factor_gives_the_covariance_of_linear_relu_linear_computed_densely():
@@ -144,8 +145,6 @@ def test_low_rank_compiles_to_one_tvm_graph_matching_pytorch():
     pytest.importorskip("bayesian_torch")
     from bayesian_torch.layers import Conv1dReparameterization
 
-    from lightning_relief.deploy import compile_for_target
-
     class Conv(nn.Module):  # bayesian-torch's layer without its KL output
         def __init__(self) -> None:
             super().__init__()
@@ -163,12 +162,7 @@ def test_low_rank_compiles_to_one_tvm_graph_matching_pytorch():
     wrapper = MomentPropagationWrapper(model, covariance="low_rank")
     for rule in ("gaussian_conv_factor", "max_pool_factor_moments", "conv_factor", "linear_factor"):
         assert rule in wrapper.code, rule
-    compiled = compile_for_target(wrapper, x)
-    assert len(compiled.metadata["outputs"]) == 2
-    mean, var = compiled(x)
-    expected_mean, expected_var = wrapper(x)
-    torch.testing.assert_close(mean, expected_mean.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(var, expected_var.detach(), rtol=1e-4, atol=1e-6)
+    assert_compiles_to_matching_tvm(wrapper, x, rtol=1e-4, atol=1e-5)
 
 
 class Tokens(nn.Module):

@@ -25,6 +25,7 @@ from lightning_relief.moments import (
     mc_bayesian_logits,
     mc_dropout_logits,
 )
+from moments_export import assert_compiles_to_matching_tvm
 
 SAMPLES = 4_000
 
@@ -310,22 +311,13 @@ def test_exports_as_one_graph_with_two_outputs(images):
 @pytest.mark.slow
 def test_tvm_compiled_graph_matches_pytorch(images):
     pytest.importorskip("tvm")
-    from lightning_relief.deploy import compile_for_target
-
     # dropout first, so that conv, batch norm, ReLU and max-pool rules are all in the compiled graph
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.2), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 10),
     )  # fmt: skip
     wrapper = MomentPropagationWrapper(_randomise_batch_norm(model))
-    compiled = compile_for_target(wrapper, images)
-    assert len(compiled.metadata["outputs"]) == 2
-    more = torch.randn(5, 1, 8, 8)  # untuned builds take any batch size
-    for x in (images, more):
-        mean, var = compiled(x)
-        expected_mean, expected_var = wrapper(x)
-        torch.testing.assert_close(mean, expected_mean.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(var, expected_var.detach(), rtol=1e-5, atol=1e-7)
+    assert_compiles_to_matching_tvm(wrapper, images, torch.randn(5, 1, 8, 8), rtol=1e-5, atol=1e-6)
 
 
 class ManyOpsNet(nn.Module):
