@@ -40,9 +40,37 @@ def test_tuned_compile_matches_and_reuses_its_database(tmp_path):
         loaded(big)
 
 
+class _TwoSizes(nn.Module):
+    """A large and a tiny linear layer: two tuning tasks some thousand times apart in cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big, self.small = nn.Linear(512, 512), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.big(x[:, :512]).sum(1, keepdim=True) + self.small(x[:, 512:])
+
+
+@pytest.mark.slow
+def test_trials_go_to_the_costly_operator(tmp_path):
+    """After one round each, MetaSchedule's gradient scheduler spends the rest of the budget where latency
+    times weight is largest (the even split gave every operator ceil(trials / tasks))."""
+    config = TuningConfig(trials=12, trials_per_round=4, work_dir=tmp_path / "db", population_size=8, genetic_iters=1)
+    compile_for_target(_TwoSizes().eval(), torch.randn(16, 516), tuning=config)
+    assert config.tuned_tasks == 2
+    seconds: dict[int, list[float]] = {}  # measured run time of each candidate, by workload
+    for line in (tmp_path / "db" / "database_tuning_record.json").read_text().splitlines():
+        workload, (_trace, run_secs, *_rest) = json.loads(line)
+        seconds.setdefault(workload, []).append(min(run_secs))
+    big, small = sorted(seconds, key=lambda w: min(seconds[w]), reverse=True)
+    assert (len(seconds[big]), len(seconds[small])) == (8, 4), seconds
+
+
 def test_tuning_config_validates():
     assert TuningConfig.coerce(None) is None and TuningConfig.coerce(8).trials == 8
     with pytest.raises(ValueError, match="trials must be"):
         TuningConfig(trials=-1)
+    with pytest.raises(ValueError, match="trials_per_round"):
+        TuningConfig(trials_per_round=0)
     with pytest.raises(ValueError, match="dynamic_batch=True cannot be tuned"):
         compile_for_target(nn.Linear(2, 2), torch.zeros(1, 2), tuning=1, dynamic_batch=True)

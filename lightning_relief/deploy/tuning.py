@@ -11,7 +11,6 @@ again (unless ``retune=True``); only new workloads spend the trial budget.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,9 +31,15 @@ class TuningConfig:
     """How much MetaSchedule tuning a compile may spend.
 
     Args:
-        trials: total measured candidates for one compile (spread over the operators
-            not yet in the database); ``0`` only applies what the database has.
-        trials_per_task: cap per operator (default: ``trials`` shared evenly).
+        trials: total measured candidates for one compile, for the operators not yet in the
+            database; ``0`` only applies what the database has. Every operator gets one round
+            first; later rounds go where they promise most, by MetaSchedule's gradient task
+            scheduler: an operator's best latency so far times how often the model runs it
+            (its task weight), and how fast that latency was still falling.
+        trials_per_task: cap per operator (default: none but ``trials``).
+        trials_per_round: candidates measured per round of one operator (fewer when ``trials``
+            cannot give every operator one round of this size). Small rounds let the scheduler
+            move the budget often; each round also pays for a search and a cost-model update.
         work_dir: the tuning database folder (default ``<cache dir>/tuning``).
         weight_prepack: let tuned kernels use pre-packed weight layouts (faster on CPU).
         retune: tune workloads again even if the database already has them.
@@ -54,6 +59,7 @@ class TuningConfig:
 
     trials: int = 64
     trials_per_task: int | None = None
+    trials_per_round: int = 8
     work_dir: str | os.PathLike | None = None
     weight_prepack: bool = True
     retune: bool = False
@@ -70,6 +76,8 @@ class TuningConfig:
             raise ValueError(f"trials must be an integer >= 0, got {self.trials!r}")
         if self.trials_per_task is not None and (not isinstance(self.trials_per_task, int) or self.trials_per_task < 1):
             raise ValueError(f"trials_per_task must be an integer >= 1 or None, got {self.trials_per_task!r}")
+        if not isinstance(self.trials_per_round, int) or self.trials_per_round < 1:
+            raise ValueError(f"trials_per_round must be an integer >= 1, got {self.trials_per_round!r}")
         if self.population_size < 2 or self.genetic_iters < 0:
             raise ValueError(f"bad search settings: population_size={self.population_size}, genetic_iters={self.genetic_iters}")
         if self.builder not in ("in-process", "local"):
@@ -175,8 +183,16 @@ def _tune_missing(mod: tvm.IRModule, target: tvm.target.Target, config: TuningCo
         tasks = [t for t in tasks if database.query_tuning_record(t.dispatched[0], target, "main") is None]
     if not tasks or config.trials == 0:
         return 0
-    per_task = config.trials_per_task or max(1, math.ceil(config.trials / len(tasks)))
-    log.info("tuning %d new operators, %d trials (at most %d each), database %s", len(tasks), config.trials, per_task, work_dir)
+    per_task = min(config.trials_per_task or config.trials, config.trials)
+    per_round = max(1, min(config.trials_per_round, per_task, config.trials // len(tasks)))
+    log.info(
+        "tuning %d new operators, %d trials (rounds of %d, at most %d per operator), database %s",
+        len(tasks),
+        config.trials,
+        per_round,
+        per_task,
+        work_dir,
+    )
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=config.population_size,
         init_min_unmeasured=min(50, config.population_size),
@@ -184,9 +200,7 @@ def _tune_missing(mod: tvm.IRModule, target: tvm.target.Target, config: TuningCo
     )
     contexts, weights = extracted_tasks_to_tune_contexts(tasks, work_dir=work_dir, strategy=strategy)
     builder = (
-        _in_process_builder()
-        if config.builder == "in-process"
-        else ms.builder.LocalBuilder(timeout_sec=config.builder_timeout_s)
+        _in_process_builder() if config.builder == "in-process" else ms.builder.LocalBuilder(timeout_sec=config.builder_timeout_s)
     )
     ms.tune_tasks(
         tasks=contexts,
@@ -194,7 +208,8 @@ def _tune_missing(mod: tvm.IRModule, target: tvm.target.Target, config: TuningCo
         work_dir=work_dir,
         max_trials_global=config.trials,
         max_trials_per_task=per_task,
-        num_trials_per_iter=min(64, per_task),
+        num_trials_per_iter=per_round,
+        task_scheduler="gradient",
         builder=builder,
         runner=ms.runner.LocalRunner(timeout_sec=config.runner_timeout_s),
         database=database,
