@@ -274,3 +274,56 @@ def test_channels_are_given_back_while_the_measured_cost_stays_within_budget(dig
     assert chosen.measured_cost <= high and chosen.extra["first_measured_cost"] == chosen.measured_cost  # confirmed
     in_window = [c for c in result.evaluated if 0.4 * 0.95 * result.original_cost <= c.measured_cost <= high]
     assert chosen.val_acc >= max(c.val_acc for c in in_window or result.evaluated if c.measured_cost <= high)
+
+
+def _digits_split(digits, n=256):
+    x, y = digits.dataset("train").tensors
+    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, n, 64)], [digits.dataset("val").tensors]
+
+
+def test_uniform_pruning_is_grown_back_as_uniform_pruning_to_the_budget(digits):
+    """On a staircase cost the uniform rounds stop where they land; growing back bisects the one ratio
+    until the least pruned uniform policy within budget and the next lighter one (over it) are adjacent."""
+    train, val = _digits_split(digits)
+    torch.manual_seed(0)
+    model = LeNet5(input_size=8)
+    config = CompressionConfig(target=0.4, methods=("prune",), search="uniform", prune_ratios=(0.25, 0.5, 0.75),
+                               candidates=2, max_rounds=2, grow=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = plan(model, train[:2], config, PaddedMACsMeter(), val, train)
+    assert all(len(set(c.policy.prune.values())) == 1 and not c.policy.bits for c in result.evaluated)
+    assert any(c.extra.get("grown") for c in result.evaluated)
+    groups = analyze(model, val[0][0][:1]).groups
+
+    def counts(ratio):
+        return [round(ratio * g.channels) for g in groups]
+
+    high = 0.4 * 1.05 * result.original_cost
+    ratios = [(c.extra["uniform_ratio"], c.measured_cost) for c in result.evaluated]
+    least = min(r for r, m in ratios if m <= high)
+    over = max(r for r, m in ratios if m > high and r < least)
+    between = {tuple(counts(over + (least - over) * i / 200)) for i in range(201)}
+    assert between == {tuple(counts(over)), tuple(counts(least))}, "a uniform ratio in between was left unmeasured"
+
+
+def test_every_baseline_within_budget_is_scored_even_below_the_window(digits):
+    """Noisy-meter rules choose inside the measured window, but a baseline that only measured below it
+    still competes, so the answer is never worse on validation than uniform pruning."""
+    train, val = _digits_split(digits)
+    torch.manual_seed(0)
+    # not grown back, uniform stays below this window (×0.38-0.39 for 0.5 ± 3 %) while ours lands in it
+    config = CompressionConfig(target=0.5, tolerance=0.03, prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,),
+                               candidates=2, max_rounds=2, grow=0, recovery_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = plan(LeNet5(input_size=8), train[:2], config, PaddedMACsMeter(), val, train)
+    high = 0.5 * 1.03 * result.original_cost
+    assert any(0.5 * 0.97 * result.original_cost <= c.measured_cost <= high for c in result.evaluated)
+    chosen = result.chosen
+    assert chosen.measured_cost <= high
+    within = [c for c in result.evaluated if c.extra.get("kind") == "uniform" and c.measured_cost <= high]
+    assert within and all(c.measured_cost < 0.5 * 0.97 * result.original_cost for c in within)
+    best = max(within, key=lambda c: c.measured_cost)
+    assert "recovered_acc" in best.extra, "the uniform baseline within budget was not scored"
+    assert chosen.extra["recovered_acc"] >= best.extra["recovered_acc"]
