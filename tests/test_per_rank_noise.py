@@ -1,4 +1,4 @@
-"""PerRankNoise: photonic (and dropout) draws differ per DDP rank, the weights stay one model, resume is exact."""
+"""Photonic draws differ per DDP rank by default; PerRankNoise adds dropout's and exact resume; one model throughout."""
 
 from __future__ import annotations
 
@@ -30,14 +30,15 @@ class NoiseRecord(RankRecord):
         return {"first": float(first[0, 0]), "sum": float(first.sum())}
 
 
-def _module() -> ClassifierModule:
+def _module(dropout: float = 0.2) -> ClassifierModule:
     L.seed_everything(0, verbose=False)
-    net = PhotonicNetwork(MLP(in_features=64, hidden=(32,), dropout=0.2), bandwidth_ratio=0.05, num_samples=4)
+    net = PhotonicNetwork(MLP(in_features=64, hidden=(32,), dropout=dropout), bandwidth_ratio=0.05, num_samples=4)
     return ClassifierModule(net, lr=5e-3, scheduler="none")
 
 
-def _run(tmp_path, tag: str, max_epochs: int, ckpt_path=None, **trainer_options) -> None:
-    module = _module()
+def _run(tmp_path, tag: str, max_epochs: int, ckpt_path=None, per_rank_noise=True, **trainer_options) -> None:
+    module = _module(0.2 if per_rank_noise else 0.0)
+    callbacks = [NoiseRecord(str(tmp_path), tag), ModelCheckpoint(dirpath=tmp_path / tag, save_last=True)]
     trainer = quiet_trainer(
         max_epochs=max_epochs,
         limit_train_batches=3,
@@ -45,7 +46,7 @@ def _run(tmp_path, tag: str, max_epochs: int, ckpt_path=None, **trainer_options)
         num_sanity_val_steps=0,
         enable_checkpointing=True,
         default_root_dir=tmp_path,
-        callbacks=[PerRankNoise(seed=5), NoiseRecord(str(tmp_path), tag), ModelCheckpoint(dirpath=tmp_path / tag, save_last=True)],
+        callbacks=[PerRankNoise(seed=5), *callbacks] if per_rank_noise else callbacks,
         **trainer_options,
     )
     trainer.fit(module, DigitsDataModule(batch_size=32, size=8, seed=0), ckpt_path=ckpt_path)
@@ -68,18 +69,31 @@ def test_seed_is_validated():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_ranks_draw_own_noise_keep_one_model_and_resume_exactly(tmp_path):
-    ddp = dict(devices=2)
     with file_system_sharing():
         for tag, epochs, ckpt in (("straight", 2, None), ("first", 1, None), ("resumed", 2, "first")):
-            strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=90))
             path = None if ckpt is None else tmp_path / ckpt / "last.ckpt"
-            _run(tmp_path, tag, epochs, ckpt_path=path, strategy=strategy, **ddp)
+            _run(tmp_path, tag, epochs, ckpt_path=path, strategy=_ddp(), devices=2)
+    _assert_own_draws_one_model(tmp_path, "straight")
+    for rank in (0, 1):
+        assert_resume_exact(tmp_path, rank)
 
-    (rows0, weights0), (rows1, weights1) = load_rank_record(tmp_path, "straight", 0), load_rank_record(tmp_path, "straight", 1)
+
+def _ddp() -> DDPStrategy:
+    return DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=90))
+
+
+def _assert_own_draws_one_model(tmp_path, tag: str) -> None:
+    (rows0, weights0), (rows1, weights1) = load_rank_record(tmp_path, tag, 0), load_rank_record(tmp_path, tag, 1)
     train0, train1 = [r for r in rows0 if "first" in r], [r for r in rows1 if "first" in r]
     assert len(train0) == len(train1) == 6
     assert all(a["first"] != b["first"] for a, b in zip(train0, train1))  # each rank its own draws
     for key, value in weights0.items():  # DDP averaged the gradients of the ranks' draws: one model
         torch.testing.assert_close(weights1[key], value, rtol=0, atol=0, msg=key)
-    for rank in (0, 1):
-        assert_resume_exact(tmp_path, rank)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_plain_ddp_photonic_layers_draw_own_noise_per_rank_without_the_callback(tmp_path):
+    with file_system_sharing():
+        _run(tmp_path, "plain", 2, per_rank_noise=False, strategy=_ddp(), devices=2)
+    _assert_own_draws_one_model(tmp_path, "plain")

@@ -20,11 +20,13 @@ _STAGES = {"validate": 1, "test": 2, "predict": 3}
 class PerRankNoise(Callback):
     """Seed the random draws of each batch from ``(seed, rank, batch)``: own noise per rank, exact resume.
 
-    ``seed_everything`` gives every DDP rank the same seed, so photonic sampler
-    layers, dropout, Bayesian layers and any other sampler that draws from
-    PyTorch's global generator draw the *same* noise on every rank: the ranks'
-    gradients then carry correlated noise, and a resumed run draws other noise
-    than a straight one (Lightning does not checkpoint the global generator).
+    ``seed_everything`` gives every DDP rank the same seed, so dropout, Bayesian
+    layers and any other sampler that draws from PyTorch's global generator draw
+    the *same* noise on every rank: the ranks' gradients then carry correlated
+    noise, and a resumed run draws other noise than a straight one (Lightning
+    does not checkpoint the global generator). Photonic sampler layers draw per
+    rank without this callback (:func:`~lightning_relief.photonic.rank_normal`);
+    with it their draws are also exact on resume.
 
     This callback seeds the global generator (CPU and the CUDA devices in use)
     from ``(seed, global rank, training batch)`` for the span of each training

@@ -26,6 +26,13 @@ Sampling
     ``[0, max_intensity]``), each shared by the whole batch: the reference the
     fast path is tested against.
 
+    Under DDP (an initialised process group) the draws from the global
+    generator are each rank's own (:func:`~lightning_relief.photonic.physics.rank_normal`),
+    although ``seed_everything`` seeds every rank alike: DDP averages the
+    gradients of ``world_size`` independent draws and the weights stay the same
+    on every rank. An explicit generator (``sample_logits(seed=...)``) draws as
+    it is on every rank.
+
 Readout
     ``noise_floor`` adds Gaussian detector noise (a standard deviation in output
     units) to every output; ``adc_bits`` quantizes outputs to ``2**adc_bits``

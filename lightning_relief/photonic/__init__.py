@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "ar1_noise": "lightning_relief.photonic.physics",
     "correlation_from_rates": "lightning_relief.photonic.physics",
     "quantize_readout": "lightning_relief.photonic.physics",
+    "rank_normal": "lightning_relief.photonic.physics",
     "relative_spread": "lightning_relief.photonic.physics",
 }
 

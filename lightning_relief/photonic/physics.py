@@ -30,9 +30,45 @@ __all__ = [
     "ar1_noise",
     "correlation_from_rates",
     "quantize_readout",
+    "rank_normal",
     "readout_step",
     "relative_spread",
 ]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def rank_normal(
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Standard-normal draws of ``shape``; from the global generator in a process group, this rank's own.
+
+    ``seed_everything`` gives every DDP rank the same global generator, so plain
+    draws would be the same noise on every rank and DDP would average gradients
+    of one draw instead of ``world_size``. Here each rank draws the ``world_size``
+    blocks one after the other and keeps block ``rank``: every rank advances its
+    global generator alike (all other draws stay as they were, and the ranks stay
+    in step), and the noise stays a function of the global generator's state, so
+    whatever restores that state (``PerRankNoise``, ``DeepEnsembleStrategy``'s
+    checkpoints) restores the draws. An explicit ``generator`` is the caller's
+    stream and is used as it is. Cost: ``world_size`` draws of ``shape``.
+    """
+    rank, world = _rank_and_world() if generator is None else (0, 1)
+    kept = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    for other in range(1, world):
+        # drawn in turn rather than as one [world, *shape] block: at most two blocks alive at once
+        block = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if other == rank:
+            kept = block
+    return kept
 
 
 def relative_spread(bandwidth_ratio: Tensor | float) -> Tensor:
@@ -75,11 +111,12 @@ def ar1_noise(
     ``eps[0] = z[0]``, ``eps[k] = rho·eps[k-1] + sqrt(1 - rho^2)·z[k]``: every
     element has unit variance and ``corr(eps[k], eps[k+j]) = rho^j``. The chain
     is applied as one triangular matrix product (a loop for chains longer than
-    256, where that matrix would outgrow the noise).
+    256, where that matrix would outgrow the noise). ``z`` comes from
+    :func:`rank_normal`: each DDP rank draws its own.
     """
     if not 0.0 <= correlation < 1.0:
         raise ValueError(f"correlation must be in [0, 1), got {correlation}")
-    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    z = rank_normal(shape, generator=generator, device=device, dtype=dtype)
     k = shape[0]
     if correlation == 0.0 or k == 1:
         return z
