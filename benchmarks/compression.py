@@ -18,11 +18,16 @@ candidates in light colour, the chosen points marked).
     .venv/bin/python benchmarks/compression.py            # full run (about 30-60 min on 2 busy cores)
     .venv/bin/python benchmarks/compression.py --quick    # LeNet, target 0.5, short training
     .venv/bin/python benchmarks/compression.py --suite mnist1d [--seeds 0 1 2]   # issue #13's search-quality goal
+    .venv/bin/python benchmarks/compression.py --suite resnet18   # a foreign model: torchvision resnet18 at 32 px
 
 ``--suite mnist1d``: the MNIST-1D CNN (``MNIST1DCNN``, batch norm) pretrained, then compressed to measured
 latency targets 0.5, 0.35 and 0.25 by ours (accuracy-scored candidates incl. the uniform, 8-bit and joint
 baselines) and by uniform pruning alone, each fine-tuned alike; test accuracy at the latency each measured,
 time per phase, the chosen policies. Writes ``results/compression_mnist1d.json``.
+
+``--suite resnet18``: torchvision's ``resnet18`` as it is (3-channel digits at 32 px) to a measured latency
+target of 0.5: the callback's figure, a fresh re-timing after fine-tuning (goal: within ±5 %), and the
+checkpoint reloaded into a new ``resnet18``. Writes ``results/compression_resnet18.json``.
 """
 
 from __future__ import annotations
@@ -284,10 +289,81 @@ def main_mnist1d(args) -> int:
     return 0
 
 
+def run_resnet18(args) -> dict:
+    """torchvision's resnet18, unchanged (3-channel digits at 32 px), to a measured latency target: the
+    callback's own figure, a fresh re-timing after fine-tuning, and the checkpoint reloaded on a new resnet18."""
+    import torchvision
+
+    def make() -> torch.nn.Module:
+        return torchvision.models.resnet18(num_classes=10)
+
+    dm = DigitsDataModule(batch_size=64, size=32, channels=3, seed=0)
+    dm.setup()
+    L.seed_everything(0, verbose=False)
+    base = ClassifierModule(make(), lr=1e-3, scheduler="none")
+    t = time.perf_counter()
+    trainer(args.pretrain_epochs).fit(base, dm)
+    pretrain_s = time.perf_counter() - t
+    base_acc = test_acc(base, dm)
+    example = dm.dataset("val").tensors[0][:1]
+    retimer = LatencyMeter("llvm", cache_dir=args.cache_dir, repeat=args.repeat, number=args.number, cache=False,
+                           compare_seconds=args.compare_seconds)
+    retimer.cost_model(analyze(base, example))
+    base_ms = retimer.set_reference(base)
+    print(f"[resnet18] pretrained {args.pretrain_epochs} epochs in {pretrain_s:.0f} s: test acc {base_acc:.4f}, "
+          f"latency {base_ms:.3f} ms", flush=True)
+    rows = []
+    for target in args.targets:
+        L.seed_everything(0, verbose=False)
+        module = ClassifierModule(make(), lr=args.finetune_lr, scheduler="none")
+        module.load_state_dict(base.state_dict())
+        meter = LatencyMeter("llvm", cache_dir=args.cache_dir, repeat=args.repeat, number=args.number,
+                             compare_seconds=args.compare_seconds)
+        cb = SensitivityPruningCallback(target=target, meter=meter, start_epoch=0, calibration_batches=4,
+                                        prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,), candidates=args.candidates,
+                                        max_rounds=args.max_rounds, grow=args.grow, recovery_steps=args.recovery_steps,
+                                        verbose=False)
+        fit = trainer(args.finetune_epochs, [cb])
+        t = time.perf_counter()
+        fit.fit(module, dm)
+        fit_s = time.perf_counter() - t
+        ratio = retimer.measure(module) / base_ms
+        path = Path(args.cache_dir) / f"resnet18_{target}.ckpt"
+        fit.save_checkpoint(path)
+        reloaded = ClassifierModule.load_from_checkpoint(path, model=make(), weights_only=True).eval()
+        x = dm.dataset("val").tensors[0][:16]
+        with torch.no_grad():
+            reload_error = float((reloaded(x) - module.eval()(x)).abs().max())
+        row = {"target": target, "original_acc": base_acc, "test_acc": test_acc(module, dm),
+               "callback_latency_ratio": cb.chosen.measured_cost / cb.original_cost, "retimed_latency_ratio": ratio,
+               "within_5pct": abs(ratio / target - 1) <= 0.05, "reload_max_abs_error": reload_error,
+               "kind": cb.chosen.extra.get("kind", "search"), "policy": cb.policy.to_dict(),
+               "candidates": len(cb.evaluated), "timings": cb.timings, "finetune_s": fit_s - cb.timings["plan_s"]}
+        rows.append(row)
+        print(f"[resnet18] target {target}: acc {row['test_acc']:.4f} (original {base_acc:.4f}), callback "
+              f"x{row['callback_latency_ratio']:.3f}, re-timed x{ratio:.3f}, reload error {reload_error:.2e}, "
+              f"chosen {row['kind']}, plan {cb.timings['plan_s']:.0f} s", flush=True)
+    return {"rows": rows, "pretrain_s": pretrain_s, "original_ms": base_ms}
+
+
+def main_resnet18(args) -> int:
+    args.cache_dir = Path(args.cache_dir)
+    started = time.perf_counter()
+    result = run_resnet18(args)
+    payload = {"benchmark": "compression_resnet18", "wall_s": time.perf_counter() - started,
+               "machine": {**machine_info(), "torch_threads": args.threads,
+                           "tvm_threads": os.environ.get("TVM_NUM_THREADS")},
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **result}
+    out = result_path("compression_resnet18.json", args.quick)
+    out.write_text(json.dumps(payload, indent=2, default=float))
+    print(f"wrote {out} in {payload['wall_s']:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="LeNet only, target 0.5, short training")
-    parser.add_argument("--suite", choices=("digits", "mnist1d"), default="digits")
+    parser.add_argument("--suite", choices=("digits", "mnist1d", "resnet18"), default="digits")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="mnist1d suite: seeds")
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
     parser.add_argument("--targets", nargs="+", type=float, default=None,
@@ -302,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         args.repeat, args.number, args.compare_seconds = 5, 10, 2.0
         args.candidates, args.max_rounds, args.recovery_steps = 2, 3, (10 if args.quick else 100)
         return main_mnist1d(args)
+    if args.suite == "resnet18":
+        args.targets = args.targets or [0.5]
+        args.pretrain_epochs, args.finetune_epochs = (1, 1) if args.quick else (3, 2)
+        args.repeat, args.number, args.compare_seconds = 5, 10, 2.0
+        args.candidates, args.max_rounds, args.grow, args.recovery_steps = 2, 3, 6, (5 if args.quick else 20)
+        args.finetune_lr = 1e-3
+        return main_resnet18(args)
     args.lr, args.finetune_lr = 1e-2, 3e-3
     args.repeat, args.number = 10, 10
     args.candidates = 3

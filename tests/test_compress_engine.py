@@ -287,8 +287,9 @@ def test_uniform_pruning_is_grown_back_as_uniform_pruning_to_the_budget(digits):
     train, val = _digits_split(digits)
     torch.manual_seed(0)
     model = LeNet5(input_size=8)
-    config = CompressionConfig(target=0.4, methods=("prune",), search="uniform", prune_ratios=(0.25, 0.5, 0.75),
-                               candidates=2, max_rounds=2, grow=8)
+    # the rounds leave uniform at ×0.38-0.39, below the window 0.5 ± 3 %
+    config = CompressionConfig(target=0.5, tolerance=0.03, methods=("prune",), search="uniform",
+                               prune_ratios=(0.25, 0.5, 0.75), candidates=2, max_rounds=2, grow=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = plan(model, train[:2], config, PaddedMACsMeter(), val, train)
@@ -299,7 +300,7 @@ def test_uniform_pruning_is_grown_back_as_uniform_pruning_to_the_budget(digits):
     def counts(ratio):
         return [round(ratio * g.channels) for g in groups]
 
-    high = 0.4 * 1.05 * result.original_cost
+    high = 0.5 * 1.03 * result.original_cost
     ratios = [(c.extra["uniform_ratio"], c.measured_cost) for c in result.evaluated]
     least = min(r for r, m in ratios if m <= high)
     over = max(r for r, m in ratios if m > high and r < least)

@@ -423,6 +423,8 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         if not under:
             return
         start = min(under, key=lambda c: c.extra["uniform_ratio"])
+        if start.measured_cost >= budget * (1 - config.tolerance):
+            return  # already at the budget: each measurement costs a compile and seconds of timing
         hi = start.extra["uniform_ratio"]
         lo = max((c.extra["uniform_ratio"] for c in mine if c.measured_cost > high and c.extra["uniform_ratio"] < hi),
                  default=0.0)
