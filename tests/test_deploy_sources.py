@@ -135,6 +135,14 @@ def test_call_path_without_copies_keeps_results_apart(seed):
         torch.testing.assert_close(torch.from_numpy(compiled(b.numpy())), model(b), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"expected shape \[1, 1, 8, 8\]"):
         compiled(torch.zeros(2, 1, 8, 8))
+    # after the checks above the short path of a repeated call still checks what it skips
+    with pytest.raises(ValueError, match="dtype float32, got .* float64"):
+        compiled(torch.zeros(1, 1, 8, 8, dtype=torch.float64))
+    grad = torch.randn(1, 1, 8, 8, requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(grad), model(grad), atol=1e-5, rtol=1e-5)
+        compiled._invoke = None  # a repeated call (same shape, CPU tensor) takes the short path
+        torch.testing.assert_close(compiled(a), model(a), atol=1e-5, rtol=1e-5)
 
 
 def test_export_after_fitting_a_compiled_module(tmp_path, trainer_factory, seed):

@@ -77,6 +77,9 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
     return dtype if isinstance(dtype, np.dtype) else np.dtype(str(dtype).rpartition(".")[2])
 
 
+_ARRAY = type(tvm.runtime.convert([1]))  # what a function returning a tuple gives (tvm_ffi's Array)
+
+
 def _flatten_tvm(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
         return [a for v in value for a in _flatten_tvm(v)]
@@ -108,6 +111,8 @@ class CompiledModel:
         self._params: list[Any] = []
         self._checked: set[tuple] = set()
         self._local = False
+        # (tensor type, shape, dtype) of the one torch input a call has taken the whole way: see __call__
+        self._fast: tuple[type, Any, Any] | None = None
         self.compile_options: dict[str, Any] = {}
 
     # -- running ---------------------------------------------------------------
@@ -212,14 +217,47 @@ class CompiledModel:
         return [np.concatenate([p[i] for p in parts])[:n] for i in range(len(parts[0]))]
 
     def __call__(self, *inputs: Any) -> Any:
-        outputs = self._invoke(inputs)
+        fast = self._fast
+        if fast is not None and len(inputs) == 1:
+            # the common call (one CPU torch tensor of the shape seen before, one output): what _invoke
+            # would check and convert, in a few attribute reads (it cost ~6 us of a ~12 us overhead)
+            x = inputs[0]
+            if (
+                type(x) is fast[0]
+                and x.is_cpu
+                and not x.requires_grad
+                and x.shape == fast[1]
+                and x.dtype == fast[2]
+                and x.is_contiguous()
+                and x.data_ptr() % 64 == 0
+            ):
+                result = self._main(x, *self._params)
+                out = result[0] if type(result) is _ARRAY else result
+                if type(out) is fast[0]:
+                    return out
+                self._fast = (None, None, None)  # a nested single output: never the fast path again
+                outputs = _flatten_tvm(result)
+            else:
+                outputs = self._invoke(inputs)
+        else:
+            outputs = self._invoke(inputs)
         if inputs and not isinstance(inputs[0], np.ndarray) and type(inputs[0]).__module__.startswith("torch"):
             import torch
 
             outputs = [o if isinstance(o, torch.Tensor) else torch.from_dlpack(o) for o in outputs]
+            single = self.metadata.get("single_output", len(outputs) == 1)
+            if single and len(inputs) == 1 and self._fast is None and self._takes_whole(inputs[0], outputs):
+                self._fast = (type(inputs[0]), inputs[0].shape, inputs[0].dtype)
         else:
             outputs = [_host(o) for o in outputs]
         return outputs[0] if self.metadata.get("single_output", len(outputs) == 1) else tuple(outputs)
+
+    def _takes_whole(self, x: Any, outputs: list[Any]) -> bool:
+        """Whether ``x`` went to TVM as it is and one torch tensor came back (the fast path's case)."""
+        import torch
+
+        direct = self._local and x.is_cpu and x.is_contiguous() and x.data_ptr() % 64 == 0
+        return direct and len(outputs) == 1 and isinstance(outputs[0], torch.Tensor)
 
     def time(self, *inputs: Any, repeat: int = 10, number: int = 10, min_repeat_ms: int = 0) -> list[float]:
         """Per-run latencies (seconds) from TVM's time evaluator: ``repeat`` means of ``number`` runs."""
