@@ -7,8 +7,7 @@ test signals with white noise of std 1 added):
 - ``bayes_cnn``: a Bayesian CNN with max pooling made of bayesian-torch layers
   (``Conv1dReparameterization`` -> ReLU -> ``MaxPool1d`` twice, ``LinearReparameterization``);
 - ``mlp``: three linear layers with ReLU and dropout 0.2 after each hidden layer;
-- ``*_low_rank``, ``mlp_dense``: the same trained networks propagated with
-  ``covariance="low_rank"`` / ``"dense"``;
+- ``*_low_rank``: the same trained networks propagated with ``covariance="low_rank"``;
 - ``zoo_conv1d_cnn``, ``zoo_transformer``: the test zoo's MNIST-1D models (``tests/zoo.py``).
 
 Against MC with 2000 samples on the same weights: logit mean rel. L2 error (goal <= 3 %),
@@ -103,7 +102,6 @@ MODELS = {  # name: (build, Bayesian, the wrapper's covariance mode)
     "bayes_cnn": (bayes_cnn, True, "diagonal"),
     "bayes_cnn_low_rank": (bayes_cnn, True, "low_rank"),  # the same trained network (same seed)
     "mlp": (mlp, False, "diagonal"),
-    "mlp_dense": (mlp, False, "dense"),
     "mlp_low_rank": (mlp, False, "low_rank"),
     "zoo_conv1d_cnn": (lambda: zoo("conv1d_cnn"), False, "diagonal"),
     "zoo_transformer": (lambda: zoo("transformer"), False, "diagonal"),

@@ -20,7 +20,7 @@ from lightning_relief.uncertainty import functional as U
 from moments_export import assert_compiles_to_matching_tvm
 
 
-def test_a_mapped_factor_gives_the_covariance_of_linear_relu_linear_computed_densely():
+def test_the_sweep_gives_the_covariance_of_linear_relu_linear_computed_densely():
     g = torch.Generator().manual_seed(0)
     n, d0, d1, d2 = 3, 7, 5, 4
     std, slope = torch.rand(n, d0, generator=g), torch.rand(n, d1, generator=g)
@@ -28,29 +28,65 @@ def test_a_mapped_factor_gives_the_covariance_of_linear_relu_linear_computed_den
     # dense: Cov = M diag(std^2) M^T with M = W2 diag(s) W1, per input
     m = w2 @ (slope.unsqueeze(-1) * w1)  # [N, d2, d0]
     cov = m @ torch.diag_embed(std * std) @ m.transpose(1, 2)
-    mapped, var1 = LR.linear_factor(std, "diag", 0, w1, torch.zeros(n, d1))
-    assert torch.equal(var1, torch.zeros(n, d1))  # independent sources: nothing added at the first layer
-    mapped = LR.scale_factor(mapped, "mapped", slope)
-    per_unit = F.linear(F.linear(std * std, w1 * w1) * slope * slope, w2 * w2)  # what the diagonal rule gives
-    factor, var2 = LR.linear_factor(mapped, "mapped", 0, w2, per_unit)
-    torch.testing.assert_close(var2, torch.diagonal(cov, dim1=1, dim2=2))
-    torch.testing.assert_close(factor.transpose(1, 2) @ factor, cov)
-    torch.testing.assert_close(LR.materialize(mapped, "mapped") @ w2.t(), factor)
+    logits = torch.zeros(n, d2)
+    sweep = LR.linear_back(LR.scale_back(LR.linear_back(LR.sweep_start(logits), w2), slope), w1)
+    factor = LR.diag_sources(sweep, std)  # [N, C, K]
+    torch.testing.assert_close(factor @ factor.transpose(1, 2), cov)
+    share = F.linear(LR.scale_share(F.linear(std * std, w1 * w1), slope), w2 * w2)  # what the diagonal rules give
+    var = LR.corrected_var(logits, share + 1.0, share, [factor])  # 1.0: variance from elsewhere, kept
+    torch.testing.assert_close(var, torch.diagonal(cov, dim1=1, dim2=2) + 1.0)
+    kept = LR.logit_factor(torch.zeros(n, 8), [torch.randn(n, 8, 5, generator=g)])  # fewer sources than classes
+    assert kept.shape == (n, 5, 8)
 
 
-def test_a_channels_factor_through_a_convolution_matches_the_dense_covariance():
+def test_more_sources_than_classes_are_compressed_to_as_many_as_classes():
+    g = torch.Generator().manual_seed(3)
+    factors = [torch.randn(2, 3, 40, generator=g), torch.randn(2, 3, 7, generator=g)]
+    compact = LR.logit_factor(torch.zeros(2, 3), factors)
+    full = torch.cat(factors, dim=2)
+    assert compact.shape == (2, 3, 3)
+    torch.testing.assert_close(compact.transpose(1, 2) @ compact, full @ full.transpose(1, 2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize(("stride", "padding", "dilation", "groups"), [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 2, 2), (2, 0, 1, 2)])
+def test_the_sweep_through_a_convolution_is_its_adjoint(dims, stride, padding, dilation, groups):
+    # reference: autograd's vector-Jacobian products, one per logit
     g = torch.Generator().manual_seed(1)
-    n, r, c, length = 2, 3, 4, 9
-    factor = torch.randn(n, r, c, length, generator=g)  # source (r, c) only in channel c
-    weight = torch.randn(5, c, 3, generator=g)
-    out, var = LR.conv_factor(factor, "channels", weight, torch.zeros(n, 5, length), (1,), (1,), (1,), 1)
-    # dense: every source's own output, summed over sources
-    each = torch.stack([
-        F.conv1d(F.pad(factor[:, k, j : j + 1], (0, 0, j, c - j - 1)), weight, padding=1) for k in range(r) for j in range(c)
-    ], dim=1)  # fmt: skip
-    torch.testing.assert_close(out, each)
-    before = F.conv1d((factor * factor).sum(1), weight * weight, padding=1)
-    torch.testing.assert_close(var, ((each * each).sum(1) - before).clamp_min(0.0))
+    x = torch.randn(2, 4, *(9,) * dims, generator=g, dtype=torch.double, requires_grad=True)
+    w = torch.randn(6, 4 // groups, *(3,) * dims, generator=g, dtype=torch.double)
+    y = (F.conv1d if dims == 1 else F.conv2d)(x, w, None, stride, padding, dilation, groups)
+    sweep = torch.randn(2, 3, *y.shape[1:], generator=g, dtype=torch.double)
+    reference = torch.stack([torch.autograd.grad(y, x, sweep[:, j], retain_graph=True)[0] for j in range(3)], 1)
+    back = LR.conv_back(sweep, w, x.detach(), (stride,) * dims, (padding,) * dims, (dilation,) * dims, groups)
+    torch.testing.assert_close(back, reference)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize(("kernel", "stride", "dilation", "size"), [(2, 2, 1, 9), (3, 3, 1, 10), (3, 2, 1, 9), (2, 1, 2, 9)])
+def test_the_sweep_through_a_max_pool_is_the_adjoint_of_its_win_mixture(dims, kernel, stride, dilation, size):
+    g = torch.Generator().manual_seed(2)
+    mean = torch.randn(2, 4, *(size,) * dims, generator=g, dtype=torch.double)
+    k, s, d = (kernel,) * dims, (stride,) * dims, (dilation,) * dims
+    wins = MF.max_pool_wins(mean, torch.rand(mean.shape, generator=g, dtype=torch.double), k, s, d, dims)[2]
+    torch.testing.assert_close(wins.sum(1), torch.ones_like(wins[:, 0]))  # probabilities of being the maximum
+    x = mean.clone().requires_grad_(True)
+    y = sum(wins[:, i] * window for i, window in enumerate(MF._window_slices(x, dims, k, s, d)))
+    sweep = torch.randn(2, 3, *y.shape[1:], generator=g, dtype=torch.double)
+    reference = torch.stack([torch.autograd.grad(y, x, sweep[:, j], retain_graph=True)[0] for j in range(3)], 1)
+    torch.testing.assert_close(LR.pool_back(sweep, wins, mean, k, s, d), reference)
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_the_win_probabilities_are_the_derivatives_of_the_pooled_mean(correlated):
+    # what makes a max pool's map of the sources first-order exact: d E[max] / d mean_i = P(x_i is the maximum)
+    g = torch.Generator().manual_seed(4)
+    mean = torch.randn(3, 2, 8, generator=g, dtype=torch.double, requires_grad=True)
+    var = torch.rand(3, 2, 8, generator=g, dtype=torch.double) + 0.1
+    covariances = {(1,): 0.5 * (var * var.roll(-1, -1)).sqrt()} if correlated else None
+    out_mean, _, wins = MF.max_pool_wins(mean, var, 2, 2, 1, 1, covariances)
+    grad = torch.autograd.grad(out_mean.sum(), mean)[0]
+    torch.testing.assert_close(grad, torch.stack([wins[:, 0], wins[:, 1]], -1).flatten(-2))
 
 
 @pytest.mark.parametrize(("dims", "stride", "padding", "dilation"), [(1, 1, 1, 1), (2, 1, 1, 1), (2, 2, 0, 1), (1, 1, 2, 2)])
@@ -63,7 +99,9 @@ def test_the_factor_of_a_gaussian_convolution_gives_its_weight_noise_covariance(
     wm, wv = torch.randn(4, 3, *(3,) * dims, generator=g), torch.rand(4, 3, *(3,) * dims, generator=g) * 0.1
     bv = torch.rand(4, generator=g) * 0.1
     tup = (stride,) * dims, (padding,) * dims, (dilation,) * dims
-    factor = LR.gaussian_conv_factor(mean, wv, bv, *tup)
+    patches, sd, share = LR.gaussian_conv_sources(mean, wv, bv, *tup)
+    factor = patches.unsqueeze(2) * sd.reshape(*sd.shape, *(1,) * dims)  # [N, R, C_out, *S]: source r of channel c
+    torch.testing.assert_close(share, (factor * factor).sum(1))
     var = MF.gaussian_conv_moments(mean, torch.zeros_like(mean), wm, wv, None, bv, stride, padding, dilation)[1]
     torch.testing.assert_close((factor * factor).sum(1), var)
     offset = (1,) * dims
@@ -88,17 +126,6 @@ def test_the_logits_correlation_brings_the_mutual_information_to_that_of_mc_drop
     # measured: with the classes' correlation 0.98x MC's mutual information, independent classes 5.4x
     assert 0.85 < (correlated / reference).median() < 1.15, (correlated / reference).median()
     assert (independent / reference).median() > 1.3, (independent / reference).median()
-
-
-def test_a_factor_with_more_sources_than_max_rank_is_dropped(monkeypatch):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.3),
-                          nn.Linear(32, 5)).eval()  # fmt: skip
-    monkeypatch.setattr(LR, "MAX_RANK", 16)
-    wrapper = MomentPropagationWrapper(model, covariance="low_rank")
-    assert "linear_factor" not in wrapper.code
-    x = torch.randn(4, 8)
-    torch.testing.assert_close(wrapper(x), MomentPropagationWrapper(model)(x))
 
 
 @pytest.mark.parametrize("covariance", ["diagonal", "low_rank"])
@@ -160,7 +187,7 @@ def test_low_rank_compiles_to_one_tvm_graph_matching_pytorch():
     ).eval()  # fmt: skip
     x = torch.randn(4, 1, 16)
     wrapper = MomentPropagationWrapper(model, covariance="low_rank")
-    for rule in ("gaussian_conv_factor", "max_pool_factor_moments", "conv_factor", "linear_factor"):
+    for rule in ("gaussian_conv_sources", "max_pool_wins", "conv_back", "pool_back", "linear_back", "channel_sources"):
         assert rule in wrapper.code, rule
     assert_compiles_to_matching_tvm(wrapper, x, rtol=1e-4, atol=1e-5)
 
@@ -180,8 +207,8 @@ class Tokens(nn.Module):
 
 
 def test_dropout_on_tokens_adds_no_factor_and_changes_nothing():
-    # per-unit masks of a [N, T, D] activation are per-token sources too: the factor layout cannot say so,
-    # so they are carried as a zero factor (before, a ReLU feed-forward block made shapes disagree)
+    # the masks of a [N, T, D] activation are sources too, but their path ends at the residual sums and the
+    # mean over tokens (no step rule): nothing is swept back (before, a ReLU feed-forward block made shapes disagree)
     torch.manual_seed(0)
     model = Tokens().eval()
     x = torch.randn(3, 5, 4)
@@ -189,7 +216,7 @@ def test_dropout_on_tokens_adds_no_factor_and_changes_nothing():
         warnings.simplefilter("ignore")  # the attention block is sampled
         low_rank = MomentPropagationWrapper(model, covariance="low_rank")
         diagonal = MomentPropagationWrapper(model)
-    assert "linear_factor" in low_rank.code
+    assert "sweep_start" not in low_rank.code
     torch.testing.assert_close(low_rank(x), diagonal(x))
     assert not low_rank.logit_moments(x)[2].any()
 

@@ -14,6 +14,7 @@ import functools
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -33,8 +34,8 @@ from lightning_relief.moments.rules import (
     UnsupportedOperationError,
     _module_quadrature,
     bayesian_layer_types,
-    dense_update,
     factor_update,
+    logit_sources,
     module_rule,
 )
 
@@ -229,7 +230,7 @@ def _output_moments(ctx: RuleContext, value: Any) -> Moments:
                 "logits before it (use output='probs' or 'log_probs' for the predictive distribution)",
                 stacklevel=3,
             )
-            return Moments(value.mean, value.var, factors=value.factors)
+            return Moments(value.mean, value.var, tape=value.tape)
         return value
     if isinstance(value, (tuple, list)):
         found = [v for v in value if isinstance(v, Moments)]
@@ -267,7 +268,7 @@ def build_moment_graph(
     """
     graph = fx.Graph()
     ctx = RuleContext(
-        graph, model, MODEL_PREFIX, dense=covariance == "dense", low_rank=covariance == "low_rank",
+        graph, model, MODEL_PREFIX, low_rank=covariance == "low_rank",
         last_layer=output == "factor" and covariance != "low_rank",
     )  # fmt: skip
     constants: dict[str, torch.Tensor] = {}
@@ -320,8 +321,6 @@ def build_moment_graph(
         try:
             _refuse_after_softmax(args, kwargs)
             env[node] = _convert_node(ctx, node, module, tuple(args), dict(kwargs), random, stochastic_modules, elementwise)
-            if ctx.dense:
-                env[node] = dense_update(ctx, node, module, tuple(args), env[node])
             if ctx.low_rank or ctx.last_layer:
                 env[node] = factor_update(ctx, node, module, tuple(args), env[node])
         except UnsupportedOperationError as err:
@@ -395,12 +394,15 @@ def _finish(
     constants: dict[str, torch.Tensor],
     softmax: MF.SoftmaxMethod,
 ) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    factor = None
+    if ctx.low_rank or ctx.last_layer:
+        var, factor = logit_sources(ctx, result)
+        if ctx.low_rank:  # the per-unit modes keep their variance; the factor is for the scores only
+            result = replace(result, var=var)
     if output == "moments":
         graph.output((result.mean, result.var))
     elif output == "factor":  # the logits' moments and shared sources [N, K, C] (K = 0 without)
-        shared = [f for f in result.factors if f.kind in ("units", "mapped")]
-        factor = ctx.call(LR.logit_factor, result.mean, [f.node for f in shared], [f.kind for f in shared])
-        graph.output((result.mean, result.var, factor))
+        graph.output((result.mean, result.var, factor if factor is not None else ctx.call(LR.no_sources, result.mean)))
     elif output == "log_probs":
         graph.output(ctx.call(MF.softmax_log_probs, result.mean, result.var, -1, softmax))
     elif output == "probs":

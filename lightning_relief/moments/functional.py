@@ -432,35 +432,39 @@ def _correlated_max(
     return out_mean, out_var, out_factors
 
 
-def max_pool_factor_moments(
+def max_pool_wins(
     mean: Tensor,
     var: Tensor,
-    factors: Sequence[Tensor],
     kernel_size: int | Sequence[int],
     stride: int | Sequence[int] | None = None,
     dilation: int | Sequence[int] = 1,
     dims: int = 2,
     covariances: dict[tuple[int, ...], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Max pooling (no padding) of an input with low-rank noise factors ``[N, K, C, *spatial]``.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Max pooling (no padding) as :func:`max_pool_moments`, with ``wins`` ``[N, k, C, *out]``.
 
-    As :func:`max_pool_moments`; the covariance of two units of a window is
-    ``covariances``' (when given) or the factors' ``sum_k L_k[a] L_k[b]``. Returns the
-    pooled factors too.
+    ``wins[:, i]`` is the probability that window element ``i`` is the maximum, the
+    derivative of the output mean by that element's mean: the pool's map of shared noise
+    sources to first order (see :mod:`~lightning_relief.moments.low_rank`). Units are
+    independent unless ``covariances`` are given.
     """
     kernel = _tuple(kernel_size, dims)
     step = _tuple(stride if stride is not None and stride != [] else kernel, dims)
     dil = _tuple(dilation, dims)
-    windows = [_window_slices(f, dims, kernel, step, dil) for f in factors]
+    means = _window_slices(mean, dims, kernel, step, dil)
     if covariances:
         cov = _window_cov(covariances, dims, kernel, step, dil)
     else:
+        zero = torch.zeros_like(means[0])
 
         def cov(a: int, b: int) -> Tensor:
-            return sum((w[a] * w[b]).sum(1) for w in windows)  # type: ignore[return-value]
+            return zero
 
-    means = _window_slices(mean, dims, kernel, step, dil)
-    return _correlated_max(means, _window_slices(var, dims, kernel, step, dil), cov, windows)
+    k = len(means)
+    # one-hot factors, one per window element: mixed like a factor, they come out as the win probabilities
+    eye = torch.eye(k, dtype=mean.dtype, device=mean.device).reshape(k, 1, k, *(1,) * (dims + 1))
+    out_mean, out_var, wins = _correlated_max(means, _window_slices(var, dims, kernel, step, dil), cov, [list(eye)])
+    return out_mean, out_var, wins[0].expand(mean.shape[0], k, *out_mean.shape[1:])
 
 
 def _shift(x: Tensor, axis: int, s: int) -> Tensor:
@@ -923,34 +927,3 @@ def logit_uncertainty(
     log_mean = _logsumexp(log_p, dim=-2) - math.log(LOGIT_SAMPLES)
     total = -(log_mean.exp() * log_mean).sum(-1)
     return total, expected, (total - expected).clamp_min(0.0)
-
-
-def dense_linear_cov(
-    var: Tensor, cov: Tensor | None, weight_mean: Tensor, out_var: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Full covariance ``[N, D_out, D_out]`` of a linear layer's output (``covariance="dense"``).
-
-    ``C' = W C W^T`` with ``C`` the input covariance (``diag(var)`` when unknown), plus the
-    diagonal the per-unit rule adds beyond ``W diag(var) W^T`` (Gaussian-weight noise).
-    Returns the output variance (with the input's off-diagonal terms) and ``C'``.
-    """
-    full = torch.diag_embed(var) if cov is None else cov
-    out = torch.einsum("od,...dk,pk->...op", weight_mean, full, weight_mean)
-    extra = out_var - F.linear(var, weight_mean * weight_mean)
-    out = out + torch.diag_embed(extra)
-    return torch.diagonal(out, dim1=-2, dim2=-1), out
-
-
-def dense_dropout_cov(cov: Tensor, var: Tensor, out_var: Tensor) -> Tensor:
-    """Dropout with independent masks keeps the off-diagonal covariance and adds to the diagonal."""
-    return cov + torch.diag_embed(out_var - var)
-
-
-def dense_rectified_cov(mean: Tensor, var: Tensor, cov: Tensor, out_var: Tensor, slope: float = 0.0) -> Tensor:
-    """(Leaky) ReLU of correlated Gaussians: off-diagonal ``Cov ~ g_i g_j C_ij``, ``g = E f'(x)``; exact diagonal.
-
-    First order in the correlation (Price's theorem); ``g = slope + (1 - slope) P(x > 0)``.
-    """
-    g = slope + (1.0 - slope) * _rectified(mean, var)[2]
-    out = cov * g.unsqueeze(-1) * g.unsqueeze(-2)
-    return out - torch.diag_embed(torch.diagonal(out, dim1=-2, dim2=-1)) + torch.diag_embed(out_var)

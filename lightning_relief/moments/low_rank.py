@@ -1,175 +1,101 @@
-"""Tensor functions of the low-rank noise factors (``covariance="low_rank"``).
+"""Tensor functions of the shared noise sources (``covariance="low_rank"``), swept back from the logits.
 
-A factor ``L`` of shape ``[N, K, *shape]`` says that an activation ``x`` of shape
-``[N, *shape]`` contains the noise ``sum_k L[:, k] eps_k`` from ``K`` independent unit
-sources ``eps_k``, on top of the per-unit variance that the diagonal rules track. The
-per-unit variance stays exact; the factor carries the covariance *between* units that
-those sources induce, propagated to first order (a linear layer maps it exactly, an
-elementwise function scales it by its expected slope, which is exact for the
-cross-covariance of jointly Gaussian inputs by Stein's lemma). A later linear layer that
-sums correlated units adds ``sum_k (W L_k)^2 - (W * W) sum_k L_k^2`` to the variance the
-per-unit rule gives.
+Some noise sources are shared by many units: the mask of a dropout unit reaches every unit
+the next layers compute from it, the one weight draw of a Gaussian-weight convolution is
+shared by all positions of an output channel. Units that share sources are correlated, and a
+layer that sums them (the classifier) has more variance than the per-unit rules give.
 
-Three kinds of sources (``FactorKind``):
+To first order the logits ``y`` depend on the sources ``eps`` through the Jacobian of the
+mean propagation: linear and convolution layers map exactly, an elementwise function scales
+by its expected slope (exact for jointly Gaussian inputs, Stein's lemma: it is the derivative
+of the output mean by the input mean), a max pool mixes a window by the probability of each
+unit being its maximum (the derivative of Clark's mean). The logits' factor ``M`` (``[N, K,
+C]``, ``Cov(y) = M^T M`` from these sources) is the product of those maps with the sources'
+scales. It is computed *backwards* from the ``C`` logits (an adjoint sweep: ``G = I``, then
+``G <- G J_layer`` layer by layer): the cost is ``C`` times the transposed layers, however
+many sources there are (a Gaussian convolution has ``C_out * C_in * k`` of them), instead of
+the sources' count times the forward layers.
 
-- ``"units"``: ``K`` sources shared by all units (``[N, K, *shape]``);
-- ``"diag"``: one source per unit, e.g. the masks of a dropout layer; stored as the
-  sources' std ``[N, *shape]``;
-- ``"mapped"``: such sources after a linear layer ``W`` and elementwise slopes ``s``, kept as
-  ``(std, W, s)`` (the factor ``diag(std) W^T diag(s)``, ``[N, D, D']``, is never formed: the
-  next linear layer ``V`` evaluates ``diag(std) (W^T (s V^T))`` right to left, which costs
-  ``D D' D''`` per input, with ``D''`` the next layer's, often small, width);
-- ``"channels"``: ``R`` sources per channel (``[N, R, C, *spatial]``, source ``(r, c)`` only
-  in channel ``c``), e.g. the weights of one output channel of a Gaussian-weight
-  convolution, which one draw shares across all positions; once flattened, each
-  channel is a block of the flat dimension.
+Each layer records a :data:`Step` while the graph is built forward; at the output the steps
+are swept in reverse. The per-unit variance that the diagonal rules propagate from the sources
+is tracked alongside (``share``: the same maps applied to variances, units independent); the
+logits' variance is corrected once, at the end: ``var - share + sum_k M_k^2``. Intermediate
+variances stay the per-unit ones (what a ReLU or max pool in between sees).
+
+Sources:
+
+- ``"diag"``: one source per unit with std ``[N, *shape]`` (the masks of ``Dropout``/``F.dropout``,
+  which also scale the noise already there, on an activation of any shape);
+- ``"channels"``: a Gaussian-weight convolution's weights, ``R = C_in * prod(kernel) (+ 1)``
+  per output channel ``c``, shared by all positions: noise ``sum_r sd[r, c] patch_r(mean)``,
+  kept as ``(patches [N, R, *spatial], sd [R, C])``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_relief.moments.functional import _window_slices
+from lightning_relief.moments.functional import _tuple, _window_cov, _window_slices
 
-FactorKind = Literal["units", "diag", "mapped", "channels"]
-MAX_RANK = 4096  # a factor with more sources costs more than the covariance it carries is worth
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+_CONV_T = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
 
 
-def _sum_sq(factor: Any, kind: FactorKind) -> Tensor:
-    """The per-unit variance the factor explains, ``[N, *shape]``."""
-    if kind == "diag":
-        return factor * factor
-    if kind == "mapped":
-        std, weight, slope = factor
-        out = F.linear(std * std, weight * weight)
-        return out if slope is None else out * slope * slope
-    return (factor * factor).sum(1)
+def _to_size(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` zero-padded at the end of its trailing dims to ``like``'s (a transposed strided op can fall short)."""
+    dims = like.dim() - 2
+    missing = [like.shape[-1 - i] - x.shape[-1 - i] for i in range(dims)]
+    return F.pad(x, [v for m in missing for v in (0, m)]) if any(missing) else x
 
 
-def linear_factor(
-    factor: Any, kind: FactorKind, blocks: int, weight: Tensor, out_var: Tensor
-) -> tuple[Any, Tensor]:
-    """A linear layer ``x W^T`` with (mean) weight ``W``: the factor of its output and its variance.
-
-    ``out_var`` is the per-unit rule's variance (units independent); the factor's
-    off-diagonal covariance is added to it. ``blocks`` is the channel count of a
-    ``"channels"`` factor (flattened). A ``"diag"`` factor becomes ``"mapped"``, any other ``"units"``.
-    """
-    if kind == "diag":  # independent sources: nothing to add yet
-        return (factor, weight, None), out_var
-    if kind == "mapped" and factor[0].dim() != 2:
-        # sources per unit of a [N, T, D] activation (tokens) are sources per token as well, which the
-        # [N, K, *shape] layout cannot say: no covariance from them (a zero source keeps the layout)
-        return out_var.new_zeros(out_var.shape[0], 1, *out_var.shape[1:]), out_var
-    if kind == "channels":
-        n, r, d = factor.shape
-        per_channel = factor.reshape(n, r, blocks, d // blocks)
-        out = torch.einsum("nrcs,jcs->nrcj", per_channel, weight.reshape(weight.shape[0], blocks, d // blocks))
-        out = out.reshape(n, r * blocks, weight.shape[0])
-    elif kind == "mapped":
-        out = _evaluate(factor, weight.t())
-    else:
-        out = torch.matmul(factor, weight.t())
-    extra = (out * out).sum(1) - F.linear(_sum_sq(factor, kind), weight * weight)
-    return out, (out_var + extra).clamp_min(0.0)
+# ---- the forward bookkeeping: the sources' per-unit share of the variance ------------------------
 
 
-def _evaluate(factor: tuple[Tensor, Tensor, Tensor | None], right: Tensor) -> Tensor:
-    """``diag(std) W^T diag(s) right`` of a ``"mapped"`` factor, ``[N, D, J]`` (``right``: ``[D', J]`` or ``[N, D', J]``)."""
-    std, weight, slope = factor
-    if slope is not None:
-        right = slope.unsqueeze(-1) * right  # [N, D', J]
-    if right.dim() == 2:
-        return std.unsqueeze(-1) * (weight.t() @ right)
-    n, d_mid, j = right.shape
-    # one matrix product for the whole batch: [D, D'] @ [D', N * J]
-    out = (weight.t() @ right.permute(1, 0, 2).reshape(d_mid, n * j)).reshape(-1, n, j).permute(1, 0, 2)
-    return std.unsqueeze(-1) * out
-
-
-def materialize(factor: Any, kind: FactorKind) -> Tensor:
-    """A ``"mapped"`` factor as ``[N, K, D']`` (others unchanged)."""
-    if kind != "mapped":
-        return factor
-    if factor[0].dim() != 2:  # per-token sources (see linear_factor): none
-        return factor[0].new_zeros(factor[0].shape[0], 1, *factor[0].shape[1:-1], factor[1].shape[0])
-    return _evaluate(factor, torch.eye(factor[1].shape[0], dtype=factor[0].dtype, device=factor[0].device))
-
-
-def conv_factor(
-    factor: Tensor, kind: FactorKind, weight: Tensor, out_var: Tensor, stride: Sequence[int], padding: Sequence[int] | int,
-    dilation: Sequence[int], groups: int,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """A convolution with (mean) weight ``W`` (zero padding): the ``"units"`` factor of its output and its variance.
-
-    A ``"channels"`` factor (``groups=1``) becomes ``R * C`` shared sources: each
-    channel's sources convolved with that input channel's slice of the kernel (a grouped
-    convolution).
-    """
-    conv = _CONV[factor.dim() - 1]
-    n, k = factor.shape[:2]
-    if kind == "channels":
-        c = factor.shape[2]
-        kernel = weight.transpose(0, 1).reshape(c * weight.shape[0], 1, *weight.shape[2:])
-        out = conv(factor.reshape(n * k, *factor.shape[2:]), kernel, None, stride, padding, dilation, c)
-        out = out.reshape(n, k * c, weight.shape[0], *out.shape[2:])
-    else:
-        out = conv(factor.reshape(n * k, *factor.shape[2:]), weight, None, stride, padding, dilation, groups)
-        out = out.reshape(n, k, *out.shape[1:])
-    before = conv(_sum_sq(factor, kind), weight * weight, None, stride, padding, dilation, groups)
-    return out, (out_var + (out * out).sum(1) - before).clamp_min(0.0)
-
-
-def _patches(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
-    """``[N, C_in * prod(kernel), *out_spatial]``: the input under each kernel tap, in the weight's order."""
-    dims = x.dim() - 2
-    if any(padding):
-        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
-    # strided slices rather than unfold/im2col, which TVM's frontend lacks
-    taps = _window_slices(x, dims, kernel, stride, dilation)
-    return torch.stack(taps, dim=2).flatten(1, 2)
-
-
-def gaussian_conv_factor(
-    mean: Tensor, weight_var: Tensor, bias_var: Tensor | None, stride: Sequence[int], padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:  # fmt: skip
-    """The ``"channels"`` factor of a Gaussian-weight convolution's own weight noise ``[N, R, C_out, *spatial]``.
-
-    Output channel ``c`` at every position draws the same ``R = C_in * prod(kernel) (+ 1)``
-    weights (and bias): its noise is ``sum_r sd_W[c, r] patch_r(mean)``. The input's
-    own variance enters the per-unit rule only (a second-order term here).
-    """
-    patches = _patches(mean, weight_var.shape[2:], stride, padding, dilation)  # [N, R, *S]
-    sd = weight_var.reshape(weight_var.shape[0], -1)
-    if bias_var is not None:  # the bias as one more tap that always reads 1
-        patches = torch.cat([patches, torch.ones_like(patches[:, :1])], dim=1)
-        sd = torch.cat([sd, bias_var.unsqueeze(1)], dim=1)
-    sd = sd.sqrt().t()  # [R, C_out]
-    return patches.unsqueeze(2) * sd.reshape(*sd.shape, *(1,) * (patches.dim() - 2))
+def conv_share(share: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int] | int, dilation: Sequence[int], groups: int) -> Tensor:  # fmt: skip
+    """The sources' per-unit variance after a convolution with (mean) weight ``W``, units independent."""
+    return _CONV[share.dim()](share, weight * weight, None, stride, padding, dilation, groups)
 
 
 def rectified_slope(mean: Tensor, var: Tensor, negative_slope: float = 0.0) -> Tensor:
-    """``E f'(x)`` of a (leaky) ReLU for ``x ~ N(mean, var)``: what a factor is scaled by."""
+    """``E f'(x)`` of a (leaky) ReLU for ``x ~ N(mean, var)``: its step's scale."""
     std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
     p = 0.5 * (1.0 + torch.erf(mean / std * math.sqrt(0.5)))
     p = torch.where(var > 0, p, (mean > 0).to(mean.dtype))
     return negative_slope + (1.0 - negative_slope) * p
 
 
-def scale_factor(factor: Any, kind: FactorKind, scale: Tensor) -> Any:
-    """An elementwise map with slope ``scale`` (``[N, *shape]``) applied to a factor."""
-    if kind == "mapped":
-        std, weight, slope = factor
-        return std, weight, scale if slope is None else slope * scale
-    return factor * scale if kind == "diag" else factor * scale.unsqueeze(1)
+def scale_share(share: Tensor, scale: Tensor) -> Tensor:
+    """The sources' per-unit variance after an elementwise map with slope ``scale``."""
+    return share * scale * scale
+
+
+def pool_share(
+    share: Tensor, wins: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+    var: Tensor | None = None, covariances: dict[tuple[int, ...], Tensor] | None = None,
+) -> Tensor:  # fmt: skip
+    """The sources' per-unit variance after a max pool whose output is ``sum_i wins_i x_i`` to first order.
+
+    With ``covariances`` (the neighbour covariance the correlated max rule used, of units with
+    variance ``var``) the sources' part of two units is taken to be as correlated as the whole:
+    the rule counted that much of the sources' covariance already.
+    """
+    dims = wins.dim() - 3
+    slices = _window_slices(share, dims, kernel, stride, dilation)
+    out = sum(wins[:, i] * wins[:, i] * s for i, s in enumerate(slices))
+    if covariances and var is not None:
+        cov = _window_cov(covariances, dims, kernel, stride, dilation)
+        # sqrt(share / var) per unit: the sources' fraction of its std
+        fraction = [(s / v.clamp_min(torch.finfo(v.dtype).tiny)).clamp(0.0, 1.0).sqrt()
+                    for s, v in zip(slices, _window_slices(var, dims, kernel, stride, dilation))]  # fmt: skip
+        for a in range(len(slices)):
+            for b in range(a + 1, len(slices)):
+                out = out + 2.0 * wins[:, a] * wins[:, b] * cov(a, b) * fraction[a] * fraction[b]
+    return out  # type: ignore[return-value]
 
 
 def dropout_std(out_var: Tensor, var: Tensor | None) -> Tensor:
@@ -177,14 +103,142 @@ def dropout_std(out_var: Tensor, var: Tensor | None) -> Tensor:
     return (out_var - var).clamp_min(0.0).sqrt() if var is not None else out_var.sqrt()
 
 
-def logit_factor(mean: Tensor, factors: Sequence[Any], kinds: Sequence[FactorKind]) -> Tensor:
-    """The logits' shared sources ``[N, K, C]`` (``K = 0`` without any, and for logits that are not ``[N, C]``)."""
-    if not factors or mean.dim() != 2:
-        return mean.new_zeros(mean.shape[0], 0, mean.shape[-1])
-    return torch.cat([materialize(f, k) for f, k in zip(factors, kinds)], dim=1)
+def gaussian_conv_sources(
+    mean: Tensor, weight_var: Tensor, bias_var: Tensor | None, stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """A Gaussian-weight convolution's own sources: ``(patches [N, R, *S], sd [R, C_out], share [N, C_out, *S])``.
+
+    Output channel ``c`` at every position draws the same ``R = C_in * prod(kernel) (+ 1)``
+    weights (and bias): its noise is ``sum_r sd[r, c] patch_r(mean)``. The input's own
+    variance enters the per-unit rule only (a second-order term here). ``share`` is that
+    noise's per-unit variance.
+    """
+    dims = mean.dim() - 2
+    if any(padding):
+        mean = F.pad(mean, [p for p in reversed(padding) for _ in range(2)])
+    # strided slices rather than unfold/im2col, which TVM's frontend lacks
+    patches = torch.stack(_window_slices(mean, dims, weight_var.shape[2:], stride, dilation), dim=2).flatten(1, 2)
+    var = weight_var.reshape(weight_var.shape[0], -1)
+    if bias_var is not None:  # the bias as one more tap that always reads 1
+        patches = torch.cat([patches, torch.ones_like(patches[:, :1])], dim=1)
+        var = torch.cat([var, bias_var.unsqueeze(1)], dim=1)
+    share = torch.einsum("nr...,cr->nc...", patches * patches, var)
+    return patches, var.sqrt().t(), share
+
+
+# ---- the adjoint sweep: G [N, C, *shape], the logits' sensitivity to each unit ---------------------
+
+
+def sweep_start(mean: Tensor) -> Tensor:
+    """``G = I``: each logit's sensitivity to the logits, ``[N, C, C]``.
+
+    Logits that are not ``[N, C]`` (per token) get no classes to sweep (``[N, 0, *shape]``): no
+    correction and no factor.
+    """
+    if mean.dim() != 2:
+        return mean.new_zeros(mean.shape[0], 0, *mean.shape[1:])
+    eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
+    return eye.expand(mean.shape[0], -1, -1)
+
+
+def linear_back(g: Tensor, weight: Tensor) -> Tensor:
+    """Through ``x W^T``: ``G W``."""
+    return torch.matmul(g, weight)
+
+
+def conv_back(
+    g: Tensor, weight: Tensor, like: Tensor, stride: Sequence[int] | int, padding: Sequence[int] | int,
+    dilation: Sequence[int] | int, groups: int,
+) -> Tensor:  # fmt: skip
+    """Through a convolution (zero padding): the transposed convolution, to the input's size (``like``)."""
+    n, c = g.shape[:2]
+    flat, dims = g.flatten(0, 1), weight.dim() - 2
+    stride, pad, dilation = _tuple(stride, dims), _tuple(padding, dims), _tuple(dilation, dims)
+    if all(s == 1 for s in stride) and all(d * (k - 1) >= p for d, k, p in zip(dilation, weight.shape[2:], pad)):
+        # at stride 1 a convolution with the flipped, transposed kernel: CPU backends run it far faster
+        out_c, in_c = weight.shape[:2]
+        per_group = weight.reshape(groups, out_c // groups, in_c, *weight.shape[2:]).transpose(1, 2)
+        kernel = per_group.reshape(groups * in_c, out_c // groups, *weight.shape[2:]).flip(list(range(2, dims + 2)))
+        full = [d * (k - 1) - p for d, k, p in zip(dilation, weight.shape[2:], pad)]
+        back = _CONV[weight.dim()](flat, kernel, None, 1, full, dilation, groups)
+    else:
+        back = _CONV_T[weight.dim()](flat, weight, None, stride, pad, 0, groups, dilation)
+    return _to_size(back, like).reshape(n, c, *like.shape[1:])
+
+
+def scale_back(g: Tensor, scale: Tensor) -> Tensor:
+    """Through an elementwise map with slope ``scale``."""
+    return g * scale.unsqueeze(1)
+
+
+def flatten_back(g: Tensor, like: Tensor) -> Tensor:
+    """Through a flatten of ``like``."""
+    return g.reshape(g.shape[0], g.shape[1], *like.shape[1:])
+
+
+def pool_back(g: Tensor, wins: Tensor, like: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> Tensor:  # fmt: skip
+    """Through a max pool (no padding) whose output is ``sum_i wins_i x_i`` (``wins`` ``[N, k, C, *out]``).
+
+    Each window element's share is put back where it came from: by interleaving when the windows
+    tile the input, otherwise by a transposed convolution with a one-hot kernel per element (the
+    window's ``k`` elements as its input channels).
+    """
+    n, c = g.shape[:2]
+    k, channels, out = wins.shape[1], wins.shape[2], wins.shape[3:]
+    dims = len(out)
+    mixed = wins.unsqueeze(1) * g.unsqueeze(2)  # [N, C, k, C_in, *out]
+    if tuple(stride) == tuple(kernel) and all(d == 1 for d in dilation):
+        tiles = mixed.reshape(n, c, *kernel, channels, *out).movedim(list(range(2, 2 + dims)), [4 + 2 * i for i in range(dims)])
+        back = tiles.reshape(n * c, channels, *(o * kk for o, kk in zip(out, kernel)))  # [.., C_in, T0, k0, T1, k1]
+    else:
+        onehot = torch.eye(k, dtype=g.dtype, device=g.device).reshape(k, 1, *kernel)
+        flat = mixed.transpose(2, 3).reshape(n * c * channels, k, *out)
+        back = _CONV_T[dims + 2](flat, onehot, None, stride, 0, 0, 1, dilation)
+        back = back.reshape(n * c, channels, *back.shape[2:])
+    return _to_size(back, like).reshape(n, c, *like.shape[1:])
+
+
+def diag_sources(g: Tensor, std: Tensor) -> Tensor:
+    """The logits' factor ``[N, C, K]`` (transposed) of one source per unit with std ``std``."""
+    return (g * std.unsqueeze(1)).flatten(2)
+
+
+def channel_sources(g: Tensor, patches: Tensor, sd: Tensor) -> Tensor:
+    """The logits' factor ``[N, C, C_out * R]`` (transposed) of a Gaussian convolution's weights: ``sd[r, c] sum_s P[r, s] G[c, s]``."""
+    n, classes, channels = g.shape[:3]
+    r, positions = patches.shape[1], patches[0, 0].numel()
+    out = torch.bmm(g.reshape(n, classes * channels, positions), patches.reshape(n, r, positions).transpose(1, 2))
+    return (out.reshape(n, classes, channels, r) * sd.t()).reshape(n, classes, channels * r)
+
+
+def corrected_var(mean: Tensor, var: Tensor, share: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    """The logits' variance with the sources' covariance: ``var - share + sum_k M_k^2`` (``factors`` ``[N, C, K]``)."""
+    if mean.dim() != 2 or not factors:
+        return var
+    return (var - share).clamp_min(0.0) + sum((f * f).sum(2) for f in factors)
+
+
+def logit_factor(mean: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    """The logits' factor ``[N, K, C]`` (``Cov = M^T M`` from the shared sources; ``K = 0`` without any)."""
+    if mean.dim() != 2 or not factors:
+        return no_sources(mean)
+    m = torch.cat(list(factors), dim=2)
+    if m.shape[2] <= m.shape[1]:
+        return m.transpose(1, 2)
+    # more sources than classes: the same covariance from C of them (Cov = Q L Q^T = (Q L^1/2)(Q L^1/2)^T)
+    values, vectors = torch.linalg.eigh(m @ m.transpose(1, 2))
+    return (vectors * values.clamp_min(0.0).sqrt().unsqueeze(1)).transpose(1, 2)
+
+
+def no_sources(mean: Tensor) -> Tensor:
+    """The empty factor ``[N, 0, C]``."""
+    return mean.new_zeros(mean.shape[0], 0, mean.shape[-1])
 
 
 __all__ = [
-    "MAX_RANK", "FactorKind", "conv_factor", "dropout_std", "gaussian_conv_factor", "linear_factor", "logit_factor", "materialize",
-    "rectified_slope", "scale_factor",
+    "channel_sources", "conv_back", "conv_share", "corrected_var", "diag_sources", "dropout_std", "flatten_back",
+    "gaussian_conv_sources", "linear_back", "logit_factor", "no_sources", "pool_back", "pool_share", "rectified_slope", "scale_back",
+    "scale_share",
+    "sweep_start",
 ]  # fmt: skip

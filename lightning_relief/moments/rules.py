@@ -26,19 +26,28 @@ from lightning_relief.moments import low_rank as LR
 
 
 @dataclass(frozen=True)
-class Factor:
-    """Shared noise sources of a random value (``covariance="low_rank"``; see :mod:`~lightning_relief.moments.low_rank`).
+class Step:
+    """One layer on the path of shared noise sources (``covariance="low_rank"``; see :mod:`~lightning_relief.moments.low_rank`).
 
-    ``rank`` is the number of sources (per channel for ``"channels"``; known while building,
-    except for ``"diag"``: the width), ``blocks`` the channel count of a ``"channels"``
-    factor, ``flat`` whether its value was flattened to ``[N, C * spatial]``.
+    The adjoint sweep calls ``fn(G, *args)``: a layer's transposed map (the new ``G``), or, for a
+    ``source``, the logits' factor of the sources it adds (``G`` unchanged).
     """
 
-    node: fx.Node
-    kind: LR.FactorKind
-    rank: int
-    blocks: int = 0
-    flat: bool = False
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    source: bool = False
+
+
+@dataclass(frozen=True)
+class Tape:
+    """The steps from the first shared source to a value, and ``share``: the per-unit variance those
+    sources give it when propagated as independent (what the per-unit rules count)."""
+
+    steps: tuple[Step, ...]
+    share: fx.Node
+
+    def then(self, step: Step, share: fx.Node) -> Tape:
+        return Tape((*self.steps, step), share)
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,7 @@ class Moments:
     before_softmax: str | None = None
     cov: Callable[[tuple[int, ...]], fx.Node] | None = field(default=None, compare=False)
     pre: tuple[Moments, Callable[[Moments], Any]] | None = field(default=None, compare=False)
-    dense: fx.Node | None = field(default=None, compare=False)  # [N, D, D] (covariance="dense")
-    factors: tuple[Factor, ...] = field(default=(), compare=False)  # covariance="low_rank"
+    tape: Tape | None = field(default=None, compare=False)  # covariance="low_rank"
 
 
 class UnsupportedOperationError(ReliefError, NotImplementedError):
@@ -81,16 +89,15 @@ class RuleContext:
     """What a handler may do: emit nodes into the new graph and reach the model's modules."""
 
     def __init__(
-        self, graph: fx.Graph, model: nn.Module, module_prefix: str, dense: bool = False, low_rank: bool = False,
+        self, graph: fx.Graph, model: nn.Module, module_prefix: str, low_rank: bool = False,
         last_layer: bool = False,
     ) -> None:  # fmt: skip
         self.graph = graph
         self.model = model
         self._prefix = module_prefix
-        self.dense = dense
         self.low_rank = low_rank
-        # factors only from a linear layer's per-unit input variance: the logits' correlation when the
-        # network ends in one (what the per-unit modes imply for the classes)
+        # sources only at a linear layer's input, one per unit: the logits' correlation when the network
+        # ends in one (what the per-unit modes imply for the classes)
         self.last_layer = last_layer
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
@@ -338,19 +345,17 @@ def _max_pool(ctx: RuleContext, x: Any, window: tuple, options: dict[str, Any]) 
     the max is taken over its Gaussian input and the activation applied after.
     """
     x = ctx.moments(x)
-    base, after = (x.pre[0], x.pre[1]) if x.pre is not None and (x.pre[0].cov is not None or x.pre[0].factors) else (x, None)
-    factors = [f for f in base.factors if f.kind in ("units", "channels") and not f.flat]
-    if factors and not options["ceil_mode"] and not any(MF._tuple(window[2], options["dims"])):
-        offsets = MF.pool_offsets(window[0], window[3], options["dims"])
-        covariances = {offset: base.cov(offset) for offset in offsets} if base.cov is not None else None
-        kernel, stride, _, dilation = window
-        out = ctx.call(
-            MF.max_pool_factor_moments, base.mean, base.var, [f.node for f in factors], kernel, stride, dilation,
-            options["dims"], covariances,
-        )  # fmt: skip
-        pooled_factors = ctx.call(operator.getitem, out, 2)
-        kept = tuple(replace(f, node=ctx.call(operator.getitem, pooled_factors, i)) for i, f in enumerate(factors))
-        pooled = Moments(ctx.call(operator.getitem, out, 0), ctx.call(operator.getitem, out, 1), factors=kept)
+    base, after = (x.pre[0], x.pre[1]) if x.pre is not None and (x.pre[0].cov is not None or x.pre[0].tape) else (x, None)
+    dims = options["dims"]
+    if base.tape is not None and not options["ceil_mode"] and not any(MF._tuple(window[2], dims)):
+        kernel, stride, _, dilation = (MF._tuple(v, dims) if v is not None and v != [] else None for v in window)
+        stride = stride if stride is not None else kernel
+        covariances = {o: base.cov(o) for o in MF.pool_offsets(kernel, dilation, dims)} if base.cov is not None else None
+        out = ctx.call(MF.max_pool_wins, base.mean, base.var, kernel, stride, dilation, dims, covariances)
+        wins = ctx.call(operator.getitem, out, 2)
+        share = ctx.call(LR.pool_share, base.tape.share, wins, kernel, stride, dilation, base.var, covariances)
+        tape = base.tape.then(Step(LR.pool_back, (wins, base.mean, kernel, stride, dilation)), share)
+        pooled = Moments(ctx.call(operator.getitem, out, 0), ctx.call(operator.getitem, out, 1), tape=tape)
         return after(pooled) if after is not None else pooled
     if base.cov is None:
         return ctx.rule(MF.max_pool_moments, x.mean, x.var, *window, **options)
@@ -610,7 +615,7 @@ def _softmax_at_output(kind: str) -> Handler:
         dim = module.dim if module is not None else _arg(args, kwargs, 1, "dim")
         if dim not in (-1, 1):
             raise UnsupportedOperationError(f"{kind} over dim {dim} (only the class dim, -1 or 1, at the output)")
-        return Moments(x.mean, x.var, before_softmax=kind, factors=x.factors)
+        return Moments(x.mean, x.var, before_softmax=kind, tape=x.tape)
 
     return handler
 
@@ -923,20 +928,19 @@ STOCHASTIC_MODULES: tuple[type, ...] = (
 
 
 def _rectified_factors(negative_slope: float | None) -> Callable[[Handler], Handler]:
-    """Scales the input's factors by the (leaky) ReLU's expected slope (``negative_slope=None``: read it from the call)."""
+    """Records the (leaky) ReLU's expected slope as a step of the input's shared sources (``negative_slope=None``: read it from the call)."""
 
     def decorate(handler: Handler) -> Handler:
         def wrapped(ctx, node, module, args, kwargs):
             out = handler(ctx, node, module, args, kwargs)
             x = args[0] if args else kwargs.get("input")
-            if not (isinstance(out, Moments) and isinstance(x, Moments) and x.factors):
+            if not (isinstance(out, Moments) and isinstance(x, Moments) and x.tape is not None):
                 return out
             slope = negative_slope
             if slope is None:
                 slope = float(module.negative_slope) if module is not None else float(_arg(args, kwargs, 1, "negative_slope", 0.01))
             scale = ctx.call(LR.rectified_slope, x.mean, x.var, slope)
-            factors = tuple(replace(f, node=ctx.call(LR.scale_factor, f.node, f.kind, scale)) for f in x.factors)
-            return replace(out, factors=factors)
+            return replace(out, tape=x.tape.then(Step(LR.scale_back, (scale,)), ctx.call(LR.scale_share, x.tape.share, scale)))
 
         return wrapped
 
@@ -957,7 +961,7 @@ def _monotone(handler: Handler) -> Handler:
     def wrapped(ctx, node, module, args, kwargs):
         out = handler(ctx, node, module, args, kwargs)
         x = args[0] if args else None
-        if not (isinstance(out, Moments) and isinstance(x, Moments) and (x.cov is not None or x.factors)):
+        if not (isinstance(out, Moments) and isinstance(x, Moments) and (x.cov is not None or x.tape is not None)):
             return out
         if getattr(module, "negative_slope", 0.0) < 0 or (node.target is F.leaky_relu and _arg(args, kwargs, 1, "negative_slope", 0.01) < 0):
             return out
@@ -1006,105 +1010,82 @@ def _mixing_layer(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> 
     return None
 
 
-def _gaussian_conv_factor(ctx: RuleContext, node: fx.Node, module: nn.Module, x: Any, conv: tuple) -> Factor | None:
-    """The factor of a bayesian-torch convolution's own weights (one draw shared by every position)."""
-    dims = module.mu_kernel.dim() - 2
-    has_bias = getattr(module, "mu_bias", None) is not None
-    rank = module.mu_kernel[0].numel() + has_bias
-    if conv[3] != 1 or rank > LR.MAX_RANK:
+def _gaussian_conv_sources(
+    ctx: RuleContext, node: fx.Node, module: nn.Module, x: Any, conv: tuple
+) -> tuple[Step, fx.Node] | None:  # fmt: skip
+    """The source step and share of a bayesian-torch convolution's own weights (one draw shared by every position)."""
+    if conv[3] != 1:
         return None
+    dims = module.mu_kernel.dim() - 2
     weight_var = ctx.call(_softplus_square, ctx.attr(f"{node.target}.rho_kernel"))
+    has_bias = getattr(module, "mu_bias", None) is not None
     bias_var = ctx.call(_softplus_square, ctx.attr(f"{node.target}.rho_bias")) if has_bias else None
     stride, padding, dilation = (MF._tuple(v, dims) for v in conv[:3])
-    factor = ctx.call(LR.gaussian_conv_factor, ctx.moments(x).mean, weight_var, bias_var, stride, padding, dilation)
-    return Factor(factor, "channels", rank, blocks=module.mu_kernel.shape[0])
+    out = ctx.call(LR.gaussian_conv_sources, ctx.moments(x).mean, weight_var, bias_var, stride, padding, dilation)
+    patches, sd, share = (ctx.call(operator.getitem, out, i) for i in range(3))
+    return Step(LR.channel_sources, (patches, sd), source=True), share
 
 
 def factor_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, args: Sequence[Any], out: Any) -> Any:
-    """``covariance="low_rank"``: carry the shared noise sources of a value (:class:`Factor`) through the layers
-    that map them exactly or to first order, and add the covariance they carry where a linear layer sums units.
+    """``covariance="low_rank"``: record the layers on the path of shared noise sources (:class:`Tape`), swept
+    back from the logits at the output (:func:`logit_sources`).
 
-    Started by dropout on flat (``[N, D]``) activations (one source per unit) and by Gaussian-weight
-    convolutions (the weights of an output channel, shared by all its positions); carried by
-    ``Linear``/``Conv1d/2d`` (fixed or mean weights, zero padding), dropout, (leaky) ReLU, max pooling
-    without padding and flatten. Any other operation drops them (its output is treated per unit), and so
-    does a layer where a factor would have more than ``MAX_RANK`` sources.
+    Sources: dropout (``Dropout``/``F.dropout``, one per unit) and Gaussian-weight convolutions (the weights
+    of an output channel, shared by all its positions). Steps: ``Linear``/``Conv1d/2d/3d`` (fixed or mean
+    weights, zero padding), (leaky) ReLU, max pooling without padding, flatten, dropout. Any other
+    operation ends the path (its output is treated per unit).
     """
     if isinstance(out, tuple) and out and isinstance(out[0], Moments):  # bayesian-torch's (out, kl)
         return (factor_update(ctx, node, module, args, out[0]), *out[1:])
     x = args[0] if args else None
     if not isinstance(out, Moments):
         return out
-    incoming = x.factors if isinstance(x, Moments) else ()
-    if not ctx.low_rank:  # last_layer
+    tape = x.tape if isinstance(x, Moments) else None
+    if not ctx.low_rank:  # last_layer: a linear layer's inputs as independent sources
         layer = _mixing_layer(ctx, node, module)
-        if layer is None or layer[1] is not None or not isinstance(x, Moments) or layer[2] > LR.MAX_RANK:
+        if layer is None or layer[1] is not None or not isinstance(x, Moments):
             return out
-        std = ctx.call(torch.sqrt, x.var)
-        mapped = ctx.call(operator.getitem, ctx.call(LR.linear_factor, std, "diag", 0, layer[0], out.var), 0)
-        return replace(out, factors=(Factor(mapped, "mapped", layer[2]),))
+        source = Step(LR.diag_sources, (ctx.call(torch.sqrt, x.var),), source=True)
+        return replace(out, tape=Tape((source, Step(LR.linear_back, (layer[0],))), out.var))
     if type(module) is nn.Dropout or node.target is F.dropout:
         std = ctx.call(LR.dropout_std, out.var, x.var if isinstance(x, Moments) else None)
-        return replace(out, factors=(*incoming, Factor(std, "diag", 0)))  # rank: the width, known at the next layer
+        own = ctx.call(operator.mul, std, std)
+        source = Step(LR.diag_sources, (std,), source=True)
+        tape = Tape((source,), own) if tape is None else tape.then(source, ctx.call(operator.add, tape.share, own))
+        return replace(out, tape=tape)
     if _is_flatten(node, module, args):
-        flat = tuple(
-            replace(f, node=ctx.method("flatten", f.node, 1)) if f.kind == "diag"
-            else f if f.kind == "mapped"  # already flat: its layers are linear ones
-            else replace(f, node=ctx.method("flatten", f.node, 2), flat=True)
-            for f in incoming
-        )  # fmt: skip
-        return replace(out, factors=flat)
+        if tape is None:
+            return out
+        return replace(out, tape=tape.then(Step(LR.flatten_back, (x.mean,)), ctx.method("flatten", tape.share, 1)))
     layer = _mixing_layer(ctx, node, module)
     if layer is None:
         return out
-    weight, conv, width = layer
-    var, factors = out.var, []
-    for f in incoming:
-        rank = {"units": f.rank, "mapped": f.rank, "diag": width, "channels": f.rank * f.blocks}[f.kind]
-        if rank > LR.MAX_RANK:
-            continue
-        if conv is None and (f.kind != "channels" or f.flat):
-            pair = ctx.pair(ctx.call(LR.linear_factor, f.node, f.kind, f.blocks, weight, var))
-        elif conv is not None and f.kind in ("units", "channels") and not f.flat and (f.kind == "units" or conv[3] == 1):
-            pair = ctx.pair(ctx.call(LR.conv_factor, f.node, f.kind, weight, var, *conv))
-        else:
-            continue
-        var = pair.var
-        factors.append(Factor(pair.mean, "mapped" if f.kind == "diag" else "units", rank))
+    weight, conv, _ = layer
+    if tape is not None and conv is None:
+        tape = tape.then(Step(LR.linear_back, (weight,)), ctx.call(F.linear, tape.share, ctx.call(operator.mul, weight, weight)))
+    elif tape is not None:
+        tape = tape.then(Step(LR.conv_back, (weight, x.mean, *conv)), ctx.call(LR.conv_share, tape.share, weight, *conv))
+    own = None
     if conv is not None and module is not None and isinstance(module, bayesian_layer_types()):
-        own = _gaussian_conv_factor(ctx, node, module, x, conv)
-        factors += [own] if own is not None else []
-    return replace(out, var=var, factors=tuple(factors))
+        own = _gaussian_conv_sources(ctx, node, module, x, conv)
+    if own is not None:
+        tape = Tape((own[0],), own[1]) if tape is None else tape.then(own[0], ctx.call(operator.add, tape.share, own[1]))
+    return replace(out, tape=tape)
 
 
-def dense_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, args: Sequence[Any], out: Any) -> Any:
-    """``covariance="dense"``: carry the full covariance of flat (``[N, D]``) activations through linear
-    layers, dropout and (leaky) ReLU, so that a linear layer sums correlated units with their covariance.
-    Any other operation drops it (its output is treated per unit, as in the default mode)."""
-    x = args[0] if args else None
-    if not (isinstance(out, Moments) and isinstance(x, Moments)):
-        return out
-    target = module if module is not None else node.target
-    linear_weight = None
-    if isinstance(module, nn.Linear):
-        linear_weight = ctx.attr(f"{node.target}.weight")
-    elif module is not None and hasattr(module, "mu_weight") and isinstance(module, bayesian_layer_types()):
-        linear_weight = ctx.attr(f"{node.target}.mu_weight")
-    elif target is F.linear and not isinstance(args[1], Moments):
-        linear_weight = args[1]
-    if linear_weight is not None:
-        pair = ctx.pair(ctx.call(MF.dense_linear_cov, x.var, x.dense, linear_weight, out.var))
-        return Moments(out.mean, pair.mean, dense=pair.var)  # (variance, covariance)
-    if x.dense is None:
-        return out
-    if type(module) is nn.Dropout or target is F.dropout:
-        return replace(out, dense=ctx.call(MF.dense_dropout_cov, x.dense, x.var, out.var))
-    if isinstance(module, (nn.ReLU, nn.LeakyReLU)) or target in (F.relu, torch.relu, F.leaky_relu, "relu"):
-        slope = float(getattr(module, "negative_slope", 0.0)) if module is not None else 0.0
-        if target is F.leaky_relu:
-            slope = float(_arg(args, {}, 1, "negative_slope", 0.01))
-        return replace(out, dense=ctx.call(MF.dense_rectified_cov, x.mean, x.var, x.dense, out.var, slope))
-    return out
+def logit_sources(ctx: RuleContext, result: Moments) -> tuple[fx.Node, fx.Node]:
+    """The adjoint sweep at the output: the logits' variance with the shared sources' covariance, and their factor ``[N, K, C]``."""
+    if result.tape is None:
+        return result.var, ctx.call(LR.no_sources, result.mean)
+    g = ctx.call(LR.sweep_start, result.mean)
+    factors = []
+    for step in reversed(result.tape.steps):
+        if step.source:
+            factors.append(ctx.call(step.fn, g, *step.args))
+        else:
+            g = ctx.call(step.fn, g, *step.args)
+    var = ctx.call(LR.corrected_var, result.mean, result.var, result.tape.share, factors)
+    return var, ctx.call(LR.logit_factor, result.mean, factors)
 
 
 def bayesian_layer_types() -> tuple[type, ...]:

@@ -17,7 +17,7 @@ from lightning_relief.moments.convert import (
 )
 
 _OUTPUTS = ("moments", "probs", "log_probs")
-_COVARIANCES = ("diagonal", "dense", "low_rank")
+_COVARIANCES = ("diagonal", "low_rank")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -93,16 +93,15 @@ class MomentPropagationWrapper(nn.Module):
             ``"logit_samples"``; see :func:`~lightning_relief.moments.functional.softmax_log_probs`.
         elementwise: module classes that act elementwise (custom activations): not traced
             into; their moments by Gauss-Hermite quadrature of the module itself.
-        covariance: ``"diagonal"`` (per-unit variances), or ``"dense"``: flat activations
-            (``[N, D]``) also carry their full covariance through ``Linear`` (also
-            bayesian-torch's), dropout and (leaky) ReLU, so that a linear layer after dropout-ed
-            hidden units adds their covariance (an MLP with two dropout layers). Costs
-            ``O(D^3)`` per sample and layer; convolutional parts stay per unit. Or ``"low_rank"``:
-            noise sources that many units share (the masks of dropout on flat activations, the
-            weight draw of bayesian-torch convolutions) are carried as factors through
-            linear/conv/(leaky) ReLU/max-pool/flatten layers, and a layer that sums the units
-            adds the covariance they carry (:mod:`~lightning_relief.moments.low_rank`). Costs
-            the number of sources times the activations they pass through.
+        covariance: ``"diagonal"`` (per-unit variances), or ``"low_rank"``: noise sources that
+            many units share (the masks of ``Dropout``/``F.dropout``, the weight draw of
+            bayesian-torch convolutions) are followed through linear/conv/(leaky) ReLU/max-pool/
+            flatten layers, and the logits get the covariance they induce, to first order: an
+            adjoint sweep back from the C logits at the output
+            (:mod:`~lightning_relief.moments.low_rank`). Fixes the variance where later layers sum
+            units that share sources (an MLP with two dropout layers, a Bayesian CNN's classifier);
+            costs about C transposed passes through the layers between the first source and the
+            logits. Intermediate variances stay per unit.
 
     Example::
 
@@ -127,7 +126,7 @@ class MomentPropagationWrapper(nn.Module):
         leaf_types: Sequence[type] = (),
         softmax: MF.SoftmaxMethod = "daunizeau",
         elementwise: Sequence[type] = (),
-        covariance: Literal["diagonal", "dense", "low_rank"] = "diagonal",
+        covariance: Literal["diagonal", "low_rank"] = "diagonal",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
