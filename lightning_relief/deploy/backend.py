@@ -30,8 +30,9 @@ class Artifact(Protocol):
 
     def __call__(self, *inputs: Any) -> Any: ...
 
-    def time(self, *inputs: Any, repeat: int = 10, number: int = 10) -> list[float]:
-        """Seconds per call, one entry per repeat (each the mean of ``number`` calls)."""
+    def time(self, *inputs: Any, repeat: int = 10, number: int = 10, min_repeat_ms: float = 0) -> list[float]:
+        """Seconds per call, one entry per repeat (each the mean of ``number`` calls, or of more
+        calls when ``number`` take less than ``min_repeat_ms``)."""
         ...
 
     def save(self, dirpath: str | os.PathLike) -> Path: ...

@@ -33,6 +33,7 @@ from typing import Any
 from torch import nn
 
 from lightning_relief.deploy.artifact import CompiledModel
+from lightning_relief.deploy.backend import Artifact
 from lightning_relief.deploy.cache import JsonCache, default_cache_dir
 from lightning_relief.deploy.frontend import as_input_tuple, to_relax
 from lightning_relief.deploy.latency import latency_key
@@ -67,21 +68,24 @@ class LatencyRatio:
                 "reference_rounds_ms": list(self.reference_rounds_ms)}
 
 
-def _prepare(model: nn.Module | CompiledModel, inputs: tuple, target: TargetLike, tuning: TuningConfig | None):
-    """(graph, compiled-or-None, key part) of a module or an already compiled model."""
+def _prepare(model: Any, inputs: tuple, target: TargetLike, tuning: TuningConfig | None):
+    """(graph, compiled-or-None, key part) of a module or an already compiled model; another
+    backend's artifact has no TVM graph hash to key a cache with (key ``None``)."""
+    if isinstance(model, Artifact) and not isinstance(model, (CompiledModel, nn.Module)):
+        return None, model, None
     if isinstance(model, CompiledModel):
         meta = model.metadata
         specs = [{"shape": list(x.shape), "dtype": str(x.numpy().dtype)} for x in inputs]
         return None, model, latency_key(meta["graph_hash"], specs, meta["target"], TuningConfig.coerce(meta.get("tuning")), None)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module or a CompiledModel, got {type(model).__name__}")
+        raise TypeError(f"expected an nn.Module, a CompiledModel or a backend's Artifact, got {type(model).__name__}")
     graph = to_relax(model, inputs, dynamic_batch=False)
     return graph, None, latency_key(graph.graph_hash, graph.inputs, target, tuning, None)
 
 
 def compare_latency(
-    candidate: nn.Module | CompiledModel,
-    reference: nn.Module | CompiledModel,
+    candidate: nn.Module | CompiledModel | Artifact,
+    reference: nn.Module | CompiledModel | Artifact,
     example_inputs: Any,
     target: TargetLike = "llvm",
     rounds: int = 10,
@@ -100,8 +104,10 @@ def compare_latency(
     slow spells of a shared machine last seconds, and the fastest round must fall outside one.
 
     Modules are compiled (static batch, tuned if ``tuning``); pass a :class:`CompiledModel` as
-    ``reference`` to compile it once for many candidates. The ratio is cached under
-    ``cache_dir`` (default ``<cache dir>/latency_ratio``) unless ``cache=False``.
+    ``reference`` to compile it once for many candidates; an artifact of another backend
+    (:class:`~lightning_relief.deploy.backend.Artifact`) is timed by its own ``time``. The ratio is
+    cached under ``cache_dir`` (default ``<cache dir>/latency_ratio``) unless ``cache=False`` or an
+    artifact of another backend is in it.
     """
     if not isinstance(rounds, int) or rounds < 1 or not isinstance(number, int) or number < 1:
         raise ValueError(f"rounds and number must be integers >= 1, got {rounds!r} and {number!r}")
@@ -109,8 +115,10 @@ def compare_latency(
     config = TuningConfig.coerce(tuning)
     cand_graph, cand_compiled, cand_key = _prepare(candidate, inputs, target, config)
     ref_graph, ref_compiled, ref_key = _prepare(reference, inputs, target, config)
-    key = {"candidate": cand_key, "reference": ref_key["graph"]}
-    store = JsonCache(Path(cache_dir) if cache_dir is not None else default_cache_dir() / "latency_ratio") if cache else None
+    keyed = cand_key is not None and ref_key is not None
+    key = {"candidate": cand_key, "reference": ref_key["graph"]} if keyed else {}
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "latency_ratio"
+    store = JsonCache(folder) if cache and keyed else None
     hit = store.get(key) if store is not None else None
     if hit is not None and len(hit["candidate_rounds_ms"]) >= rounds:  # min_seconds only ever adds rounds
         return LatencyRatio(hit["ratio"], tuple(hit["candidate_rounds_ms"]), tuple(hit["reference_rounds_ms"]), cached=True)

@@ -32,6 +32,8 @@ class ExportConfig:
             :class:`~lightning_relief.deploy.backend.Backend`.
         time_batch: the batch size timed (default 1, the latency of one request); ``None`` times
             the example's batch. Code compiled for a fixed batch is timed at that batch.
+        dynamic_batch: compile for any batch size (``None``: the backend's default; TVM's is
+            dynamic when untuned, and a static batch gives it faster code).
 
     >>> config = ExportConfig(atol=1e-5)
     >>> config.rtol, config.time_batch, config.replace(measure=False).measure
@@ -49,6 +51,7 @@ class ExportConfig:
     number: int = 10
     time_batch: int | None = 1
     backend: str = "tvm"
+    dynamic_batch: bool | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -49,16 +49,19 @@ class OnnxArtifact:
             outputs = [torch.from_numpy(o) for o in outputs]
         return outputs[0] if self.metadata.get("single_output", len(outputs) == 1) else tuple(outputs)
 
-    def time(self, *inputs: Any, repeat: int = 10, number: int = 10) -> list[float]:
-        """Seconds per call, ``repeat`` means of ``number`` calls (inputs converted once, outside the timer)."""
+    def time(self, *inputs: Any, repeat: int = 10, number: int = 10, min_repeat_ms: float = 0) -> list[float]:
+        """Seconds per call, ``repeat`` means of ``number`` calls (inputs converted once, outside the timer);
+        a repeat runs ``number`` calls more until it lasts ``min_repeat_ms``, as TVM's time evaluator does."""
         feed = {name: np.ascontiguousarray(_numpy(x)[0]) for name, x in zip(self._names, inputs, strict=True)}
         self.session.run(None, feed)
         results = []
         for _ in range(repeat):
-            start = _time.perf_counter()
-            for _ in range(number):
-                self.session.run(None, feed)
-            results.append((_time.perf_counter() - start) / number)
+            calls, start = 0, _time.perf_counter()
+            while calls == 0 or (_time.perf_counter() - start) * 1e3 < min_repeat_ms:
+                for _ in range(number):
+                    self.session.run(None, feed)
+                calls += number
+            results.append((_time.perf_counter() - start) / calls)
         return results
 
     def save(self, dirpath: str | os.PathLike) -> Path:

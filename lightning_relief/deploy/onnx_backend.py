@@ -42,7 +42,7 @@ class OnnxRuntimeBackend:
             raise DeployError(f"the ONNX Runtime backend runs on this CPU only, not on {config.target!r}")
         inputs = as_input_tuple(example)
         clone = frozen_copy(model)
-        traced, dynamic = _trace_inputs(inputs, True)
+        traced, dynamic = _trace_inputs(inputs, config.dynamic_batch is not False)
         batch = torch.export.Dim(BATCH_DIM, min=1, max=_MAX_BATCH)
         names = [f"input{i}" for i in range(len(inputs))]
         try:

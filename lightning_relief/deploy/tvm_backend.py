@@ -24,7 +24,7 @@ class TVMBackend:
         require("tvm", "the TVM backend")
         from lightning_relief.deploy.compile import compile_for_target
 
-        return compile_for_target(model, example, config.target, config.tuning)
+        return compile_for_target(model, example, config.target, config.tuning, dynamic_batch=config.dynamic_batch)
 
     def load(self, dirpath: str | os.PathLike) -> Any:
         require("tvm", "the TVM backend")
