@@ -1,7 +1,8 @@
-"""Measured latency for the search, through the deploy package (TVM).
+"""Measured latency for the search, through the deploy package's backend seam (TVM by default).
 
 Layers are priced with :class:`lightning_relief.deploy.LayerLatencyTable` (each
-layer compiled alone, cached on disk); whole candidates are compiled and timed
+layer compiled alone by TVM, cached on disk); whole candidates are compiled by the
+meter's backend (:func:`lightning_relief.deploy.get_backend`) and timed
 against the compiled original with :func:`lightning_relief.deploy.compare_latency`
 (alternating rounds, so the ratio holds on a machine whose speed drifts), quantized ones after
 :func:`lightning_relief.deploy.lower_quantized` turned their brevitas layers
@@ -66,6 +67,10 @@ class LatencyMeter(Meter):
         repeat, number: timing repeats and runs per repeat.
         cache: reuse whole-model measurements across runs.
         compare_seconds: a candidate is timed against the original for at least this long.
+        backend: what compiles and times whole models: ``"tvm"``, ``"onnxruntime"`` or a
+            :class:`~lightning_relief.deploy.backend.Backend`'s class path. TVM's figures are cached
+            by graph hash, so a candidate met before is not compiled again; other backends'
+            are measured afresh.
     """
 
     metric = "latency"
@@ -76,8 +81,8 @@ class LatencyMeter(Meter):
 
     def __init__(self, target: Any = "llvm", cache_dir: str | Path | None = None, batch: int = 1,
                  tuning_trials: int = 0, repeat: int = 10, number: int = 10, cache: bool = True,
-                 compare_seconds: float = 6.0) -> None:
-        from lightning_relief.deploy import LayerLatencyTable, TuningConfig
+                 compare_seconds: float = 6.0, backend: str = "tvm") -> None:
+        from lightning_relief.deploy import ExportConfig, LayerLatencyTable, TuningConfig, get_backend
 
         check_target(target)
         if batch < 1 or tuning_trials < 0:
@@ -94,6 +99,10 @@ class LatencyMeter(Meter):
         self.tuning = TuningConfig(trials=tuning_trials, work_dir=(root / "tuning") if root else None) if tuning_trials else None
         self.cache_dir = root / "latency" if root else None
         self.ratio_dir = root / "latency_ratio" if root else None
+        self.backend = get_backend(backend)
+        # static batch: the search prices one shape, and TVM's static-shape code is the faster
+        self.export_config = ExportConfig(target=target, tuning=self.tuning, verify=False, measure=False,
+                                          dynamic_batch=False)
         self.table = LayerLatencyTable(target, cache_dir=(root / "layers") if root else None, tuning=self.tuning,
                                        batch=batch, repeat=repeat, number=number)
         self.example_shape: tuple[int, ...] | None = None
@@ -143,13 +152,11 @@ class LatencyMeter(Meter):
 
     def set_reference(self, module: nn.Module) -> float:
         """Compile and time the original model (ms, fastest repeat); later measurements are taken against it."""
-        from lightning_relief.deploy import compile_for_target, measure_latency
-
         model, example = self._deployable(module)
-        self.compiled_reference = compile_for_target(model, example, self.target, self.tuning, dynamic_batch=False)
-        result = measure_latency(self.compiled_reference, example, repeat=self.repeat, number=self.number, cache=False)
-        self.reference_ms = result.min_ms  # fastest repeat, as compare_latency takes fastest rounds
-        return result.min_ms
+        self.compiled_reference = self.backend.compile(model, example, self.export_config)
+        seconds = self.compiled_reference.time(example, repeat=self.repeat, number=self.number)
+        self.reference_ms = min(seconds) * 1e3  # fastest repeat, as compare_latency takes fastest rounds
+        return self.reference_ms
 
     def measure(self, module: nn.Module) -> float:
         """Latency (ms) of the whole model.
@@ -158,13 +165,19 @@ class LatencyMeter(Meter):
         alternation (:func:`lightning_relief.deploy.compare_latency`), so that a drift in the
         machine's speed between measurements does not move the figure. Otherwise the median alone.
         """
+        import statistics
+
         from lightning_relief.deploy import compare_latency, measure_latency
 
         model, example = self._deployable(module)
+        tvm = self.backend.name == "tvm"  # compare_latency/measure_latency compile it on a cache miss only
+        candidate: Any = model if tvm else self.backend.compile(model, example, self.export_config)
         if self.compiled_reference is not None:
-            ratio = compare_latency(model, self.compiled_reference, example, self.target, rounds=self.repeat, number=self.number,
-                                    tuning=self.tuning, cache_dir=self.ratio_dir, cache=self.cache,
+            ratio = compare_latency(candidate, self.compiled_reference, example, self.target, rounds=self.repeat,
+                                    number=self.number, tuning=self.tuning, cache_dir=self.ratio_dir, cache=self.cache,
                                     min_seconds=self.compare_seconds)
             return self.reference_ms * ratio.ratio
+        if not tvm:
+            return statistics.median(candidate.time(example, repeat=self.repeat, number=self.number)) * 1e3
         return measure_latency(model, example, self.target, repeat=self.repeat, number=self.number,
                                cache_dir=self.cache_dir, tuning=self.tuning, cache=self.cache).median_ms
