@@ -59,7 +59,7 @@ def rank_normal(
     in step), and the noise stays a function of the global generator's state, so
     whatever restores that state (``PerRankNoise``, ``DeepEnsembleStrategy``'s
     checkpoints) restores the draws. An explicit ``generator`` is the caller's
-    stream and is used as it is. Cost: ``world_size`` draws of ``shape``.
+    stream and is used as it is. Cost: ``world_size`` draws of ``shape`` instead of one.
     """
     rank, world = _rank_and_world() if generator is None else (0, 1)
     kept = torch.randn(shape, generator=generator, device=device, dtype=dtype)
