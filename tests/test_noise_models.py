@@ -115,7 +115,9 @@ def test_pcm_formulas_closed_form():
     g = np.linspace(0.0, 25.0, 101)
     gt = torch.tensor(g)
     g_hat = g / 25.0
-    np.testing.assert_allclose(prog_noise_std(gt).numpy(), np.maximum(-1.1731 * g_hat**2 + 1.9650 * g_hat + 0.26348, 0), rtol=1e-12)
+    np.testing.assert_allclose(
+        prog_noise_std(gt).numpy(), np.maximum(-1.1731 * g_hat**2 + 1.9650 * g_hat + 0.26348, 0), rtol=1e-12
+    )
     mu, sig = drift_nu_params(gt)
     lg = np.log(np.clip(g_hat, 1e-7, None))
     np.testing.assert_allclose(mu.numpy(), np.clip(-0.0155 * lg + 0.0244, 0.049, 0.1), rtol=1e-12)
@@ -156,7 +158,7 @@ def test_pcm_output_noise_scales_with_input_weight_and_drift_compensation():
     y = layer(x).detach()
     pcm = PCMNoise(out_noise=0.06)
     pcm.apply_weights([layer.weight.detach()], torch.tensor(ONE_YEAR_S), gen(), modules=[layer])
-    gain = float(pcm._gain[id(layer)])
+    gain = float(pcm._last_gains[0])  # the layer's digital drift-compensation factor
     assert gain > 1.2  # a year of drift: the digital compensation amplifies by about (t/t0)^0.05
     outs = torch.stack([pcm.apply(y, torch.tensor(ONE_YEAR_S), gen(s), "outputs", layer, (x,)) - y for s in range(300)])
     for b in range(4):
@@ -171,7 +173,9 @@ def test_conv_output_noise_is_relative_to_each_receptive_field(dims):
     x = torch.randn(2, 3, *([9] * dims))
     x[..., :2] *= 10  # a few loud inputs: a per-sample max would overstate the noise of most outputs
     y = conv(x).detach()
-    outs = torch.stack([WeightNoise(out_noise=0.1).apply(y, torch.tensor(1.0), gen(s), "outputs", conv, (x,)) - y for s in range(400)])
+    outs = torch.stack(
+        [WeightNoise(out_noise=0.1).apply(y, torch.tensor(1.0), gen(s), "outputs", conv, (x,)) - y for s in range(400)]
+    )
     x2 = x if dims == 2 else x[..., None]
     kernel, pad, stride = (3, 3) if dims == 2 else (3, 1), (1, 1) if dims == 2 else (1, 0), (2, 2) if dims == 2 else (2, 1)
     patch_max = torch.nn.functional.unfold(x2, kernel, padding=pad, stride=stride).abs().amax(1)  # [N, positions]
@@ -268,16 +272,27 @@ def test_schedule_argument_errors():
 def test_placement_selection_by_type_and_name():
     model = LeNet5()
     assert [n for n, _ in Placement("weights").select(model)] == [
-        "features.0.0", "features.1.0", "classifier.1", "classifier.4", "classifier.7"
+        "features.0.0",
+        "features.1.0",
+        "classifier.1",
+        "classifier.4",
+        "classifier.7",
     ]
     assert [n for n, _ in Placement("activations").select(model)] == [
-        "features.0.2", "features.1.2", "classifier.2", "classifier.5"
+        "features.0.2",
+        "features.1.2",
+        "classifier.2",
+        "classifier.5",
     ]
     assert [n for n, _ in Placement("outputs", layers=["Linear"], exclude=["classifier.7"]).select(model)] == [
-        "classifier.1", "classifier.4"
+        "classifier.1",
+        "classifier.4",
     ]
     assert [n for n, _ in Placement("outputs", layers=[], names=["features.0.*"]).select(model)] == [
-        "features.0.0", "features.0.1", "features.0.2", "features.0.3"
+        "features.0.0",
+        "features.0.1",
+        "features.0.2",
+        "features.0.3",
     ]
     with pytest.raises(ValueError, match="site"):
         Placement("inputs")

@@ -39,9 +39,7 @@ from lightning_relief.noise.schedules import Constant, Schedule
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, rank, step) over seed space
 _POOL = 0x2545F4914F6CDD1D  # keeps the pool's seeds apart from the batches' seeds
 DRAWS = ("auto", "fresh", "pool")
-_OWN_OUTPUT = frozenset(
-    (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-)
+_OWN_OUTPUT = frozenset((nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -153,7 +151,10 @@ class NoiseInjector:
             if placement.site != "activations":
                 for name, module in unsupported_layers(model, placement):
                     raise UnsupportedLayerError(
-                        plugin, name, module, supported=COMPUTE_LAYERS,
+                        plugin,
+                        name,
+                        module,
+                        supported=COMPUTE_LAYERS,
                         hint=f"Its matrix products happen inside its own forward, out of reach of {placement.site} noise; "
                         f"leave it noise-free with Placement({placement.site!r}, exclude=[{name!r}])",
                     )
@@ -237,21 +238,21 @@ class NoiseInjector:
             # the weight is looked up now: a strategy may have replaced the parameter since attach
             # (DeepEnsembleStrategy stacks the members' weights at setup); tied weights are perturbed once
             params = list({id(m.weight): (m.weight, m) for _, m in self._weights}.values())
+            tensors = [param for param, _ in params]
             with torch.no_grad():
-                clean = [param.detach().clone() for param, _ in params]
+                clean = [param.clone() for param in tensors]  # no_grad: a plain copy
                 noisy = self.noise.apply_weights(clean, weight_level, generator, [m for _, m in params])
-                for (param, _), value, saved in zip(params, noisy, clean):
-                    self._saved.append((param, saved))
-                    param.copy_(value)
+                torch._foreach_copy_(tensors, noisy)  # one dispatch for all layers
+            self._saved = list(zip(tensors, clean))
 
     def deactivate(self) -> None:
         """Stop output/activation noise (weights stay perturbed until :meth:`restore_weights`)."""
         self._level = None
 
     def restore_weights(self) -> None:
-        with torch.no_grad():
-            for param, clean in self._saved:
-                param.copy_(clean)
+        if self._saved:
+            with torch.no_grad():
+                torch._foreach_copy_([param for param, _ in self._saved], [clean for _, clean in self._saved])
         self._saved = []
 
     def end(self) -> None:

@@ -33,7 +33,8 @@ def _check_sigma(name: str, value: float) -> float:
 
 def broadcast_level(level: Tensor, like: Tensor) -> Tensor:
     """Shape a 0-d or per-sample ``(B,)`` level so it broadcasts over ``like``."""
-    level = level.to(device=like.device, dtype=like.dtype)
+    if level.device != like.device or level.dtype != like.dtype:  # a no-op .to() still dispatches, once per hook
+        level = level.to(device=like.device, dtype=like.dtype)
     if level.dim() == 0:
         return level
     if level.dim() != 1 or like.dim() == 0 or level.shape[0] != like.shape[0]:
@@ -64,20 +65,38 @@ def addcmul(x: Tensor, a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
     return x.addcmul_(a, b) if inplace else torch.addcmul(x, a, b)
 
 
-def _window_max(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+def add_noise(x: Tensor, a: Tensor, b: Tensor, inplace: bool = False, value: float = 1.0) -> Tensor:
+    """``x + value·a·b`` for noise that carries no gradient: its gradient with respect to ``x`` is
+    the identity, so in place it goes into ``x``'s data with no autograd node (recording one, and
+    running it backward, cost about as much as the noise on a small layer)."""
+    if not inplace:
+        return torch.addcmul(x, a, b, value=value)
+    x.detach().addcmul_(a, b, value=value)
+    return x
+
+
+def _window_max(
+    x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]
+) -> Tensor:
     """Max of non-negative ``x`` over every convolution window: separable, one spatial dim at a time.
 
     The max over a box is the max over each of its axes in turn; 1-d pooling
     is an order of magnitude cheaper on CPU than 2-d/3-d pooling of one channel.
+    The last axis goes first (its lines are contiguous: no copy), and
+    ``max_pool1d`` pads itself where it can (a pad op costs as much as the pooling on small inputs).
     """
-    for axis, (k, st, pad, dil) in enumerate(zip(kernel, stride, padding, dilation), start=2):
-        moved = x.movedim(axis, -1)
+    last = x.dim() - 1
+    for axis in range(last, 1, -1):
+        k, st, pad, dil = kernel[axis - 2], stride[axis - 2], padding[axis - 2], dilation[axis - 2]
+        moved = x if axis == last else x.transpose(axis, last)
         shape = moved.shape
         line = moved.reshape(-1, 1, shape[-1])
-        if pad:
-            line = F.pad(line, (pad, pad))  # zeros: |x| >= 0 never loses the max to padding
-        pooled = F.max_pool1d(line, k, st, 0, dil)
-        x = pooled.reshape(*shape[:-1], pooled.shape[-1]).movedim(-1, axis)
+        if 2 * pad > dil * (k - 1) + 1:  # more than max_pool1d pads: zeros by hand (|x| >= 0 never loses the max to them)
+            line, pad = F.pad(line, (pad, pad)), 0
+        pooled = F.max_pool1d(line, k, st, pad, dil)  # its own padding is -inf: no window is all padding
+        x = pooled.view(*shape[:-1], pooled.shape[-1])
+        if axis != last:
+            x = x.transpose(axis, last)
     return x
 
 
@@ -167,7 +186,7 @@ class AdditiveGaussian(NoiseModel):
         sigma = broadcast_level(level, x)
         if self.relative:
             sigma = sigma * x.detach().abs().amax().clamp(min=1e-12)
-        return addcmul(x, sigma, randn_like(x, generator), inplace)
+        return add_noise(x, sigma, randn_like(x, generator), inplace)
 
 
 class MultiplicativeGaussian(NoiseModel):
@@ -249,4 +268,4 @@ class WeightNoise(NoiseModel):
         if weight is None or not inputs:
             raise ValueError("WeightNoise on outputs needs a layer with a weight (Conv/Linear)")
         bound = input_abs_max(module, inputs[0], x) * (weight.detach().abs().amax() * self.out_noise) * scale
-        return addcmul(x, randn_like(x, generator), bound, inplace)
+        return add_noise(x, randn_like(x, generator), bound, inplace)

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_relief.noise.models import Draws, NoiseModel, addcmul, input_abs_max, randn_like, randn_like_shape
+from lightning_relief.noise.models import Draws, NoiseModel, add_noise, input_abs_max, randn_like, randn_like_shape
 
 G_MAX = 25.0  # µS
 T0 = 20.0  # s, first read after programming
@@ -33,6 +33,7 @@ T_READ = 250e-9  # s
 PROG_COEFF = (0.26348, 1.9650, -1.1731)  # µS, fitted at g_max = 25 µS
 ONE_YEAR = 365 * 24 * 3600.0
 _LN2 = math.log(2.0)
+_LOG2_Q0 = math.log2(0.0088)
 
 
 def prog_noise_std(g_target: Tensor, g_max: float = G_MAX) -> Tensor:
@@ -43,7 +44,8 @@ def prog_noise_std(g_target: Tensor, g_max: float = G_MAX) -> Tensor:
 def _prog_std_of(g_hat: Tensor) -> Tensor:
     """σ_prog in units of g_max of a device at ``g_hat`` = g / g_max (the fit scales with g_max)."""
     c0, c1, c2 = (c / G_MAX for c in PROG_COEFF)
-    return _affine(g_hat, c2, c1).mul_(g_hat).add_(c0)  # Horner: c0 + c1·ĝ + c2·ĝ²
+    inner = _affine(g_hat, c2, c1)
+    return torch.addcmul(_const(c0, g_hat), inner, g_hat, out=inner)  # Horner: c0 + c1·ĝ + c2·ĝ²
 
 
 def drift_nu_params(g_target: Tensor, g_max: float = G_MAX) -> tuple[Tensor, Tensor]:
@@ -64,18 +66,37 @@ def read_noise_q(g_prog: Tensor, g_max: float = G_MAX) -> Tensor:
     return _read_q_of(g_prog / g_max)
 
 
-def _read_q_of(g_hat: Tensor, factor: float = 1.0) -> Tensor:
-    """``factor``·Q_s of devices at ``g_hat`` = g / g_max (>= 0); ``factor`` > 0."""
+def _read_q_of(g_hat: Tensor) -> Tensor:
+    """Q_s of devices at ``g_hat`` = g / g_max (>= 0)."""
     # min(0.0088 / max(ĝ^0.65, 1e-3), 0.2) = min(2^(log2 0.0088 - 0.65 log2 ĝ), 0.2): the 1e-3 floor
     # only matters where the 0.2 ceiling already holds (below ĝ = 0.0083); the floor keeps zeros out
     # of log2, whose slow path for 0 (and exp2's for inf) costs six times a normal value
     log2_g = g_hat.clamp(min=1e-6).log2_()
-    return _affine(log2_g, -0.65, math.log2(0.0088 * factor), out=log2_g).exp2_().clamp_(max=0.2 * factor)
+    return _affine(log2_g, -0.65, _LOG2_Q0, out=log2_g).exp2_().clamp_(max=0.2)
 
 
 def _affine(x: Tensor, scale: float, shift: float, out: Tensor | None = None) -> Tensor:
     """``scale·x + shift`` in one pass over ``x`` (two in-place ops make two)."""
-    return torch.add(x.new_tensor(shift), x, alpha=scale, out=out)
+    return torch.add(_const(shift, x), x, alpha=scale, out=out)
+
+
+_CONSTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def _const(value: float, like: Tensor) -> Tensor:
+    """A cached 0-d tensor of ``value`` on ``like``'s device: building one per call (``new_tensor``)
+    costs more than the op it feeds on a small model, and a step uses a dozen."""
+    key = (value, like.dtype, like.device)
+    const = _CONSTS.get(key)
+    if const is None:
+        const = _CONSTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return const
+
+
+def _per_tensor(values: Tensor) -> list[float] | list[Tensor]:
+    """One factor per weight tensor: numbers on a CPU (no device to wait for, and an op with a number
+    dispatches once, where ``unbind`` dispatches per tensor), 0-d tensors on an accelerator (no sync)."""
+    return values.tolist() if values.device.type == "cpu" else list(values.unbind())
 
 
 # the idle device of a pair (target 0 µS): its σ_prog, μ_ν and σ_ν, once
@@ -140,8 +161,10 @@ class PCMNoise(NoiseModel):
             if not float(value) > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         for name, value in (
-            ("prog_noise_scale", prog_noise_scale), ("read_noise_scale", read_noise_scale),
-            ("drift_scale", drift_scale), ("out_noise", out_noise),
+            ("prog_noise_scale", prog_noise_scale),
+            ("read_noise_scale", read_noise_scale),
+            ("drift_scale", drift_scale),
+            ("out_noise", out_noise),
         ):
             if not float(value) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -153,8 +176,7 @@ class PCMNoise(NoiseModel):
         self.out_noise = float(out_noise)
         self.t0 = float(t0)
         self.t_read = float(t_read)
-        self._gain: dict[int, Tensor] = {}  # per layer: this step's digital drift-compensation factor
-        self._out_scale: dict[int, Tensor] = {}  # per layer: max|w| times that factor
+        self._out_scale: dict[int, float | Tensor] = {}  # per layer: out_noise · max|w| · this step's drift-compensation factor
 
     # -- the device model
     def program(self, g_hat: Tensor, generator: Draws = None) -> tuple[Tensor, Tensor]:
@@ -195,8 +217,8 @@ class PCMNoise(NoiseModel):
         g_drift = torch.mul(nu, -math.log2(t / self.t0)).exp2_().mul_(g_prog) if t_inference > 0 else g_prog.clone()
         factor = self.read_noise_scale * read_noise_time_factor(t_inference, self.t0, self.t_read)
         if factor > 0:
-            sigma = _read_q_of(g_prog, factor).mul_(g_drift)
-            g_drift.addcmul_(sigma, randn_like(g_prog, generator))
+            sigma = _read_q_of(g_prog).mul_(g_drift)
+            g_drift.addcmul_(sigma, randn_like(g_prog, generator), value=factor)
         return g_drift.clamp_(min=0.0)
 
     def weights_at(self, w: Tensor, t_inference: float, generator: Draws = None) -> Tensor:
@@ -212,10 +234,10 @@ class PCMNoise(NoiseModel):
         if not weights:
             return []
         sizes = [w.numel() for w in weights]
-        flat = torch.cat([w.detach().reshape(-1) for w in weights])
+        flat = torch.cat([w.reshape(-1) for w in weights]).detach()
         g_hat = flat.abs()  # then scaled, tensor by tensor: the pair's target in units of g_max
         w_max = torch.stack([part.amax() for part in g_hat.split(sizes)]).clamp_(min=1e-7)
-        for part, inv in zip(g_hat.split(sizes), w_max.reciprocal().unbind()):
+        for part, inv in zip(g_hat.split(sizes), _per_tensor(w_max.reciprocal())):
             part.mul_(inv)
         g_prog, nu = self.program(g_hat, generator)
         g_final = self.drift(g_prog, nu, t_inference, generator)
@@ -227,32 +249,31 @@ class PCMNoise(NoiseModel):
             # aihwkit's GlobalDriftCompensation reads them: one-hot inputs through the tile's periphery,
             # so each read weight carries the output noise (units of max|w|); it inflates the smaller,
             # drifted readout more, and the factor falls short of the true ratio (1.86 for 2.0 at a year)
-            w_prog = torch.sub(g_prog[0], g_prog[1])
-            w_read = w_drift
+            reads = torch.empty((2, flat.numel()), dtype=flat.dtype, device=flat.device)  # programmed, drifted
+            torch.sub(g_prog[0], g_prog[1], out=reads[0])
+            reads[1].copy_(w_drift)
             if self.out_noise > 0:
-                read_noise = randn_like_shape(flat, (2, flat.numel()), generator)
-                w_prog.add_(read_noise[0], alpha=self.out_noise)
-                w_read = torch.add(w_drift, read_noise[1], alpha=self.out_noise)
-            programmed = _sums(w_prog.abs_(), sizes)
-            drifted = _sums(w_read.abs(), sizes)
-            to_mean_weight = factors / flat.new_tensor(sizes)  # a sum of conductances -> the mean |w|
-            gains = (programmed * to_mean_weight).clamp_(min=1e-4) / (drifted * to_mean_weight).clamp_(min=1e-4)
+                reads.add_(randn_like_shape(flat, reads.shape, generator), alpha=self.out_noise)
+            # both readouts' mean |w| per tensor (a sum of conductances times max|w| over the count)
+            means = torch.stack([part.sum(1) for part in reads.abs_().split(sizes, dim=1)], dim=1)
+            means = means.mul_(factors / flat.new_tensor(sizes)).clamp_(min=1e-4)
+            gains = means[0] / means[1]
             factors = factors * gains
         else:
             gains = torch.ones_like(w_max)
-        for part, factor in zip(w_drift.split(sizes), factors.unbind()):
+        for part, factor in zip(w_drift.split(sizes), _per_tensor(factors)):
             part.mul_(factor)
         self._last_gains = gains
-        self._last_scales = w_max  # the clean max|w| of each tensor: the tile's output scale
+        self._last_factors = factors  # clean max|w| times the compensation: the scale of each tile's output
         return [part.reshape(w.shape) for part, w in zip(torch.split(w_drift, sizes), weights)]
 
     def apply_weights(self, weights, level, generator=None, modules=None):
         noisy = self.weights_at_many(weights, _seconds(level), generator)
         if modules:
-            # the output noise's scale per layer: clean max|w| times the digital drift compensation
-            scales = (self._last_scales * self._last_gains).unbind()
+            # the output noise's std per unit input, per layer: out_noise times the clean max|w| times
+            # the digital drift compensation
+            scales = _per_tensor(self._last_factors * self.out_noise)
             self._out_scale = {id(m): scale for m, scale in zip(modules, scales) if m is not None}
-            self._gain = {id(m): g for m, g in zip(modules, self._last_gains.unbind()) if m is not None}
         return noisy
 
     def apply(self, x, level, generator=None, site="weights", module=None, inputs=(), inplace=False):
@@ -263,7 +284,6 @@ class PCMNoise(NoiseModel):
         t = _seconds(level)
         # straight-through: the forward sees PCM weights, the gradient flows to the clean weight
         return x + (self.weights_at(x.detach(), t, generator) - x.detach())
-
 
     def _output_noise(self, y: Tensor, generator, module, inputs, inplace: bool = False) -> Tensor:
         """aihwkit's forward output noise, for tiles whose largest weight maps to 1
@@ -276,18 +296,17 @@ class PCMNoise(NoiseModel):
             raise ValueError("PCMNoise output noise needs a layer with a weight (Conv/Linear)")
         scale = self._out_scale.get(id(module))
         if scale is None:  # no weight noise on this layer this step: its weights as they are
-            scale = weight.detach().abs().amax()
-        bound = input_abs_max(module, inputs[0], y).mul_(scale * self.out_noise)
-        return addcmul(y, randn_like(y, generator), bound, inplace)  # y first: the result keeps y's layout
-
-
-def _sums(x: Tensor, sizes: list[int]) -> Tensor:
-    """Sum of each consecutive part of ``x`` (``sizes`` long)."""
-    return torch.stack([part.sum() for part in x.split(sizes)])
+            scale = weight.detach().abs().amax() * self.out_noise
+        bound = input_abs_max(module, inputs[0], y)
+        if isinstance(scale, Tensor):  # an accelerator's factor stays there
+            bound, scale = bound.mul_(scale), 1.0
+        return add_noise(y, randn_like(y, generator), bound, inplace, value=scale)  # y first: the result keeps y's layout
 
 
 def _seconds(level: Tensor | float) -> float:
-    return float(level.reshape(-1)[0]) if isinstance(level, Tensor) else float(level)
+    if not isinstance(level, Tensor):
+        return float(level)
+    return float(level if level.dim() == 0 else level.reshape(-1)[0])
 
 
 def pcm_drifted_weights(w: Tensor, t_inference: float, seed: int = 0, **pcm_kwargs: float) -> Tensor:

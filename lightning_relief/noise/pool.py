@@ -24,6 +24,7 @@ checkpoint) rebuilds exactly the pool of the straight run.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -111,13 +112,14 @@ class NormalPool:
     @torch.compiler.disable  # Python-side bookkeeping (offsets, refresh): a graph break, run eagerly
     def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A read-only ``N(0, 1)`` tensor of ``shape``: a view into the pool, never to be modified."""
-        n = 1
-        for d in shape:
-            n *= int(d)
+        n = math.prod(shape)
         if SLACK * n > self.size:
             self.size = max(MIN_SIZE, SLACK * n)
         self._refresh()
         assert self._pool is not None
         start = self._offsets.randrange(self.size - n + 1)
+        eps = self._pool[start : start + n].view(shape)
+        if eps.dtype == dtype and eps.device == device:  # a no-op .to() still dispatches, once per draw
+            return eps
         # the pool is float32 on the model's device; other dtypes (autocast) and devices get a converted copy
-        return self._pool[start : start + n].view(shape).to(device=device, dtype=dtype)
+        return eps.to(device=device, dtype=dtype)
