@@ -493,11 +493,13 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
     chosen = max(feasible, key=score)
     if not meter.exact:
         # the best of many noisy measurements under the budget is likely to have measured low by luck:
-        # confirm the winner with a second, uncached measurement (their mean), else try the runner-up
+        # confirm the winner with a second, uncached measurement, else try the runner-up. The fresh figure
+        # alone counts: the first is biased low by the choice and may be a cached one taken under other
+        # conditions, and a mean with it let fresh figures over budget pass
         for cand in sorted(feasible, key=score, reverse=True)[:5]:
             again = meter.remeasure(trial(cand.policy))
             cand.extra["first_measured_cost"] = cand.measured_cost
-            cand.measured_cost = (cand.measured_cost + again) / 2
+            cand.measured_cost = again
             if cand.measured_cost <= high:
                 chosen = cand
                 break
