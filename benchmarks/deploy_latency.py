@@ -39,6 +39,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="threads for every framework (default 1)")
     p.add_argument("--trials-reference", type=int, default=64, help="MetaSchedule trials for LeNet-5 at batch 1")
     p.add_argument("--trials", type=int, default=16, help="MetaSchedule trials for every other tuned compile")
+    p.add_argument("--trials-per-round", type=int, default=8,
+                   help="candidates per round of one operator; after a round each, rounds go where latency x weight is")
     p.add_argument("--population", type=int, default=64, help="evolutionary search population per round (TVM default 512)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--number", type=int, default=20, help="runs per repeat (fewer for slow cases, see --max-repeat-ms)")
@@ -51,6 +53,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batches", default="1,64")
     p.add_argument("--curve", default=None, metavar="MODEL",
                    help="instead of the table: latency versus tuning time for MODEL at batch 1, from a fresh database")
+    p.add_argument("--curve-from-log", default=None, metavar="DB",
+                   help="instead of the table: MetaSchedule's own latency estimate after each round of the tuning run "
+                        "logged in DB/logs (one run, any model), against tuning time")
     p.add_argument("--curve-steps", default="8,8,16,32,64",
                    help="trials added per step (each step tunes every task again, seeded by the database)")
     return p.parse_args()
@@ -181,6 +186,7 @@ def call_overhead_us(compiled, x, rounds: int = 60, round_ms: float = 10.0) -> d
     drifts by more than the overhead itself on a model of milliseconds (1 % of resnet18 is 50 us),
     so only adjacent halves of a round are compared, and the median of the rounds' differences is
     the figure (``n`` makes a half about ``round_ms``; ``single_call`` is the same with ``n = 1``).
+    ``fastest_us`` is the fastest call round less the fastest timer round (interference only adds time).
     """
     import tvm
 
@@ -194,14 +200,17 @@ def call_overhead_us(compiled, x, rounds: int = 60, round_ms: float = 10.0) -> d
     for label, number in (("median_us", n), ("single_call_us", 1)):
         timer = vm.time_evaluator("invoke_stateful", compiled.device, number=number, repeat=1)
         timer("main")
-        diffs = []
+        diffs, calls, timers = [], [], []
         for _ in range(rounds if number > 1 else rounds * 4):
             start = time.perf_counter()
             for _ in range(number):
                 compiled(x)
-            call = (time.perf_counter() - start) / number
-            diffs.append((call - float(timer("main").mean)) * 1e6)
+            calls.append((time.perf_counter() - start) / number)
+            timers.append(float(timer("main").mean))
+            diffs.append((calls[-1] - timers[-1]) * 1e6)
         result[label] = float(statistics.median(diffs))
+        if number > 1:
+            result["fastest_us"] = (min(calls) - min(timers)) * 1e6
     return result
 
 
@@ -239,7 +248,8 @@ def main() -> int:
             for batch in batches:
                 x = data[:batch].contiguous()
                 budget = trials_ref if (name == "lenet5" and batch == 1) else trials
-                tuning = TuningConfig(trials=budget, work_dir=ARGS.tuning_db, population_size=ARGS.population, genetic_iters=2)
+                tuning = TuningConfig(trials=budget, work_dir=ARGS.tuning_db, population_size=ARGS.population, genetic_iters=2,
+                                      trials_per_round=ARGS.trials_per_round)
                 row = {"model": name, "batch": batch, "input": list(x.shape), "trials": budget}
                 print(f"[{time.time() - started:6.0f}s] {name} batch {batch}: eager, onnxruntime", flush=True)
                 row["eager_ms"] = statistics.median(eager_ms(model, x))
@@ -310,7 +320,8 @@ def curve(name: str) -> int:
     trials = tune_s = 0
     with tempfile.TemporaryDirectory() as db:
         for i, step in enumerate(steps):
-            tuning = TuningConfig(trials=step, work_dir=db, population_size=ARGS.population, genetic_iters=2, retune=i > 0)
+            tuning = TuningConfig(trials=step, work_dir=db, population_size=ARGS.population, genetic_iters=2, retune=i > 0,
+                                  trials_per_round=ARGS.trials_per_round)
             t0 = time.time()
             compiled = compile_for_target(model, x, target, tuning)
             trials, tune_s = trials + step, tune_s + time.time() - t0
@@ -319,6 +330,7 @@ def curve(name: str) -> int:
     result = {"benchmark": "deploy_latency_curve", "model": name, "batch": 1, "eager_ms": eager, "points": points,
               "machine": {**machine_info(), "load_average_at_end": os.getloadavg()},
               "settings": {"threads": ARGS.threads, "population_size": ARGS.population, "genetic_iters": 2, "steps": steps,
+                           "trials_per_round": ARGS.trials_per_round,
                            "target": target}}
     out = Path(ARGS.out) if ARGS.out else result_path("deploy_latency_curve.json", False)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -339,6 +351,38 @@ def curve(name: str) -> int:
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def curve_from_log(db: str) -> int:
+    """Latency versus tuning time of one tuning run, from MetaSchedule's task-scheduler log: after each round
+    it prints every task's best latency and their weighted sum (its estimate of the model's kernels); a point
+    is taken once every task has a measurement."""
+    import re
+    from datetime import datetime
+
+    log = next(Path(db, "logs").glob("*task_scheduler.log"))
+    points, start, stamp, trials, unmeasured = [], None, None, 0, False
+    for line in log.read_text().splitlines():
+        if m := re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ", line):
+            stamp = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")
+            start = start or stamp
+        elif line.startswith(" ID |"):
+            unmeasured = False
+        elif " N/A " in line:
+            unmeasured = True
+        elif line.startswith("Total trials:"):
+            trials = int(line.split(":")[1])
+        elif line.startswith("Total latency (us):") and not unmeasured and trials:
+            points.append({"trials": trials, "tune_s": (stamp - start).total_seconds(), "estimated_ms": float(line.split(":")[1]) / 1e3})
+    result = {"benchmark": "deploy_latency_tuning_log_curve", "log": str(log), "points": points,
+              "note": "MetaSchedule's sum over tasks of weight x best latency (kernels only, no call path)"}
+    out = Path(ARGS.out) if ARGS.out else result_path("deploy_latency_tuning_log_curve.json", False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    for p in points:
+        print(f"{p['tune_s']:7.0f} s {p['trials']:5d} trials {p['estimated_ms']:.3f} ms")
+    print(f"wrote {out}")
     return 0
 
 
@@ -371,7 +415,8 @@ def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, tria
         },
         "settings": {"threads": ARGS.threads, "repeat": ARGS.repeat, "number": ARGS.number, "max_repeat_ms": ARGS.max_repeat_ms,
                      "trials_lenet5_batch1": trials_ref, "trials_other": trials, "target": target,
-                     "search": {"population_size": ARGS.population, "genetic_iters": 2, "only_compute_heavy": True},
+                     "search": {"population_size": ARGS.population, "genetic_iters": 2, "only_compute_heavy": True,
+                                "trials_per_round": ARGS.trials_per_round, "task_scheduler": "gradient"},
                      "tuning_db": os.path.relpath(ARGS.tuning_db, Path.cwd()), "wall_seconds": round(seconds)},
         "goals": goals,
         "rows": rows,
@@ -383,4 +428,4 @@ def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, tria
 
 
 if __name__ == "__main__":
-    sys.exit(curve(ARGS.curve) if ARGS.curve else main())
+    sys.exit(curve(ARGS.curve) if ARGS.curve else curve_from_log(ARGS.curve_from_log) if ARGS.curve_from_log else main())
