@@ -99,6 +99,7 @@ def zoo(name: str) -> nn.Module:
 
 MODELS = {  # name: (build, Bayesian, the wrapper's covariance mode)
     "cnn": (cnn, False, "diagonal"),
+    "cnn_low_rank": (cnn, False, "low_rank"),  # dropout right before the classifier: a one-layer sweep
     "bayes_cnn": (bayes_cnn, True, "diagonal"),
     "bayes_cnn_low_rank": (bayes_cnn, True, "low_rank"),  # the same trained network (same seed)
     "mlp": (mlp, False, "diagonal"),

@@ -31,6 +31,8 @@ from lightning_relief.moments.rules import (
     STOCHASTIC_MODULES,
     Moments,
     RuleContext,
+    Step,
+    Tape,
     UnsupportedOperationError,
     _module_quadrature,
     bayesian_layer_types,
@@ -297,6 +299,9 @@ def build_moment_graph(
                 )
             if random_input:
                 env[node] = Moments(graph.placeholder("mean"), graph.placeholder("var"))
+                if ctx.low_rank:  # the input's noise: one source per unit, shared by everything computed from it
+                    source = Step(LR.diag_sources, (ctx.call(torch.sqrt, env[node].var),), source=True)
+                    env[node] = replace(env[node], tape=Tape((source,), env[node].var))
             else:
                 env[node] = graph.placeholder(node.name)
             continue

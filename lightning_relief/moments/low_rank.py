@@ -44,6 +44,7 @@ from lightning_relief.moments.functional import _tuple, _window_cov, _window_sli
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 _CONV_T = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
+_AVG_POOL = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}
 
 
 def _to_size(x: Tensor, like: Tensor) -> Tensor:
@@ -162,8 +163,10 @@ def conv_back(
         kernel = per_group.reshape(groups * in_c, out_c // groups, *weight.shape[2:]).flip(list(range(2, dims + 2)))
         full = [d * (k - 1) - p for d, k, p in zip(dilation, weight.shape[2:], pad)]
         back = _CONV[weight.dim()](flat, kernel, None, 1, full, dilation, groups)
-    else:
-        back = _CONV_T[weight.dim()](flat, weight, None, stride, pad, 0, groups, dilation)
+    else:  # the input units past the last window get no sensitivity: output padding up to the input's size
+        sizes = zip(g.shape[3:], like.shape[2:], stride, pad, dilation, weight.shape[2:])
+        extra = [size - ((out - 1) * st - 2 * p + d * (k - 1) + 1) for out, size, st, p, d, k in sizes]
+        back = _CONV_T[weight.dim()](flat, weight, None, stride, pad, extra, groups, dilation)
     return _to_size(back, like).reshape(n, c, *like.shape[1:])
 
 
@@ -197,6 +200,50 @@ def pool_back(g: Tensor, wins: Tensor, like: Tensor, kernel: Sequence[int], stri
         back = _CONV_T[dims + 2](flat, onehot, None, stride, 0, 0, 1, dilation)
         back = back.reshape(n * c, channels, *back.shape[2:])
     return _to_size(back, like).reshape(n, c, *like.shape[1:])
+
+
+def conv_transpose_back(
+    g: Tensor, weight: Tensor, stride: Sequence[int] | int, padding: Sequence[int] | int, dilation: Sequence[int] | int,
+    groups: int,
+) -> Tensor:  # fmt: skip
+    """Through a transposed convolution: the convolution with the same kernel."""
+    n, c = g.shape[:2]
+    back = _CONV[weight.dim()](g.flatten(0, 1), weight, None, stride, padding, dilation, groups)
+    return back.reshape(n, c, *back.shape[1:])
+
+
+def _blocks(small: Tensor, large: Tensor) -> list[int]:
+    dims = small.dim() - 2
+    return [large.shape[-dims + i] // small.shape[-dims + i] for i in range(dims)]
+
+
+def copies_back(g: Tensor, like: Tensor) -> Tensor:
+    """Through nearest upsampling of ``like`` by integer factors: each unit's copies' sensitivities summed."""
+    n, c = g.shape[:2]
+    flat = g.flatten(0, 1)
+    block = _blocks(like, flat)
+    summed = _AVG_POOL[like.dim()](flat, block) * math.prod(block)
+    return summed.reshape(n, c, *like.shape[1:])
+
+
+def average_back(g: Tensor, like: Tensor) -> Tensor:
+    """Through average pooling of ``like`` over equal, non-overlapping blocks: each unit gets its block's share."""
+    n, c = g.shape[:2]
+    flat = g.flatten(0, 1)
+    block = _blocks(flat, like)
+    spread = F.interpolate(flat, size=like.shape[2:], mode="nearest") / math.prod(block)
+    return spread.reshape(n, c, *like.shape[1:])
+
+
+def copies_share(share: Tensor, out: Tensor) -> Tensor:
+    """The sources' per-unit variance after nearest upsampling to ``out``'s size (copied)."""
+    return F.interpolate(share, size=out.shape[2:], mode="nearest")
+
+
+def average_share(share: Tensor, out: Tensor) -> Tensor:
+    """The sources' per-unit variance after average pooling to ``out``'s size, units independent."""
+    block = _blocks(out, share)
+    return _AVG_POOL[share.dim()](share, block) / math.prod(block)
 
 
 def diag_sources(g: Tensor, std: Tensor) -> Tensor:
@@ -237,7 +284,7 @@ def no_sources(mean: Tensor) -> Tensor:
 
 
 __all__ = [
-    "channel_sources", "conv_back", "conv_share", "corrected_var", "diag_sources", "dropout_std", "flatten_back",
+    "average_back", "average_share", "channel_sources", "conv_back", "conv_transpose_back", "copies_back", "copies_share", "conv_share", "corrected_var", "diag_sources", "dropout_std", "flatten_back",
     "gaussian_conv_sources", "linear_back", "logit_factor", "no_sources", "pool_back", "pool_share", "rectified_slope", "scale_back",
     "scale_share",
     "sweep_start",

@@ -1026,14 +1026,38 @@ def _gaussian_conv_sources(
     return Step(LR.channel_sources, (patches, sd), source=True), share
 
 
+def _linear_map_step(
+    ctx: RuleContext, node: fx.Node, module: nn.Module | None, x: Moments, out: Moments, share: fx.Node
+) -> tuple[Step, fx.Node] | None:  # fmt: skip
+    """The step and share of a linear map that is not a plain linear/conv layer: nearest upsampling (copies),
+    equal-window adaptive average pooling, a transposed convolution; ``None`` for anything else."""
+    nearest = isinstance(module, nn.Upsample) or (node.target is F.interpolate and node.op == "call_function")
+    if nearest:  # the rules accept nearest modes only
+        return Step(LR.copies_back, (x.mean,)), ctx.call(LR.copies_share, share, out.mean)
+    if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        return Step(LR.average_back, (x.mean,)), ctx.call(LR.average_share, share, out.mean)
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and module.padding_mode == "zeros":
+        weight = ctx.attr(f"{node.target}.weight")
+        conv = (module.stride, module.padding, module.dilation, module.groups)
+        spread = ctx.call(
+            F.conv_transpose1d if isinstance(module, nn.ConvTranspose1d) else F.conv_transpose2d
+            if isinstance(module, nn.ConvTranspose2d) else F.conv_transpose3d,
+            share, ctx.call(operator.mul, weight, weight), None, module.stride, module.padding, module.output_padding,
+            module.groups, module.dilation,
+        )  # fmt: skip
+        return Step(LR.conv_transpose_back, (weight, *conv)), spread
+    return None
+
+
 def factor_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, args: Sequence[Any], out: Any) -> Any:
     """``covariance="low_rank"``: record the layers on the path of shared noise sources (:class:`Tape`), swept
     back from the logits at the output (:func:`logit_sources`).
 
-    Sources: dropout (``Dropout``/``F.dropout``, one per unit) and Gaussian-weight convolutions (the weights
-    of an output channel, shared by all its positions). Steps: ``Linear``/``Conv1d/2d/3d`` (fixed or mean
-    weights, zero padding), (leaky) ReLU, max pooling without padding, flatten, dropout. Any other
-    operation ends the path (its output is treated per unit).
+    Sources: dropout (``Dropout``/``F.dropout``, one per unit), Gaussian-weight convolutions (the weights
+    of an output channel, shared by all its positions) and a random input (``propagate_moments``, one per
+    unit). Steps: ``Linear``/``Conv1d/2d/3d`` (fixed or mean weights, zero padding), ``ConvTranspose1d/2d/3d``,
+    (leaky) ReLU, max pooling without padding, nearest upsampling, equal-window adaptive average pooling,
+    flatten, dropout. Any other operation ends the path (its output is treated per unit).
     """
     if isinstance(out, tuple) and out and isinstance(out[0], Moments):  # bayesian-torch's (out, kl)
         return (factor_update(ctx, node, module, args, out[0]), *out[1:])
@@ -1057,6 +1081,10 @@ def factor_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, arg
         if tape is None:
             return out
         return replace(out, tape=tape.then(Step(LR.flatten_back, (x.mean,)), ctx.method("flatten", tape.share, 1)))
+    if tape is not None and isinstance(x, Moments):
+        linear_map = _linear_map_step(ctx, node, module, x, out, tape.share)
+        if linear_map is not None:
+            return replace(out, tape=tape.then(*linear_map))
     layer = _mixing_layer(ctx, node, module)
     if layer is None:
         return out
