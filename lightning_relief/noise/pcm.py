@@ -66,12 +66,12 @@ def read_noise_q(g_prog: Tensor, g_max: float = G_MAX) -> Tensor:
     return _read_q_of(g_prog / g_max)
 
 
-def _read_q_of(g_hat: Tensor) -> Tensor:
-    """Q_s of devices at ``g_hat`` = g / g_max (>= 0)."""
+def _read_q_of(g_hat: Tensor, out: Tensor | None = None) -> Tensor:
+    """Q_s of devices at ``g_hat`` = g / g_max (>= 0); ``out=g_hat`` computes it in place."""
     # min(0.0088 / max(ĝ^0.65, 1e-3), 0.2) = min(2^(log2 0.0088 - 0.65 log2 ĝ), 0.2): the 1e-3 floor
     # only matters where the 0.2 ceiling already holds (below ĝ = 0.0083); the floor keeps zeros out
     # of log2, whose slow path for 0 (and exp2's for inf) costs six times a normal value
-    log2_g = g_hat.clamp(min=1e-6).log2_()
+    log2_g = torch.clamp(g_hat, min=1e-6, out=out).log2_()
     return _affine(log2_g, -0.65, _LOG2_Q0, out=log2_g).exp2_().clamp_(max=0.2)
 
 
@@ -176,21 +176,39 @@ class PCMNoise(NoiseModel):
         self.out_noise = float(out_noise)
         self.t0 = float(t0)
         self.t_read = float(t_read)
+        self._work: Tensor | None = None
         self._out_scale: dict[int, float | Tensor] = {}  # per layer: out_noise · max|w| · this step's drift-compensation factor
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_work"] = None  # scratch memory: not worth pickling with a checkpointed callback
+        return state
+
+    def _workspace(self, like: Tensor) -> Tensor:
+        """Scratch memory for a step's three ``(2, n)`` temporaries, kept while ``n`` stays: on a CPU,
+        fresh memory costs a page fault per 4 KiB, more than the arithmetic on it."""
+        shape = (3, 2, like.numel())
+        work = self._work
+        if work is None or work.shape != shape or work.dtype != like.dtype or work.device != like.device:
+            work = self._work = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return work
+
     # -- the device model
-    def program(self, g_hat: Tensor, generator: Draws = None) -> tuple[Tensor, Tensor]:
+    def program(self, g_hat: Tensor, generator: Draws = None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Programmed conductances and drift exponents ν of the device pairs of weights ``g_hat``.
 
         ``g_hat`` = |w| / max|w| of each weight; conductances are in units of ``g_max``. Both
         results are ``(2, *g_hat.shape)``: row 0 the device that holds |w| (target ĝ), row 1 its
         partner, targeted at 0. The partner's σ_prog, μ_ν and σ_ν are constants, so the device
-        formulas run over the weights once, not twice.
+        formulas run over the weights once, not twice. ``out``: a ``(2, 2, *g_hat.shape)`` tensor
+        to write both into.
         """
         shape = (2, *g_hat.shape)
         eps_prog, eps_nu = randn_like_shape(g_hat, shape, generator), randn_like_shape(g_hat, shape, generator)
-        # the draws may be a read-only pool slice: results go to fresh tensors (out=)
-        g_prog = torch.empty(shape, dtype=g_hat.dtype, device=g_hat.device)
+        # the draws may be a read-only pool slice: results go to other memory (out=)
+        if out is None:
+            out = torch.empty((2, *shape), dtype=g_hat.dtype, device=g_hat.device)
+        g_prog, nu = out.unbind()
         sigma_prog = _prog_std_of(g_hat)
         sigma_prog_zero = _PROG_STD_IDLE * self.prog_noise_scale
         if self.prog_noise_scale != 1.0:
@@ -200,7 +218,6 @@ class PCMNoise(NoiseModel):
         g_prog.clamp_(min=0.0)
         mu_nu, sigma_nu = _drift_nu_of(g_hat)
         mu_zero, sigma_zero = _NU_IDLE
-        nu = torch.empty(shape, dtype=g_hat.dtype, device=g_hat.device)
         torch.addcmul(mu_nu, sigma_nu, eps_nu[0], out=nu[0])
         _affine(eps_nu[1], sigma_zero, mu_zero, out=nu[1])
         nu.abs_()
@@ -210,14 +227,19 @@ class PCMNoise(NoiseModel):
 
     def drift(self, g_prog: Tensor, nu: Tensor, t_inference: float, generator: Draws = None) -> Tensor:
         """Conductances (units of ``g_max``) ``t_inference`` seconds after programming (drift and 1/f noise)."""
+        return self._drift(g_prog.clone(), nu.clone(), t_inference, generator)
+
+    def _drift(self, g_prog: Tensor, nu: Tensor, t_inference: float, generator: Draws) -> Tensor:
+        """:meth:`drift`, computed in the memory of ``g_prog`` and ``nu`` (a training step's temporaries:
+        on a CPU, fresh memory costs a page fault per 4 KiB, more than the arithmetic on it)."""
         if t_inference < 0:
             raise ValueError(f"t_inference must be >= 0 seconds, got {t_inference}")
         t = t_inference + self.t0
         # (t/t0)^-ν = 2^(-ν·log2(t/t0)); g_prog >= 0, so the drifted conductance is too
-        g_drift = torch.mul(nu, -math.log2(t / self.t0)).exp2_().mul_(g_prog) if t_inference > 0 else g_prog.clone()
+        g_drift = nu.mul_(-math.log2(t / self.t0)).exp2_().mul_(g_prog) if t_inference > 0 else g_prog.clone()
         factor = self.read_noise_scale * read_noise_time_factor(t_inference, self.t0, self.t_read)
         if factor > 0:
-            sigma = _read_q_of(g_prog).mul_(g_drift)
+            sigma = _read_q_of(g_prog, out=g_prog).mul_(g_drift)
             g_drift.addcmul_(sigma, randn_like(g_prog, generator), value=factor)
         return g_drift.clamp_(min=0.0)
 
@@ -239,18 +261,20 @@ class PCMNoise(NoiseModel):
         w_max = torch.stack([part.amax() for part in g_hat.split(sizes)]).clamp_(min=1e-7)
         for part, inv in zip(g_hat.split(sizes), _per_tensor(w_max.reciprocal())):
             part.mul_(inv)
-        g_prog, nu = self.program(g_hat, generator)
-        g_final = self.drift(g_prog, nu, t_inference, generator)
+        work = self._workspace(flat)
+        g_prog, nu = self.program(g_hat, generator, out=work[:2])
+        reads = work[2]  # the compensation's readouts: programmed, drifted
+        if self.drift_compensation:
+            torch.sub(g_prog[0], g_prog[1], out=reads[0])
+        g_final = self._drift(g_prog, nu, t_inference, generator)
         # the pair reads |w| (row 0 minus row 1); the weight's sign says which device held it
-        w_drift = torch.sub(g_final[0], g_final[1]).mul_(flat.sign())
+        w_drift = torch.sub(g_final[0], g_final[1]).mul_(flat.sign_())
         factors = w_max  # conductance 1 (g_max) reads as the tensor's max |w|
         if self.drift_compensation:
             # global drift compensation: the programmed mean |w| over the drifted one, per tensor, as
             # aihwkit's GlobalDriftCompensation reads them: one-hot inputs through the tile's periphery,
             # so each read weight carries the output noise (units of max|w|); it inflates the smaller,
             # drifted readout more, and the factor falls short of the true ratio (1.86 for 2.0 at a year)
-            reads = torch.empty((2, flat.numel()), dtype=flat.dtype, device=flat.device)  # programmed, drifted
-            torch.sub(g_prog[0], g_prog[1], out=reads[0])
             reads[1].copy_(w_drift)
             if self.out_noise > 0:
                 reads.add_(randn_like_shape(flat, reads.shape, generator), alpha=self.out_noise)

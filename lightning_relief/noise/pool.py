@@ -24,6 +24,7 @@ checkpoint) rebuilds exactly the pool of the straight run.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable
@@ -118,8 +119,17 @@ class NormalPool:
         self._refresh()
         assert self._pool is not None
         start = self._offsets.randrange(self.size - n + 1)
-        eps = self._pool[start : start + n].view(shape)
+        eps = self._pool.as_strided(shape, _contiguous_strides(tuple(shape)), start)  # one view op, not slice + view
         if eps.dtype == dtype and eps.device == device:  # a no-op .to() still dispatches, once per draw
             return eps
         # the pool is float32 on the model's device; other dtypes (autocast) and devices get a converted copy
         return eps.to(device=device, dtype=dtype)
+
+
+@functools.cache
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(int(d), 1)
+    return tuple(reversed(strides))
