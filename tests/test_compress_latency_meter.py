@@ -16,6 +16,7 @@ def _mlp(width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)).eval()
 
 
+@pytest.mark.slow  # four compiles (~30 s on the loaded 2-core VM)
 @pytest.mark.parametrize("backend, artifact", [("tvm", CompiledModel), ("onnxruntime", OnnxArtifact)])
 def test_latency_meter_compiles_and_times_with_its_backend(backend, artifact, tmp_path):
     torch.manual_seed(0)
