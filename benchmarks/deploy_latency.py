@@ -39,7 +39,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="threads for every framework (default 1)")
     p.add_argument("--trials-reference", type=int, default=64, help="MetaSchedule trials for LeNet-5 at batch 1")
     p.add_argument("--trials", type=int, default=16, help="MetaSchedule trials for every other tuned compile")
-    p.add_argument("--trials-per-round", type=int, default=8,
+    p.add_argument("--trials-per-round", type=int, default=4,
                    help="candidates per round of one operator; after a round each, rounds go where latency x weight is")
     p.add_argument("--population", type=int, default=64, help="evolutionary search population per round (TVM default 512)")
     p.add_argument("--repeat", type=int, default=10)
