@@ -19,6 +19,7 @@ from lightning_relief.noise import (
     LinearWarmup,
     PCMNoise,
     Placement,
+    RandomWalk,
     WeightNoise,
 )
 
@@ -56,7 +57,9 @@ def digits(batch_size: int = 64) -> DigitsDataModule:
 def test_schedule_follows_optimizer_steps_under_gradient_accumulation(seed):
     noise = AnalogNoise(AdditiveGaussian(), LinearWarmup(0.6, warmup_steps=6))
     levels = Levels(noise)
-    trainer = quiet_trainer(callbacks=[noise, levels], accumulate_grad_batches=2, max_epochs=1, limit_train_batches=16, limit_val_batches=0)
+    trainer = quiet_trainer(
+        callbacks=[noise, levels], accumulate_grad_batches=2, max_epochs=1, limit_train_batches=16, limit_val_batches=0
+    )
     trainer.fit(Spread(), digits(32))
     # micro-batches 2k and 2k+1 belong to optimizer step k: LinearWarmup ends after 6 optimizer steps
     assert levels.levels == pytest.approx([0.1 * min(k // 2, 6) for k in range(16)])
@@ -67,7 +70,9 @@ def test_random_schedule_draws_once_per_optimizer_step(seed):
     """A random level (a deployment time) is drawn per optimizer step: micro-batches of one step share it."""
     noise = AnalogNoise(PCMNoise(), DeploymentTime(), placement="weights")
     levels = Levels(noise)
-    trainer = quiet_trainer(callbacks=[noise, levels], accumulate_grad_batches=2, max_epochs=1, limit_train_batches=12, limit_val_batches=0)
+    trainer = quiet_trainer(
+        callbacks=[noise, levels], accumulate_grad_batches=2, max_epochs=1, limit_train_batches=12, limit_val_batches=0
+    )
     trainer.fit(Spread(), digits(32))
     assert trainer.global_step == 6 and len(levels.levels) == 12
     assert all(levels.levels[2 * k] == levels.levels[2 * k + 1] for k in range(6))
@@ -183,6 +188,16 @@ def test_bad_input_is_named_before_training():
         AnalogNoise(AdditiveGaussian(), float("nan"))
     with pytest.raises(ValueError, match="schedule.*>= 0"):
         AnalogNoiseStrategy(AdditiveGaussian(), -0.1)
+    with pytest.raises(ValueError, match="schedule: value must be a finite number"):
+        AnalogNoise(AdditiveGaussian(), float("inf"))
+    with pytest.raises(ValueError, match="w_noise must be a finite number"):
+        WeightNoise(w_noise=float("inf"))
+    with pytest.raises(ValueError, match="out_noise must be a finite number"):
+        PCMNoise(out_noise=float("nan"))
+    with pytest.raises(ValueError, match="high must be a finite number"):
+        RandomWalk(0.1, 0.0, float("inf"), 0.01)
+    with pytest.raises(ValueError, match="t_max"):
+        DeploymentTime(t_max=float("inf"))
     with pytest.raises(ValueError, match="drift time"):
         AnalogNoise(PCMNoise(), 0.0)
     with pytest.raises(ValueError, match="t_min"):
@@ -210,7 +225,9 @@ def test_weight_noise_under_a_sharding_strategy_is_a_typed_error():
     from lightning_relief.errors import UnsupportedStrategyError
 
     for strategy in (FSDPStrategy(), ModelParallelStrategy()):
-        with pytest.raises(UnsupportedStrategyError, match=f"AnalogNoise does not support strategy {type(strategy).__name__}: weight noise"):
+        with pytest.raises(
+            UnsupportedStrategyError, match=f"AnalogNoise does not support strategy {type(strategy).__name__}: weight noise"
+        ):
             AnalogNoise(PCMNoise(), DeploymentTime()).check_strategy(strategy)
         AnalogNoise(AdditiveGaussian(), 0.1, placement=["outputs", "activations"]).check_strategy(strategy)
     AnalogNoise(PCMNoise(), DeploymentTime()).check_strategy(DDPStrategy())

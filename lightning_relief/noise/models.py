@@ -13,6 +13,7 @@ with noise is reproducible and resumes exactly from a checkpoint.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -26,8 +27,8 @@ SITES = ("weights", "activations", "outputs")
 
 def _check_sigma(name: str, value: float) -> float:
     value = float(value)
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0.0 <= value < math.inf:  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value
 
 

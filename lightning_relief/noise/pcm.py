@@ -158,16 +158,16 @@ class PCMNoise(NoiseModel):
         t_read: float = T_READ,
     ) -> None:
         for name, value in (("g_max", g_max), ("t0", t0), ("t_read", t_read)):
-            if not float(value) > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+            if not 0 < float(value) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
         for name, value in (
             ("prog_noise_scale", prog_noise_scale),
             ("read_noise_scale", read_noise_scale),
             ("drift_scale", drift_scale),
             ("out_noise", out_noise),
         ):
-            if not float(value) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            if not 0 <= float(value) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         self.g_max = float(g_max)
         self.drift_compensation = bool(drift_compensation)
         self.prog_noise_scale = float(prog_noise_scale)

@@ -37,8 +37,8 @@ def _positive_int(name: str, value: int) -> int:
 
 def _non_negative(name: str, value: float) -> float:
     value = float(value)
-    if not value >= 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0.0 <= value < math.inf:  # also rejects NaN; an infinite σ or time only makes NaNs later
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value
 
 
@@ -185,7 +185,7 @@ class RandomWalk(Schedule):
     def __init__(self, start: float, low: float, high: float, step_std: float) -> None:
         self.start = _non_negative("start", start)
         self.low = _non_negative("low", low)
-        self.high = float(high)
+        self.high = _non_negative("high", high)
         if not self.low <= self.start <= self.high:
             raise ValueError(f"RandomWalk needs low <= start <= high, got low={low}, start={start}, high={high}")
         self.step_std = _non_negative("step_std", step_std)
@@ -234,8 +234,8 @@ class DeploymentTime(Schedule):
     TEN_YEARS: ClassVar[float] = 10 * ONE_YEAR
 
     def __init__(self, t_min: float = 1.0, t_max: float = 10 * ONE_YEAR, mode: str = "random", total_steps: int = 1000) -> None:
-        if not 0 < float(t_min) < float(t_max):
-            raise ValueError(f"DeploymentTime needs 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+        if not 0 < float(t_min) < float(t_max) < math.inf:
+            raise ValueError(f"DeploymentTime needs 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
         if mode not in ("random", "sweep"):
             raise ValueError(f"mode must be 'random' or 'sweep', got {mode!r}")
         self.t_min = float(t_min)
@@ -266,9 +266,7 @@ class SequentialSchedule(Schedule):
         if not schedules or not all(isinstance(s, Schedule) for s in schedules):
             raise ValueError(f"schedules must be a non-empty list of Schedule, got {schedules!r}")
         if len(milestones) != len(schedules) - 1 or milestones != sorted(milestones) or any(m < 0 for m in milestones):
-            raise ValueError(
-                f"milestones must be {len(schedules) - 1} increasing steps >= 0 (one per switch), got {milestones}"
-            )
+            raise ValueError(f"milestones must be {len(schedules) - 1} increasing steps >= 0 (one per switch), got {milestones}")
         kinds = {s.kind for s in schedules if s.kind is not None}
         if len(kinds) > 1:
             raise ValueError(f"cannot chain schedules of different kinds {sorted(kinds)}")
