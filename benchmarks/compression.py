@@ -239,7 +239,11 @@ def run_mnist1d(args) -> dict:
                        "val_acc_cut": chosen.val_acc, "val_acc_recovered": chosen.extra.get("recovered_acc"),
                        "kind": chosen.extra.get("kind", "search"), "policy": cb.policy.to_dict(),
                        "quantized": bool(cb.policy.quantized_layers()), "candidates": len(cb.evaluated),
-                       "timings": cb.timings, "finetune_s": fit_s - cb.timings["plan_s"]}
+                       "timings": cb.timings, "finetune_s": fit_s - cb.timings["plan_s"],
+                       "evaluated": [{"kind": c.extra.get("kind", "search"), "ratio": c.measured_cost / cb.original_cost,
+                                      "first_ratio": c.extra.get("first_measured_cost", c.measured_cost) / cb.original_cost,
+                                      "recovered_acc": c.extra.get("recovered_acc"), "chosen": c.chosen}
+                                     for c in cb.evaluated]}
                 runs.append(row)
                 print(f"[mnist1d seed {seed}] {method:<8} target {target:<4} acc {row['test_acc']:.4f} latency "
                       f"x{row['latency_ratio']:.3f} chosen {row['kind']} quantized {row['quantized']} "
