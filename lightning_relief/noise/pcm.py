@@ -54,11 +54,17 @@ def drift_nu_params(g_target: Tensor, g_max: float = G_MAX) -> tuple[Tensor, Ten
 
 
 def _drift_nu_of(g_hat: Tensor) -> tuple[Tensor, Tensor]:
-    # log2 and exp2 run at a fraction of log's and exp's cost on CPU: ln ĝ = ln 2 · log2 ĝ
-    log2_g = g_hat.clamp(min=1e-7).log2_()
-    mu = _affine(log2_g, -0.0155 * _LN2, 0.0244).clamp_(0.049, 0.1)
-    sigma = _affine(log2_g, -0.0125 * _LN2, -0.0059, out=log2_g).clamp_(0.008, 0.045)
+    ln_g = _ln(g_hat, 1e-7)
+    mu = _affine(ln_g, -0.0155, 0.0244).clamp_(0.049, 0.1)
+    sigma = _affine(ln_g, -0.0125, -0.0059, out=ln_g).clamp_(0.008, 0.045)
     return mu, sigma
+
+
+def _ln(x: Tensor, floor: float, out: Tensor | None = None) -> Tensor:
+    """ln max(x, floor) as log1p(x - 1): torch vectorizes log1p on CPU and not log or log2 (3.5x
+    faster here, where log2 was a fifth of a PCM weight pass). x - 1 is exact for x in [0.5, 2] and
+    within half an ulp of 1 below, where the device formulas' clamps (ĝ < 0.008) already hold."""
+    return torch.clamp(x, min=floor, out=out).sub_(1.0).log1p_()
 
 
 def read_noise_q(g_prog: Tensor, g_max: float = G_MAX) -> Tensor:
@@ -68,11 +74,11 @@ def read_noise_q(g_prog: Tensor, g_max: float = G_MAX) -> Tensor:
 
 def _read_q_of(g_hat: Tensor, out: Tensor | None = None) -> Tensor:
     """Q_s of devices at ``g_hat`` = g / g_max (>= 0); ``out=g_hat`` computes it in place."""
-    # min(0.0088 / max(ĝ^0.65, 1e-3), 0.2) = min(2^(log2 0.0088 - 0.65 log2 ĝ), 0.2): the 1e-3 floor
-    # only matters where the 0.2 ceiling already holds (below ĝ = 0.0083); the floor keeps zeros out
-    # of log2, whose slow path for 0 (and exp2's for inf) costs six times a normal value
-    log2_g = torch.clamp(g_hat, min=1e-6, out=out).log2_()
-    return _affine(log2_g, -0.65, _LOG2_Q0, out=log2_g).exp2_().clamp_(max=0.2)
+    # min(0.0088 / max(ĝ^0.65, 1e-3), 0.2) = min(2^(log2 0.0088 - 0.65 ln ĝ / ln 2), 0.2): the 1e-3
+    # floor only matters where the 0.2 ceiling already holds (below ĝ = 0.0083); the floor keeps zeros
+    # out of the logarithm, and exp2 runs at a fraction of exp's cost on CPU
+    ln_g = _ln(g_hat, 1e-6, out=out)
+    return _affine(ln_g, -0.65 / _LN2, _LOG2_Q0, out=ln_g).exp2_().clamp_(max=0.2)
 
 
 def _affine(x: Tensor, scale: float, shift: float, out: Tensor | None = None) -> Tensor:
