@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings on a shared machine)")
     parser.add_argument("--data", choices=sorted(DATA), default="digits")
+    parser.add_argument("--repeats", type=int, default=None, help="noisy evaluations per level/time, ours (default 10; --quick 2)")
+    parser.add_argument("--aihwkit-repeats", type=int, default=None, help="programmed aihwkit chips (default 5; --quick 1)")
     parser.add_argument("--skip-timing", action="store_true", help="accuracy only (the step timings do not depend on --data)")
     parser.add_argument("--timing-only", action="store_true",
                         help="the step timings only, merged into the results file of an earlier (--skip-timing) run")
@@ -280,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     check_device(args.device)
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (2 if args.quick else 20)
-    repeats = 2 if args.quick else 10
-    aihw_repeats = 1 if args.quick else 5
+    repeats = args.repeats or (2 if args.quick else 10)
+    aihw_repeats = args.aihwkit_repeats or (1 if args.quick else 5)
     from rich.console import Console
     from rich.table import Table
 
@@ -345,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
             n: [100 * (o - a) for o, a in zip(d["ours"]["accuracy_mean"], d["aihwkit"]["accuracy_mean"])] for n, d in drift.items()
         }
         goals["max_abs_gap_points"] = max(abs(g) for gaps in goals["ours_minus_aihwkit_points"].values() for g in gaps)
+        # the gap's own uncertainty: standard error of the difference of the two means (chips vary a lot)
+        goals["ours_minus_aihwkit_standard_error_points"] = {
+            n: [
+                100 * (so**2 / d["ours"]["repeats"] + sa**2 / d["aihwkit"]["repeats"]) ** 0.5
+                for so, sa in zip(d["ours"]["accuracy_std"], d["aihwkit"]["accuracy_std"])
+            ]
+            for n, d in drift.items()
+        }
     goals["step_overhead_pct"] = {n: v["overhead_pct"] for n, v in overhead.items() if n != "plain"}  # empty with --skip-timing
     goals["step_overhead_pct_32px_width2"] = {n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain"}
 
