@@ -66,7 +66,8 @@ class StepSplit(L.Callback):
         return trainer.current_epoch > 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        network = pl_module.model  # type: ignore[attr-defined]
+        network = pl_module.model
+        assert isinstance(network, torch.nn.Module)
 
         def before(*_: Any) -> None:
             self._forward_start = time.process_time()
