@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from datetime import timedelta
 
 import lightning as L
@@ -91,8 +92,11 @@ def _assert_own_draws_one_model(tmp_path, tag: str) -> None:
         torch.testing.assert_close(weights1[key], value, rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_plain_ddp_photonic_layers_draw_own_noise_per_rank_without_the_callback(tmp_path):
-    # fork: the forked ranks skip re-importing torch and Lightning (seconds instead of ~20 s)
-    _run(tmp_path, "plain", 2, per_rank_noise=False, strategy=_ddp("fork"), devices=2)
+    # forkserver: the ranks fork from a server that imported torch and Lightning once (spawn re-imports
+    # them in every rank; plain fork is unsafe once this process ran threads)
+    multiprocessing.set_forkserver_preload(["torch", "lightning", "lightning_relief.photonic"])
+    _run(tmp_path, "plain", 2, per_rank_noise=False, strategy=_ddp("forkserver"), devices=2)
     _assert_own_draws_one_model(tmp_path, "plain")

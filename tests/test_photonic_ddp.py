@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,8 +37,10 @@ def _draw_on_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_each_rank_draws_its_own_block_of_the_shared_global_stream(tmp_path):
     world = 2
+    # forkserver: the ranks fork from a clean server (plain fork is unsafe once this process ran threads)
+    multiprocessing.set_forkserver_preload(["torch", "lightning_relief.photonic.physics"])
     torch.multiprocessing.start_processes(
-        _draw_on_rank, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="fork"
+        _draw_on_rank, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="forkserver"
     )
     records = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
