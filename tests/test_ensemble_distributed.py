@@ -119,6 +119,9 @@ def test_resume_on_two_ranks_is_exact_for_every_member_and_reloads_on_one_proces
     # the checkpoint holds every member's Adam moments, each rank's random state, and loads on one process
     saved = torch.load(last, weights_only=True)
     assert len(saved["deep_ensemble_rng_states"]) == 2
+    # each rank drew from its own generator (seeded alike, the ranks' members would share dropout masks)
+    rank0, rank1 = (state["torch"] for state in saved["deep_ensemble_rng_states"])
+    assert not torch.equal(rank0, rank1)
     moments = saved["optimizer_states"][0]["state"][0]["exp_avg"]
     assert moments.shape[0] == 4 and all(moments[m].abs().sum() > 0 for m in range(4))
     probe = _OptimizerAtStart()

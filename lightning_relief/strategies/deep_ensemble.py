@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_relief.errors import UnsupportedLayerError
 from lightning_relief.nn.structure import record_structure
+from lightning_relief.noise.injector import step_seed
 from lightning_relief.uncertainty import functional as U
 from lightning_relief.uncertainty.sampling import member_dataloader
 from lightning_relief.uncertainty.stacking import (
@@ -96,7 +97,9 @@ class DeepEnsembleStrategy(DDPStrategy):
 
     Checkpoints hold every member's weights and optimizer state and every
     rank's random states, so a distributed run resumed from an epoch-end
-    checkpoint continues exactly as if it had not stopped.
+    checkpoint continues exactly as if it had not stopped. In distributed mode
+    each rank reseeds its torch generators from ``(initial seed, rank)`` at
+    setup, so members on different ranks draw their own dropout masks.
 
     Requirements: ``forward`` takes the input tensor first and returns logits;
     ``training_step`` gets its predictions through ``self(...)`` and returns a
@@ -225,6 +228,10 @@ class DeepEnsembleStrategy(DDPStrategy):
         if not module.automatic_optimization:
             raise ValueError("DeepEnsembleStrategy needs automatic optimization (automatic_optimization=True)")
         self._prepare_members(module)
+        if self.distributed:
+            # seed_everything (and Lightning's reset_seed) seed every rank alike: the k-th member of each
+            # rank would draw the same dropout masks. A resumed run loads each rank's saved states over this.
+            torch.manual_seed(step_seed(torch.initial_seed(), self.global_rank, 0))
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
