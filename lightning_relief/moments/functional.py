@@ -74,6 +74,9 @@ __all__ = [
 SoftmaxMethod = Literal["daunizeau", "mean_field", "logit_samples"]
 SOFTMAX_METHODS = ("daunizeau", "mean_field", "logit_samples")
 LOGIT_SAMPLES = 256  # fixed draws of the "logit_samples" softmax (antithetic pairs)
+# fixed draws of logit_uncertainty: mutual information is a small difference of two entropies, and with
+# 256 draws its sampling noise moved OOD AUROCs by 0.01-0.03 (MNIST-1D models); 2048 cost C x 2048 per input
+UNCERTAINTY_SAMPLES = 2048
 _rule = np.polynomial.hermite.hermgauss(24)
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -654,10 +657,10 @@ def softmax_log_probs(mean: Tensor, var: Tensor, dim: int = -1, method: SoftmaxM
 
 
 @functools.lru_cache(maxsize=8)
-def _logit_draws(num_classes: int) -> np.ndarray:
+def _logit_draws(num_classes: int, samples: int = LOGIT_SAMPLES) -> np.ndarray:
     # numpy, not torch.randn: under torch.export a torch draw would become a random op in the graph;
     # and the cache holds an array, not a tensor, which would be a fake tensor if made while exporting
-    half = np.random.default_rng(0).standard_normal((LOGIT_SAMPLES // 2, num_classes)).astype(np.float32)
+    half = np.random.default_rng(0).standard_normal((samples // 2, num_classes)).astype(np.float32)
     draws = np.concatenate([half, -half])  # antithetic: the draws average to exactly zero
     draws.flags.writeable = False
     return draws
@@ -902,8 +905,8 @@ def logit_uncertainty(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Predictive entropy, expected entropy and mutual information of Gaussian logits ``N(mean, var)``.
 
-    Over the fixed ``LOGIT_SAMPLES`` antithetic draws of :func:`softmax_log_probs`'s
-    ``"logit_samples"`` (sampling only the C logits, after the one analytic pass):
+    Over ``UNCERTAINTY_SAMPLES`` fixed antithetic draws (as :func:`softmax_log_probs`'s
+    ``"logit_samples"``; sampling only the C logits, after the one analytic pass):
     ``H[E p]`` (total), ``E H[p]`` (aleatoric) and their difference, the mutual
     information between the prediction and the network's randomness (epistemic; the
     score MC dropout users rank OOD inputs by). Each has the shape of ``mean`` without ``dim``.
@@ -914,16 +917,23 @@ def logit_uncertainty(
     softmax less than independent ones: without it the mutual information is overstated.
     """
     mean, var = mean.movedim(dim, -1), var.movedim(dim, -1)
-    shared = 0 if factor is None else factor.shape[1]
-    draws = torch.tensor(_logit_draws(mean.shape[-1] + shared), dtype=mean.dtype, device=mean.device)
-    if factor is None or shared == 0:
-        logits = mean.unsqueeze(-2) + var.sqrt().unsqueeze(-2) * draws
-    else:
-        rest = (var - (factor * factor).sum(1)).clamp_min(0.0)
-        own, common = draws[:, : mean.shape[-1]], draws[:, mean.shape[-1] :]
-        logits = mean.unsqueeze(-2) + rest.sqrt().unsqueeze(-2) * own + torch.einsum("sk,nkc->nsc", common, factor)
-    log_p = torch.log_softmax(logits, dim=-1)  # [..., S, C]
-    expected = -(log_p.exp() * log_p).sum(-1).mean(-1)
-    log_mean = _logsumexp(log_p, dim=-2) - math.log(LOGIT_SAMPLES)
-    total = -(log_mean.exp() * log_mean).sum(-1)
+    classes, shared = mean.shape[-1], (0 if factor is None else factor.shape[1])
+    draws = torch.tensor(_logit_draws(classes + shared, UNCERTAINTY_SAMPLES), dtype=mean.dtype, device=mean.device)
+    flat_mean, flat_var = mean.reshape(-1, classes), var.reshape(-1, classes)
+    # inputs in chunks: the draws' logits are [chunk, S, C], at most 2^24 values however many classes
+    step = max(1, 2**24 // (UNCERTAINTY_SAMPLES * classes))
+    parts = [flat_mean.new_zeros(2, 0)]  # (an empty batch has no scores)
+    for start in range(0, flat_mean.shape[0], step):
+        m, v = flat_mean[start : start + step], flat_var[start : start + step]
+        if factor is None or shared == 0:
+            logits = m.unsqueeze(-2) + v.sqrt().unsqueeze(-2) * draws
+        else:
+            f = factor[start : start + step]
+            rest = (v - (f * f).sum(1)).clamp_min(0.0)
+            logits = m.unsqueeze(-2) + rest.sqrt().unsqueeze(-2) * draws[:, :classes] + torch.einsum("sk,nkc->nsc", draws[:, classes:], f)
+        log_p = torch.log_softmax(logits, dim=-1)  # [chunk, S, C]
+        expected = -(log_p.exp() * log_p).sum(-1).mean(-1)
+        log_mean = _logsumexp(log_p, dim=-2) - math.log(UNCERTAINTY_SAMPLES)
+        parts.append(torch.stack([-(log_mean.exp() * log_mean).sum(-1), expected]))
+    total, expected = torch.cat(parts, dim=1).reshape(2, *mean.shape[:-1]).unbind(0)
     return total, expected, (total - expected).clamp_min(0.0)

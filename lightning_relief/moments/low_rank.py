@@ -273,9 +273,12 @@ def logit_factor(mean: Tensor, factors: Sequence[Tensor]) -> Tensor:
     m = torch.cat(list(factors), dim=2)
     if m.shape[2] <= m.shape[1]:
         return m.transpose(1, 2)
-    # more sources than classes: the same covariance from C of them (Cov = Q L Q^T = (Q L^1/2)(Q L^1/2)^T)
-    values, vectors = torch.linalg.eigh(m @ m.transpose(1, 2))
-    return (vectors * values.clamp_min(0.0).sqrt().unsqueeze(1)).transpose(1, 2)
+    # more sources than classes: the same covariance from C of them, its Cholesky factor (which, unlike
+    # eigenvectors, changes smoothly from input to input, so the fixed logit draws stay comparable)
+    cov = m @ m.transpose(1, 2)
+    jitter = 1e-6 * cov.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(cov.dtype).tiny)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return torch.linalg.cholesky(cov + jitter[:, None, None] * eye).transpose(1, 2)
 
 
 def no_sources(mean: Tensor) -> Tensor:
