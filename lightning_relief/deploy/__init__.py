@@ -17,8 +17,8 @@ Public API (other plugins build on these names):
   ``latency_ms(kind, in_channels, out_channels, kernel_size=1, stride=1, padding=0, groups=1,
   input_size=1, bits=None)``: one conv2d/linear layer compiled alone, cached (the cost
   model of ``SensitivityPruningCallback``).
-* :class:`TuningConfig` ``(trials=64, trials_per_task=None, work_dir=None, weight_prepack=True)``:
-  MetaSchedule tuning with a database reused across layers, runs and exports.
+* :class:`TuningConfig` ``(trials=64, trials_per_task=None, trials_per_round=4, work_dir=None, weight_prepack=True)``:
+  MetaSchedule tuning (trials go where latency × weight is) with a database reused across layers, runs and exports.
 * :func:`lower_quantized` ``(model, example_inputs=None) -> nn.Module``: brevitas layers →
   int8 weights, int32 accumulation, requantization, in plain tensor ops.
 * :class:`ExportConfig` and :func:`export_model` ``(model, example, dirpath, config=None, ...)``: the
