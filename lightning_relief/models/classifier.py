@@ -89,7 +89,9 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
             self.hparams["model"] = spec
         self.model = model
         self.num_classes = num_classes
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # training accuracy is counted by hand: logging a torchmetrics object walks it on every step,
+        # which cost about as much as a small model's whole forward and backward
+        self._train_counts: Tensor | None = None
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_ece = MulticlassCalibrationError(num_classes, n_bins=15)
@@ -118,10 +120,26 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
         if kl is not None:
             self.log("train_kl_term", kl, on_step=False, on_epoch=True)
             loss = loss + kl
-        self.train_acc(logits, y)
+        counts = torch.stack([(logits.detach().argmax(1) == y).sum(), torch.tensor(y.numel(), device=y.device)])
+        self._train_counts = counts if self._train_counts is None else self._train_counts + counts
         self.log("train_loss", loss, prog_bar=True)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._train_counts = None
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        # summed over the ranks before dividing: the micro accuracy of all samples, as the metric's sync gave
+        counts = self._train_counts
+        if counts is None:
+            counts = torch.zeros(2, dtype=torch.long, device=self.device)
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self._train_counts = None
+        if counts[1] > 0:
+            # every rank holds the same value now; "max" keeps it exact and spares Lightning's unsynced-log warning
+            self.log("train_acc", counts[0] / counts[1], sync_dist=True, reduce_fx="max")
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
