@@ -50,7 +50,8 @@ def test_more_sources_than_classes_are_compressed_to_as_many_as_classes():
 
 @pytest.mark.parametrize("dims", [1, 2])
 @pytest.mark.parametrize(
-    ("stride", "padding", "dilation", "groups", "size"), [(1, 1, 1, 1, 9), (2, 1, 1, 1, 9), (2, 1, 1, 1, 8), (1, 2, 2, 2, 9), (2, 0, 1, 2, 8)]
+    ("stride", "padding", "dilation", "groups", "size"),
+    [(1, 1, 1, 1, 9), (2, 1, 1, 1, 9), (2, 1, 1, 1, 8), (1, 2, 2, 2, 9), (2, 0, 1, 2, 8)],
 )
 def test_the_sweep_through_a_convolution_is_its_adjoint(dims, stride, padding, dilation, groups, size):
     # reference: autograd's vector-Jacobian products, one per logit

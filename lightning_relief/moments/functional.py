@@ -930,7 +930,8 @@ def logit_uncertainty(
         else:
             f = factor[start : start + step]
             rest = (v - (f * f).sum(1)).clamp_min(0.0)
-            logits = m.unsqueeze(-2) + rest.sqrt().unsqueeze(-2) * draws[:, :classes] + torch.einsum("sk,nkc->nsc", draws[:, classes:], f)
+            shared_part = torch.einsum("sk,nkc->nsc", draws[:, classes:], f)
+            logits = m.unsqueeze(-2) + rest.sqrt().unsqueeze(-2) * draws[:, :classes] + shared_part
         log_p = torch.log_softmax(logits, dim=-1)  # [chunk, S, C]
         expected = -(log_p.exp() * log_p).sum(-1).mean(-1)
         log_mean = _logsumexp(log_p, dim=-2) - math.log(UNCERTAINTY_SAMPLES)
