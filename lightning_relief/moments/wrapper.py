@@ -195,9 +195,10 @@ class MomentPropagationWrapper(nn.Module):
     def logit_moments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and the shared noise sources ``[N, K, C]`` of the logits (``Cov = L^T L + diag(rest)``).
 
-        With ``covariance="low_rank"`` the sources carried through the network; otherwise those
-        of the last layer, when it is a linear one, from its inputs' per-unit variances (the
-        classes' correlation that the per-unit modes imply). ``K = 0`` without any.
+        With ``covariance="low_rank"`` the shared sources swept back from the logits; otherwise
+        those of the last layer, when it is a linear one, from its inputs' per-unit variances (the
+        classes' correlation that the per-unit modes imply). More sources than classes are
+        compressed to ``K = C`` with the same covariance (a Cholesky factor); ``K = 0`` without any.
         """
         return self._graph(False, "factor")(x)
 
