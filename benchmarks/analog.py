@@ -15,6 +15,8 @@ the VANT schedule (warm-up then per-sample σ) and PCM-drift-aware
 
     .venv/bin/python benchmarks/analog.py                  # digits, full run (about 10 min on 2 busy cores)
     .venv/bin/python benchmarks/analog.py --data mnist1d   # MNIST-1D
+    .venv/bin/python benchmarks/analog.py --data mnist1d --skip-timing --repeats 30 --aihwkit-repeats 30
+                                                           # the MNIST-1D figures in docs/analog.md
     .venv/bin/python benchmarks/analog.py --quick          # smoke run
     .venv/bin/python benchmarks/analog.py --device cuda    # trained and timed on the GPU (analog_cuda.json)
     .venv/bin/python benchmarks/analog.py --timing-only    # (c) alone, merged into the file an accuracy run wrote
