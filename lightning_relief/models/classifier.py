@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 from typing_extensions import override
 
@@ -124,6 +127,28 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
         self._train_counts = counts if self._train_counts is None else self._train_counts + counts
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    def _draws_noise(self) -> bool:
+        """Whether layers draw from the global generator as they train: dropout or bayesian-torch layers."""
+        return any((isinstance(m, _DropoutNd) and m.p > 0) or callable(getattr(m, "kl_loss", None)) for m in self.model.modules())
+
+    @override
+    def configure_callbacks(self) -> list[Callback]:
+        # seed_everything seeds every rank alike, so under plain DDP these layers would draw the same noise
+        # on every rank; PerRankNoise gives each rank its own draws, and exact ones on resume
+        from lightning_relief.callbacks.per_rank_noise import PerRankNoise
+        from lightning_relief.strategies.deep_ensemble import DeepEnsembleStrategy
+
+        trainer = self.trainer
+        if (
+            trainer.world_size < 2
+            or isinstance(trainer.strategy, DeepEnsembleStrategy)  # it seeds each rank and checkpoints the states itself
+            or any(isinstance(c, PerRankNoise) for c in trainer.callbacks)  # type: ignore[attr-defined]  # a returned one would replace the user's
+            or not self._draws_noise()
+        ):
+            return []
+        # the seed_everything seed, so that runs seeded differently draw differently and a resumed run finds its state
+        return [PerRankNoise(seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))]
 
     @override
     def on_train_epoch_start(self) -> None:
