@@ -212,6 +212,13 @@ def conv_transpose_back(
     return back.reshape(n, c, *back.shape[1:])
 
 
+def batch_norm_scale(running_var: Tensor, weight: Tensor | None, eps: float, like: Tensor) -> Tensor:
+    """Eval-mode batch norm's per-channel slope, shaped to broadcast over ``like``."""
+    scale = torch.rsqrt(running_var + eps)
+    scale = scale * weight if weight is not None else scale
+    return scale.reshape([1, -1] + [1] * (like.dim() - 2))
+
+
 def _blocks(small: Tensor, large: Tensor) -> list[int]:
     dims = small.dim() - 2
     return [large.shape[-dims + i] // small.shape[-dims + i] for i in range(dims)]
@@ -287,7 +294,7 @@ def no_sources(mean: Tensor) -> Tensor:
 
 
 __all__ = [
-    "average_back", "average_share", "channel_sources", "conv_back", "conv_transpose_back", "copies_back", "copies_share", "conv_share", "corrected_var", "diag_sources", "dropout_std", "flatten_back",
+    "average_back", "average_share", "batch_norm_scale", "channel_sources", "conv_back", "conv_transpose_back", "copies_back", "copies_share", "conv_share", "corrected_var", "diag_sources", "dropout_std", "flatten_back",
     "gaussian_conv_sources", "linear_back", "logit_factor", "no_sources", "pool_back", "pool_share", "rectified_slope", "scale_back",
     "scale_share",
     "sweep_start",

@@ -1029,11 +1029,15 @@ def _gaussian_conv_sources(
 def _linear_map_step(
     ctx: RuleContext, node: fx.Node, module: nn.Module | None, x: Moments, out: Moments, share: fx.Node
 ) -> tuple[Step, fx.Node] | None:  # fmt: skip
-    """The step and share of a linear map that is not a plain linear/conv layer: nearest upsampling (copies),
-    equal-window adaptive average pooling, a transposed convolution; ``None`` for anything else."""
+    """The step and share of a linear map that is not a plain linear/conv layer: eval-mode batch norm, nearest
+    upsampling (copies), equal-window adaptive average pooling, a transposed convolution; ``None`` for anything else."""
     nearest = isinstance(module, nn.Upsample) or (node.target is F.interpolate and node.op == "call_function")
     if nearest:  # the rules accept nearest modes only
         return Step(LR.copies_back, (x.mean,)), ctx.call(LR.copies_share, share, out.mean)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+        weight = ctx.attr(f"{node.target}.weight") if module.weight is not None else None
+        scale = ctx.call(LR.batch_norm_scale, ctx.attr(f"{node.target}.running_var"), weight, module.eps, x.mean)
+        return Step(LR.scale_back, (scale,)), ctx.call(LR.scale_share, share, scale)
     if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
         return Step(LR.average_back, (x.mean,)), ctx.call(LR.average_share, share, out.mean)
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and module.padding_mode == "zeros":
@@ -1056,7 +1060,7 @@ def factor_update(ctx: RuleContext, node: fx.Node, module: nn.Module | None, arg
     Sources: dropout (``Dropout``/``F.dropout``, one per unit), Gaussian-weight convolutions (the weights
     of an output channel, shared by all its positions) and a random input (``propagate_moments``, one per
     unit). Steps: ``Linear``/``Conv1d/2d/3d`` (fixed or mean weights, zero padding), ``ConvTranspose1d/2d/3d``,
-    (leaky) ReLU, max pooling without padding, nearest upsampling, equal-window adaptive average pooling,
+    ``BatchNorm1d/2d/3d`` (running statistics), (leaky) ReLU, max pooling without padding, nearest upsampling, equal-window adaptive average pooling,
     flatten, dropout. Any other operation ends the path (its output is treated per unit).
     """
     if isinstance(out, tuple) and out and isinstance(out[0], Moments):  # bayesian-torch's (out, kl)
