@@ -39,6 +39,13 @@ class ClassifierModule(RestorableStructureMixin, L.LightningModule):
     summed KL divergence divided by the training-set size; ``(out, kl)`` outputs are
     unwrapped in ``forward``.
 
+    With more than one process (e.g. ``DDPStrategy``) and dropout or Bayesian layers,
+    the module adds a :class:`~lightning_relief.callbacks.per_rank_noise.PerRankNoise`
+    seeded with the ``seed_everything`` seed, so every rank draws its own noise and a
+    resumed run draws what the straight run drew; a ``PerRankNoise`` of your own is kept,
+    and ``DeepEnsembleStrategy`` seeds its ranks itself. ``train_acc`` is the
+    accuracy over the epoch's training samples of all ranks.
+
     Example::
 
         >>> import lightning as L
