@@ -199,6 +199,11 @@ def _tune_missing(mod: tvm.IRModule, target: tvm.target.Target, config: TuningCo
         init_min_unmeasured=min(50, config.population_size),
         genetic_num_iters=config.genetic_iters,
     )
+    # MetaSchedule's logging setup lists its logger's handlers by name and fails on an unnamed one
+    # ('NoneType' object has no attribute 'format'), as the second tuning in a pytest process met
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
+        ms_logger.removeHandler(handler)
     contexts, weights = extracted_tasks_to_tune_contexts(tasks, work_dir=work_dir, strategy=strategy)
     builder = (
         _in_process_builder() if config.builder == "in-process" else ms.builder.LocalBuilder(timeout_sec=config.builder_timeout_s)
