@@ -227,3 +227,51 @@ def test_member_initialisation_leaves_the_users_cuda_seed_alone():
     reinitialize(model, 7)
     assert tracker.get_calls()[-1][0] is queued
     assert torch.equal(torch.get_rng_state(), cpu_state)  # the CPU generator was forked, not consumed
+
+
+@pytest.mark.parametrize(
+    ("optimizer_class", "options"),
+    [
+        (torch.optim.Adam, dict(lr=1e-2, weight_decay=5e-4)),
+        (torch.optim.AdamW, dict(lr=1e-2)),
+        (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)),
+    ],
+)
+def test_fused_member_step_equals_torchs_fused_optimizer(optimizer_class, options):
+    """The strategy's fused switch gives exactly what torch's own ``fused=True`` constructor gives,
+    and the same update as the unfused optimizer up to rounding."""
+    from lightning_relief.strategies.deep_ensemble import _fuse_step
+
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(3, 7, 4, generator=generator), torch.randn(3, 7, generator=generator)]
+    runs = {name: [torch.nn.Parameter(t.clone()) for t in start] for name in ("switched", "fused", "plain")}
+    optimizers = {
+        "switched": optimizer_class(runs["switched"], **options),
+        "fused": optimizer_class(runs["fused"], fused=True, **options),
+        "plain": optimizer_class(runs["plain"], **options),
+    }
+    _fuse_step(optimizers["switched"])
+    for _ in range(4):
+        grads = [torch.randn(t.shape, generator=generator) for t in start]
+        for name, params in runs.items():
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizers[name].step()
+    for switched, fused, plain in zip(*runs.values()):
+        assert torch.equal(switched, fused)
+        torch.testing.assert_close(switched, plain, rtol=1e-6, atol=1e-6)
+
+
+class _ExplicitForeach(ClassifierModule):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2, foreach=False)
+
+
+def test_strategy_fuses_the_members_step_unless_the_user_chose(digits, seed):
+    fused = ClassifierModule(MLP(in_features=64, hidden=(16,)), lr=1e-2, scheduler="none")
+    trainer = _fit(fused, digits, DeepEnsembleStrategy(num_members=2), max_steps=2)
+    assert trainer.optimizers[0].param_groups[0]["fused"] is True
+    chosen = _ExplicitForeach(MLP(in_features=64, hidden=(16,)))
+    trainer = _fit(chosen, digits, DeepEnsembleStrategy(num_members=2), max_steps=2)
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["fused"] is None and group["foreach"] is False
