@@ -9,7 +9,10 @@ on one torch thread:
   as ``M`` members in one network, and one model's fixed per-step costs. No way of running ``M``
   members can beat it by much: they compute at least this much, and the Lightning loop, logging and
   data loading of a step are already paid once here;
-- ``vectorized`` and ``sequential``: ``DeepEnsembleStrategy(num_members=M, mode=...)``.
+- ``vectorized`` and ``sequential``: ``DeepEnsembleStrategy(num_members=M, mode=...)``;
+- ``vectorized_unfused`` and ``sequential_unfused`` (``--unfused``): the same with the module's Adam
+  built with ``foreach=False``, which the strategy keeps as it is: the single-tensor optimizer step
+  the strategy used before it switched an unset Adam to the fused one.
 
 Each step's process CPU time is split by Lightning hooks into forward (hooks on the network), the
 rest of ``training_step`` (loss, metrics, ``self.log``), backward, optimizer step and the loop
@@ -17,6 +20,7 @@ between steps (data fetch, callbacks, progress); the first epoch (warm-up) is le
 repeated ``--repeats`` times, interleaved, and the median is reported.
 
     flock /tmp/bench.lock python benchmarks/uncertainty_fit_time.py            # 4 epochs, 2 repeats
+    flock /tmp/bench.lock python benchmarks/uncertainty_fit_time.py --unfused  # with the unfused rows
     python benchmarks/uncertainty_fit_time.py --quick                          # smoke run
 
 Writes benchmarks/results/uncertainty_fit_time.json.
@@ -133,10 +137,22 @@ def _cases() -> dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], L.Li
     }
 
 
+class UnfusedClassifier(ClassifierModule):
+    """``ClassifierModule`` whose Adam is built with ``foreach=False``: a choice the strategy keeps."""
+
+    def configure_optimizers(self) -> Any:
+        config = super().configure_optimizers()
+        for group in config["optimizer"].param_groups:
+            group["foreach"] = False
+        return config
+
+
 def _fit(case: str, mode: str, members: int, epochs: int) -> dict[str, Any]:
     network, data = _cases()[case]
     L.seed_everything(0, verbose=False)
-    module = ClassifierModule(network(), lr=1e-2, optimizer="adam", scheduler="cosine")
+    unfused = mode.endswith("_unfused")
+    mode = mode.removesuffix("_unfused")
+    module = (UnfusedClassifier if unfused else ClassifierModule)(network(), lr=1e-2, optimizer="adam", scheduler="cosine")
     dm = data()
     split, timer = StepSplit(), FitTimer()
     strategy: Any = "auto"
@@ -180,12 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--cases", nargs="+", default=list(_cases()), choices=list(_cases()))
+    parser.add_argument("--unfused", action="store_true", help="also the ensembles with an unfused Adam step")
+    parser.add_argument("--out", default="uncertainty_fit_time.json", help="JSON name in benchmarks/results")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.repeats = 2, 1
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    modes = ("single", "floor", "vectorized", "sequential")
+    modes: tuple[str, ...] = ("single", "floor", "vectorized", "sequential")
+    if args.unfused:
+        modes += ("vectorized_unfused", "sequential_unfused")
     results: dict[str, dict[str, Any]] = {}
     for case in args.cases:
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
@@ -201,26 +221,31 @@ def main(argv: list[str] | None = None) -> int:
             "fit_speedup_vectorized_vs_sequential": results[case]["sequential"]["fit_cpu_s"]
             / results[case]["vectorized"]["fit_cpu_s"],
         }
+        if args.unfused:
+            results[case]["ratios"]["fit_speedup_vectorized_vs_sequential_unfused"] = (
+                results[case]["sequential_unfused"]["fit_cpu_s"] / results[case]["vectorized_unfused"]["fit_cpu_s"]
+            )
         print(f"\n{case} ({args.members} members, {args.epochs} epochs, median of {args.repeats}): CPU ms per step")
-        print("mode".ljust(12) + "".join(s.rjust(11) for s in (*SEGMENTS, "total", "fit_s")))
+        print("mode".ljust(20) + "".join(s.rjust(11) for s in (*SEGMENTS, "total", "fit_s")))
         for mode in modes:
             row = results[case][mode]
             cells = [row["step_cpu_ms"][s] for s in (*SEGMENTS, "total")] + [row["fit_cpu_s"]]
-            print(mode.ljust(12) + "".join(f"{v:11.2f}" for v in cells))
+            print(mode.ljust(20) + "".join(f"{v:11.2f}" for v in cells))
         for key, value in results[case]["ratios"].items():
             print(f"  {key}: {value:.2f}x")
 
-    out = result_path("uncertainty_fit_time.json", args.quick)
+    out = result_path(args.out, args.quick)
     payload = {
         "benchmark": "uncertainty_fit_time",
-        "command": "python benchmarks/uncertainty_fit_time.py" + (" --quick" if args.quick else ""),
+        "command": "python " + " ".join(["benchmarks/uncertainty_fit_time.py", *sys.argv[1:]]),
         "machine": {**machine_info(), "load_average_1m_at_end": os.getloadavg()[0]},
         "config": {
             "members": args.members,
             "epochs": args.epochs,
             "repeats": args.repeats,
             "timing": "process CPU time, one torch thread; per-step parts exclude the first epoch",
-            "optimizer": "Adam lr 1e-2, cosine; validation off",
+            "optimizer": "Adam lr 1e-2, cosine; validation off; the ensembles' Adam fused by the strategy "
+            "(the _unfused rows: foreach=False, kept as built)",
         },
         "results": results,
     }
