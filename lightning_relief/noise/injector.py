@@ -115,6 +115,7 @@ class NoiseInjector:
         self._handles: list[Any] = []
         self._weights: list[tuple[str, nn.Module]] = []
         self._saved: list[tuple[nn.Parameter, Tensor]] = []
+        self._clean: list[Tensor] = []  # where _saved's clean weights live between steps
         self._level: Tensor | None = None  # set while a step is active
         self._step_generator: torch.Generator | NormalPool | None = None
         self.selected: dict[str, list[str]] = {}
@@ -124,6 +125,7 @@ class NoiseInjector:
         state = self.__dict__.copy()
         state["schedule_generator"] = self.schedule_generator.get_state()
         state["_generator"] = state["_step_generator"] = None
+        state["_clean"] = []  # scratch memory
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -188,6 +190,7 @@ class NoiseInjector:
             handle.remove()
         self._handles = []
         self._weights = []
+        self._clean = []
         self._level = None
         self._model = None
 
@@ -240,10 +243,21 @@ class NoiseInjector:
             params = list({id(m.weight): (m.weight, m) for _, m in self._weights}.values())
             tensors = [param for param, _ in params]
             with torch.no_grad():
-                clean = [param.clone() for param in tensors]  # no_grad: a plain copy
+                clean = self._clean_copies(tensors)
+                torch._foreach_copy_(clean, tensors)  # one dispatch for all layers
                 noisy = self.noise.apply_weights(clean, weight_level, generator, [m for _, m in params])
-                torch._foreach_copy_(tensors, noisy)  # one dispatch for all layers
+                torch._foreach_copy_(tensors, noisy)
             self._saved = list(zip(tensors, clean))
+
+    def _clean_copies(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Memory for the clean weights, kept across steps while the weights keep their shapes (fresh
+        memory costs a page fault per 4 KiB on a CPU, and five clones five dispatches)."""
+        copies = self._clean
+        if len(copies) != len(tensors) or any(
+            c.shape != t.shape or c.dtype != t.dtype or c.device != t.device for c, t in zip(copies, tensors)
+        ):
+            copies = self._clean = [torch.empty_like(t) for t in tensors]
+        return copies
 
     def deactivate(self) -> None:
         """Stop output/activation noise (weights stay perturbed until :meth:`restore_weights`)."""

@@ -53,13 +53,12 @@ def drift_nu_params(g_target: Tensor, g_max: float = G_MAX) -> tuple[Tensor, Ten
     return _drift_nu_of((g_target / g_max).abs_())
 
 
-def _drift_nu_of(g_hat: Tensor, scale: float = 1.0, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``scale``·(μ_ν, σ_ν) (``scale`` >= 0: a training step folds ``log2(t/t0)`` in, free here and
-    a pass over the weights later); ``out``: a ``(2, *g_hat.shape)`` tensor to write both into."""
+def _drift_nu_of(g_hat: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(μ_ν, σ_ν) of devices at ``g_hat``; ``out``: a ``(2, *g_hat.shape)`` tensor to write both into."""
     mu_out, sigma_out = (None, None) if out is None else out.unbind()
     ln_g = _ln(g_hat, 1e-7, out=sigma_out)
-    mu = _affine(ln_g, -0.0155 * scale, 0.0244 * scale, out=mu_out).clamp_(0.049 * scale, 0.1 * scale)
-    sigma = _affine(ln_g, -0.0125 * scale, -0.0059 * scale, out=ln_g).clamp_(0.008 * scale, 0.045 * scale)
+    mu = _affine(ln_g, -0.0155, 0.0244, out=mu_out).clamp_(0.049, 0.1)
+    sigma = _affine(ln_g, -0.0125, -0.0059, out=ln_g).clamp_(0.008, 0.045)
     return mu, sigma
 
 
@@ -93,7 +92,8 @@ _CONSTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 
 def _const(value: float, like: Tensor) -> Tensor:
     """A cached 0-d tensor of ``value`` on ``like``'s device: building one per call (``new_tensor``)
-    costs more than the op it feeds on a small model, and a step uses a dozen."""
+    costs more than the op it feeds on a small model, and a step uses a dozen. Only for values from a
+    fixed set (formula coefficients, a model's scales), never per step: the cache keeps every value."""
     key = (value, like.dtype, like.device)
     const = _CONSTS.get(key)
     if const is None:
@@ -233,15 +233,16 @@ class PCMNoise(NoiseModel):
         torch.addcmul(g_hat, sigma_prog, eps_prog[0], out=g_prog[0])
         torch.mul(eps_prog[1], _PROG_STD_IDLE * self.prog_noise_scale, out=g_prog[1])
         g_prog.clamp_(min=0.0)
-        # drift: g·(t/t0)^-ν = g / 2^(ν·L), L = log2(t/t0)·drift_scale folded into the ν formulas (numbers)
+        # drift: g·(t/t0)^-ν = g / 2^(ν·L) with L = log2(t/t0)·drift_scale
         t = t_inference + self.t0
         log_t = self.drift_scale * math.log2(t / self.t0) if t_inference > 0 else 0.0
         if log_t > 0:
-            mu, sigma_nu = _drift_nu_of(g_hat, log_t, out=expo)
+            mu, sigma_nu = _drift_nu_of(g_hat, out=expo)
             mu.addcmul_(sigma_nu, eps_nu[0])
             mu_zero, sigma_zero = _NU_IDLE
-            _affine(eps_nu[1], sigma_zero * log_t, mu_zero * log_t, out=expo[1])
-            expo.abs_().exp2_()  # 2^(|ν|·L): ν ~ |N(μ_ν, σ_ν²)|
+            _affine(eps_nu[1], sigma_zero, mu_zero, out=expo[1])
+            # ν ~ |N(μ_ν, σ_ν²)|; L stays a number (a 0-d constant per step would be a new tensor per step)
+            expo.abs_().mul_(log_t).exp2_()
         if self.drift_compensation:
             torch.sub(g_prog[0], g_prog[1], out=reads[0])  # the programmed readout
         # 1/f read noise: g_drift·(1 + f·Q_s(g_prog)·ε) >= 0 iff its second factor is (g_drift >= 0)
