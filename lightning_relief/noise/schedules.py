@@ -78,7 +78,7 @@ class Constant(Schedule):
         self.value = _non_negative("value", value)
 
     def level(self, step, batch_size=1, generator=None):
-        return torch.tensor(self.value)
+        return torch.scalar_tensor(self.value)
 
 
 class LinearWarmup(Schedule):
@@ -95,7 +95,7 @@ class LinearWarmup(Schedule):
 
     def level(self, step, batch_size=1, generator=None):
         frac = min(max(step, 0) / self.warmup_steps, 1.0)
-        return torch.tensor(self.start + (self.value - self.start) * frac)
+        return torch.scalar_tensor(self.start + (self.value - self.start) * frac)
 
 
 class Cosine(Schedule):
@@ -112,7 +112,7 @@ class Cosine(Schedule):
 
     def level(self, step, batch_size=1, generator=None):
         frac = min(max(step, 0) / self.total_steps, 1.0)
-        return torch.tensor(self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+        return torch.scalar_tensor(self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
 class Step(Schedule):
@@ -131,7 +131,7 @@ class Step(Schedule):
 
     def level(self, step, batch_size=1, generator=None):
         passed = sum(step >= m for m in self.milestones)
-        return torch.tensor(self.value * self.gamma**passed)
+        return torch.scalar_tensor(self.value * self.gamma**passed)
 
 
 class PerSampleVariance(Schedule):
@@ -157,7 +157,7 @@ class PerSampleVariance(Schedule):
         self.theta = _non_negative("theta", theta)
 
     def level(self, step, batch_size=1, generator=None):
-        sigma = self.sigma.level(step, 1, generator) if isinstance(self.sigma, Schedule) else torch.tensor(self.sigma)
+        sigma = self.sigma.level(step, 1, generator) if isinstance(self.sigma, Schedule) else torch.scalar_tensor(self.sigma)
         z = torch.randn(_positive_int("batch_size", batch_size), generator=generator)
         return self.alpha * sigma + self.theta * z.abs()
 
@@ -208,7 +208,7 @@ class RandomWalk(Schedule):
                     moved = self.low
                 self._sigma = moved
             self._step += 1
-        return torch.tensor(self._sigma)
+        return torch.scalar_tensor(self._sigma)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sigma": self._sigma, "step": self._step}
@@ -249,7 +249,7 @@ class DeploymentTime(Schedule):
             u = min(max(step, 0) / self.total_steps, 1.0)
         else:
             u = float(torch.rand((), generator=generator))
-        return torch.tensor(10 ** (lo + (hi - lo) * u))
+        return torch.scalar_tensor(10 ** (lo + (hi - lo) * u))
 
 
 class SequentialSchedule(Schedule):
