@@ -18,7 +18,7 @@ from lightning_relief.callbacks.per_rank_noise import PerRankNoise
 from lightning_relief.data import DigitsDataModule
 from lightning_relief.models import MLP
 from lightning_relief.strategies.deep_ensemble import DeepEnsembleStrategy
-from rank_record import RankRecord, load_rank_record
+from rank_record import PrivateWeights, RankRecord, load_rank_record
 
 
 def _module(dropout: float = 0.3) -> ClassifierModule:
@@ -70,7 +70,11 @@ def _run(tmp_path, tag: str, max_epochs: int, ckpt_path=None) -> None:
         num_sanity_val_steps=0,
         enable_checkpointing=True,
         default_root_dir=tmp_path,
-        callbacks=[DropoutRecord(str(tmp_path), tag), ModelCheckpoint(dirpath=tmp_path / tag, save_last=True)],
+        callbacks=[
+            PrivateWeights(),
+            DropoutRecord(str(tmp_path), tag),
+            ModelCheckpoint(dirpath=tmp_path / tag, save_last=True),
+        ],
     )
     torch.manual_seed(123)  # whatever the global generator holds at launch, the draws are the batches' own
     trainer.fit(_module(), DigitsDataModule(batch_size=32, size=8, seed=0), ckpt_path=ckpt_path)
@@ -82,6 +86,7 @@ def test_plain_ddp_dropout_draws_differ_per_rank_one_model_and_resume_draws_alik
     # forkserver: the ranks fork from a server that imported torch and Lightning once
     multiprocessing.set_forkserver_preload(["torch", "lightning", "lightning_relief"])
     _run(tmp_path, "straight", 2)
+    _run(tmp_path, "again", 2)
     _run(tmp_path, "first", 1)
     _run(tmp_path, "resumed", 2, ckpt_path=tmp_path / "first" / "last.ckpt")
     (rows0, weights0), (rows1, weights1) = (load_rank_record(tmp_path, "straight", r) for r in (0, 1))
@@ -89,9 +94,13 @@ def test_plain_ddp_dropout_draws_differ_per_rank_one_model_and_resume_draws_alik
     assert all(a["first"] != b["first"] for a, b in zip(rows0, rows1))  # each rank its own dropout masks
     for key, value in weights0.items():  # DDP averaged the gradients of the ranks' draws: one model
         torch.testing.assert_close(weights1[key], value, rtol=0, atol=0, msg=key)
-    for rank in (0, 1):  # the resumed run found the callback's state: the straight run's noise, batch by batch
-        straight, _ = load_rank_record(tmp_path, "straight", rank)
-        resumed, _ = load_rank_record(tmp_path, "resumed", rank)
-        # the noise stream, not the weights: two identical straight fits here already differ by 1e-8 after one
-        # step (measured, no resume involved), and Adam's early steps blow that up to 1e-2 by the end
-        assert [r["stream"] for r in resumed] == [r["stream"] for r in straight[3:]]
+    for rank in (0, 1):
+        straight, straight_weights = load_rank_record(tmp_path, "straight", rank)
+        again, again_weights = load_rank_record(tmp_path, "again", rank)
+        resumed, resumed_weights = load_rank_record(tmp_path, "resumed", rank)
+        assert again == straight  # an identical run: the same noise and outputs, batch by batch
+        # the resumed run found the callback's state: the straight run's noise, batch by batch
+        assert resumed == straight[3:]
+        for key, value in straight_weights.items():  # bit for bit (each rank steps its own weights)
+            torch.testing.assert_close(again_weights[key], value, rtol=0, atol=0, msg=key)
+            torch.testing.assert_close(resumed_weights[key], value, rtol=0, atol=0, msg=key)

@@ -17,7 +17,7 @@ from lightning_relief.callbacks.per_rank_noise import PerRankNoise
 from lightning_relief.data import DigitsDataModule
 from lightning_relief.models import MLP
 from lightning_relief.photonic import PhotonicNetwork
-from rank_record import RankRecord, assert_resume_exact, file_system_sharing, load_rank_record
+from rank_record import PrivateWeights, RankRecord, assert_resume_exact, file_system_sharing, load_rank_record
 
 
 class NoiseRecord(RankRecord):
@@ -39,7 +39,7 @@ def _module(dropout: float = 0.2) -> ClassifierModule:
 
 def _run(tmp_path, tag: str, max_epochs: int, ckpt_path=None, per_rank_noise=True, **trainer_options) -> None:
     module = _module(0.2 if per_rank_noise else 0.0)
-    callbacks = [NoiseRecord(str(tmp_path), tag), ModelCheckpoint(dirpath=tmp_path / tag, save_last=True)]
+    callbacks = [PrivateWeights(), NoiseRecord(str(tmp_path), tag), ModelCheckpoint(dirpath=tmp_path / tag, save_last=True)]
     trainer = quiet_trainer(
         max_epochs=max_epochs,
         limit_train_batches=3,
