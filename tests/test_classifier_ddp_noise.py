@@ -18,7 +18,7 @@ from lightning_relief.callbacks.per_rank_noise import PerRankNoise
 from lightning_relief.data import DigitsDataModule
 from lightning_relief.models import MLP
 from lightning_relief.strategies.deep_ensemble import DeepEnsembleStrategy
-from rank_record import PrivateWeights, RankRecord, load_rank_record
+from rank_record import PrivateTensors, RankRecord, load_rank_record
 
 
 def _module(dropout: float = 0.3) -> ClassifierModule:
@@ -71,7 +71,7 @@ def _run(tmp_path, tag: str, max_epochs: int, ckpt_path=None) -> None:
         enable_checkpointing=True,
         default_root_dir=tmp_path,
         callbacks=[
-            PrivateWeights(),
+            PrivateTensors(),
             DropoutRecord(str(tmp_path), tag),
             ModelCheckpoint(dirpath=tmp_path / tag, save_last=True),
         ],

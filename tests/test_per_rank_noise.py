@@ -17,7 +17,7 @@ from lightning_relief.callbacks.per_rank_noise import PerRankNoise
 from lightning_relief.data import DigitsDataModule
 from lightning_relief.models import MLP
 from lightning_relief.photonic import PhotonicNetwork
-from rank_record import PrivateWeights, RankRecord, assert_resume_exact, file_system_sharing, load_rank_record
+from rank_record import PrivateTensors, RankRecord, assert_resume_exact, file_system_sharing, load_rank_record
 
 
 class NoiseRecord(RankRecord):
@@ -39,7 +39,7 @@ def _module(dropout: float = 0.2) -> ClassifierModule:
 
 def _run(tmp_path, tag: str, max_epochs: int, ckpt_path=None, per_rank_noise=True, **trainer_options) -> None:
     module = _module(0.2 if per_rank_noise else 0.0)
-    callbacks = [PrivateWeights(), NoiseRecord(str(tmp_path), tag), ModelCheckpoint(dirpath=tmp_path / tag, save_last=True)]
+    callbacks = [PrivateTensors(), NoiseRecord(str(tmp_path), tag), ModelCheckpoint(dirpath=tmp_path / tag, save_last=True)]
     trainer = quiet_trainer(
         max_epochs=max_epochs,
         limit_train_batches=3,
@@ -70,6 +70,8 @@ def test_seed_is_validated():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_ranks_draw_own_noise_keep_one_model_and_resume_exactly(tmp_path):
+    # forkserver: the ranks fork from a server that imported torch and Lightning once (spawn took a minute here)
+    multiprocessing.set_forkserver_preload(["torch", "lightning", "lightning_relief.photonic"])
     with file_system_sharing():
         for tag, epochs, ckpt in (("straight", 2, None), ("first", 1, None), ("resumed", 2, "first")):
             path = None if ckpt is None else tmp_path / ckpt / "last.ckpt"
@@ -79,8 +81,8 @@ def test_two_ranks_draw_own_noise_keep_one_model_and_resume_exactly(tmp_path):
         assert_resume_exact(tmp_path, rank)
 
 
-def _ddp(start_method: str = "spawn") -> DDPStrategy:
-    return DDPStrategy(start_method=start_method, process_group_backend="gloo", timeout=timedelta(seconds=90))
+def _ddp() -> DDPStrategy:
+    return DDPStrategy(start_method="forkserver", process_group_backend="gloo", timeout=timedelta(seconds=90))
 
 
 def _assert_own_draws_one_model(tmp_path, tag: str) -> None:
@@ -98,5 +100,5 @@ def test_plain_ddp_photonic_layers_draw_own_noise_per_rank_without_the_callback(
     # forkserver: the ranks fork from a server that imported torch and Lightning once (spawn re-imports
     # them in every rank; plain fork is unsafe once this process ran threads)
     multiprocessing.set_forkserver_preload(["torch", "lightning", "lightning_relief.photonic"])
-    _run(tmp_path, "plain", 2, per_rank_noise=False, strategy=_ddp("forkserver"), devices=2)
+    _run(tmp_path, "plain", 2, per_rank_noise=False, strategy=_ddp(), devices=2)
     _assert_own_draws_one_model(tmp_path, "plain")
