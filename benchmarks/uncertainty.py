@@ -49,7 +49,7 @@ from lightning_relief.uncertainty import EnsembleModel, plot_reliability_diagram
 from lightning_relief.uncertainty import functional as U  # noqa: E402
 from lightning_relief.uncertainty.sampling import MemberBatchSampler  # noqa: E402
 from lightning_relief.uncertainty.stacking import reinitialize  # noqa: E402
-from lightning_relief.uncertainty.temperature import fit_temperature  # noqa: E402
+from lightning_relief.uncertainty.temperature import NotIdentifiableError, fit_temperature  # noqa: E402
 
 DEVICE = "cpu"  # --device: where the models train
 
@@ -102,11 +102,23 @@ class FitTimer(L.Callback):
         self.cpu = time.process_time() - self._start[1]
 
 
-def _temperature_scaled(module: torch.nn.Module, x_val: Tensor, y_val: Tensor) -> tuple[Callable[[Tensor], Tensor], float]:
-    """``softmax(module(x) / T)`` with T fitted on the validation set (what ``TemperatureScaling`` does)."""
+def _temperature_scaled(
+    module: torch.nn.Module, x_val: Tensor, y_val: Tensor
+) -> tuple[Callable[[Tensor], Tensor], float | None]:
+    """``softmax(module(x) / T)`` with T fitted on the validation set (what ``TemperatureScaling`` does);
+    T is None, and the module left unscaled, when it gets every validation sample right."""
     with torch.no_grad():
-        temperature = float(fit_temperature(module(x_val), y_val))
+        try:
+            temperature = float(fit_temperature(module(x_val), y_val))
+        except NotIdentifiableError:
+            return (lambda x: module(x).softmax(-1)), None
     return (lambda x: (module(x) / temperature).softmax(-1)), temperature
+
+
+def _scaled_note(what: str, temperature: float | None) -> str:
+    if temperature is None:
+        return f"{what}: no validation errors, T not identifiable, left unscaled (as TemperatureScaling does)"
+    return f"{what}, temperature-scaled (T={temperature:.3f})"
 
 
 def _step_profile(
@@ -293,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     record("single", lambda x: single(x).softmax(-1), single_epoch, "one LeNet-5", single_wall)
     x_val, y_val = dm.dataset("val").tensors
     predict, temperature = _temperature_scaled(single, x_val, y_val)
-    record("single_ts", predict, single_epoch, f"the single model, temperature-scaled (T={temperature:.3f})", single_wall)
+    record("single_ts", predict, single_epoch, _scaled_note("the single model", temperature), single_wall)
     record(
         f"mc_dropout_x{args.mc_samples}",
         lambda x: mc_predict(single, x, args.mc_samples, mc_dropout=True)[0],
@@ -320,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "vectorized":
             predict, temperature = _temperature_scaled(module, x_val, y_val)
             record(f"ensemble_x{args.members}_vectorized_ts", predict, epoch_times[mode],
-                   f"the vectorized ensemble's mixture, temperature-scaled (T={temperature:.3f})", timer.per_epoch_wall())
+                   _scaled_note("the vectorized ensemble's mixture", temperature), timer.per_epoch_wall())
 
     # -- the same members trained as separate fits, one after another
     print(f"[4/5] the same {args.members} members as separate fits", flush=True)

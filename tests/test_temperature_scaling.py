@@ -18,7 +18,7 @@ from lightning_relief.models import MLP, LeNet5
 from lightning_relief.nn.structure import structure_of
 from lightning_relief.uncertainty import functional as U
 from lightning_relief.uncertainty.stacking import num_members
-from lightning_relief.uncertainty.temperature import apply_temperature, fit_temperature, temperature_of
+from lightning_relief.uncertainty.temperature import NotIdentifiableError, apply_temperature, fit_temperature, temperature_of
 
 
 def _overconfident(n=600, c=6, seed=0):
@@ -144,3 +144,39 @@ def test_scaled_ensemble_compiles_through_tvm_with_its_temperature(digits, seed,
     torch.testing.assert_close(torch.as_tensor(compiled(x)), expected, rtol=1e-4, atol=1e-5)
     # the unscaled outputs would not pass the comparison above
     assert not torch.allclose(expected * scaling.temperature, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_no_temperature_is_fitted_when_every_held_out_sample_is_right():
+    """Every label with the top score: the NLL only falls as T -> 0 and has no minimiser (L-BFGS used to
+    stop at T ~ 0.05 on the digits validation set and make the model near one-hot on new data)."""
+    logits, target = _overconfident(c=4)
+    right = logits + 100 * nn.functional.one_hot(target, 4)
+    tied = right.clone()
+    tied[0] = 0.0  # a tie at the top: that sample's NLL tends to log 4, the others' still to 0
+    for scores in (right, tied):
+        with pytest.raises(NotIdentifiableError, match="all 600 samples are classified correctly"):
+            fit_temperature(scores, target)
+    wrong = right.clone()
+    wrong[0, target[0]] -= 200  # one error: the NLL grows again as T -> 0
+    assert fit_temperature(wrong, target).item() == pytest.approx(_scipy_temperature(wrong, target), rel=1e-5)
+
+
+class _OneHotData(torch.utils.data.Dataset):
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, index):
+        return torch.nn.functional.one_hot(torch.tensor(index % 4), 4).float(), index % 4
+
+
+def test_callback_leaves_the_module_unscaled_when_validation_has_no_errors(seed):
+    model = nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.copy_(5 * torch.eye(4))
+        model.bias.zero_()
+    module = ClassifierModule(model, num_classes=4, lr=1e-6, scheduler="none")
+    scaling = TemperatureScaling()
+    loader = torch.utils.data.DataLoader(_OneHotData(), batch_size=8)
+    with pytest.warns(UserWarning, match="left unscaled"):
+        quiet_trainer(max_steps=1, callbacks=[scaling]).fit(module, loader, loader)
+    assert scaling.temperature is None and temperature_of(module) is None

@@ -7,12 +7,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_relief.uncertainty import functional as U
-from lightning_relief.uncertainty.temperature import _install, apply_temperature, fit_temperature, temperature_of
+from lightning_relief.uncertainty.temperature import (
+    NotIdentifiableError,
+    _install,
+    apply_temperature,
+    fit_temperature,
+    temperature_of,
+)
 
 
 class TemperatureScaling(Callback):
@@ -26,6 +32,9 @@ class TemperatureScaling(Callback):
     forward then returns ``z / T`` (:func:`~lightning_relief.uncertainty.temperature.apply_temperature`):
     predictions, later ``validate``/``test`` metrics, a checkpoint saved afterwards
     (``load_from_checkpoint`` restores ``T``) and the TVM export all use it.
+
+    When every validation sample is classified correctly no temperature minimises the NLL
+    (it keeps falling as ``T -> 0``): the module is then left unscaled, with a warning.
 
     Under DDP every rank's outputs are gathered first, so all ranks fit the same ``T``.
     ``temperature``, ``ece_before``, ``ece_after``, ``nll_before``, ``nll_after`` are
@@ -69,7 +78,12 @@ class TemperatureScaling(Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logits, target = self._collect(trainer, pl_module)
-        temperature = fit_temperature(logits, target, self.max_iter)
+        try:
+            temperature = fit_temperature(logits, target, self.max_iter)
+        except NotIdentifiableError as err:
+            # the run itself succeeded: leave the module unscaled rather than fail at its end
+            rank_zero_warn(f"TemperatureScaling: the module is left unscaled (temperature None): {err}")
+            return
         probs_before = logits.double().softmax(-1)
         probs_after = (logits.double() / temperature.double()).softmax(-1)
         self.temperature = float(temperature)

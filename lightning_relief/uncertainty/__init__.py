@@ -33,7 +33,7 @@ from lightning_relief.uncertainty.metrics import (
 )
 from lightning_relief.uncertainty.plot import plot_reliability_diagram
 from lightning_relief.uncertainty.stacking import ensemble_model
-from lightning_relief.uncertainty.temperature import apply_temperature, fit_temperature, temperature_of
+from lightning_relief.uncertainty.temperature import NotIdentifiableError, apply_temperature, fit_temperature, temperature_of
 
 __all__ = [
     "OODAUPR",
@@ -46,6 +46,7 @@ __all__ = [
     "FPRAt95TPR",
     "MutualInformation",
     "NegativeLogLikelihood",
+    "NotIdentifiableError",
     "PredictiveEntropy",
     "adaptive_calibration_error",
     "apply_temperature",

@@ -34,11 +34,15 @@ from torch import Tensor, nn
 
 from lightning_relief.nn.structure import record_structure, structure_of
 
-__all__ = ["apply_temperature", "fit_temperature", "temperature_of"]
+__all__ = ["NotIdentifiableError", "apply_temperature", "fit_temperature", "temperature_of"]
 
 _REBUILD = "lightning_relief.uncertainty.temperature:rebuild_temperature"
 _ATTR = "relief_temperature"
 _FORWARD = "_relief_temperature_forward"
+
+
+class NotIdentifiableError(ValueError):
+    """The held-out data cannot determine a temperature (every sample is classified correctly)."""
 
 
 def _check_scores(logits: Tensor, target: Tensor) -> None:
@@ -59,12 +63,21 @@ def fit_temperature(logits: Tensor, target: Tensor, max_iter: int = 200) -> Tens
     """The ``T > 0`` minimising ``mean NLL(softmax(logits / T), target)``, as a 0-d float tensor.
 
     Optimises ``log T`` with L-BFGS (strong-Wolfe line search) in float64, from ``T = 1``.
+    Raises :class:`NotIdentifiableError` when every sample's label has the top score: the NLL
+    then only falls as ``T -> 0`` (one wrong sample makes it grow without bound there) and no
+    temperature minimises it; L-BFGS would stop at some small ``T`` and make the model almost
+    one-hot on new data.
     """
     _check_scores(logits, target)
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     z = logits.detach().double().cpu()
     y = target.detach().long().cpu()
+    if bool((z.gather(1, y[:, None]).squeeze(1) >= z.amax(1)).all()):
+        raise NotIdentifiableError(
+            f"all {len(y)} samples are classified correctly: the NLL keeps falling as T -> 0, so no temperature "
+            "minimises it; fit T on held-out data the model gets partly wrong (more or harder samples)"
+        )
     # finite stand-in for -inf: dividing -inf by T stays -inf, but its gradient would be NaN
     z = torch.where(torch.isneginf(z), torch.full_like(z, -1e4), z)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
