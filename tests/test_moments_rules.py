@@ -281,3 +281,49 @@ def test_rules_work_in_float64():
     torch.testing.assert_close(m.float(), m32)
     torch.testing.assert_close(v.float(), v32)
     assert math.isfinite(float(v.sum()))
+
+
+def test_rules_are_differentiable():
+    # the rules run in place on their temporaries for speed; gradients through them must stay exact
+    g = torch.Generator().manual_seed(3)
+    mean = torch.randn(2, 3, 6, generator=g, dtype=torch.double, requires_grad=True)
+    var = (torch.rand(2, 3, 6, generator=g, dtype=torch.double) + 0.1).requires_grad_()
+    slope = torch.rand(3, dtype=torch.double, generator=g)
+    checks = {
+        "relu": lambda m, v: MF.relu_moments(m, v),
+        "leaky_relu": lambda m, v: MF.leaky_relu_moments(m, v, 0.1),
+        "prelu": lambda m, v: MF.prelu_moments(m, v, slope),
+        "max": lambda m, v: MF.max_moments(m, v, m.flip(-1), v.flip(-1)),
+        "correlated_max_pool": lambda m, v: MF.max_pool_moments(
+            m, v, 3, 2, dims=1, covariances={(k,): 0.5 * (v * v.roll(-k, -1)).sqrt() for k in (1, 2)}
+        ),
+    }
+    for name, fn in checks.items():
+        assert torch.autograd.gradcheck(fn, (mean, var)), name
+
+
+def test_max_of_tied_means_matches_sampling():
+    # at equal means the rule blends both orderings half and half, which is exact because Clark's formulas are
+    # symmetric there; the variances differ, so either ordering alone would have to be right too
+    mean = torch.zeros(4)
+    var1, var2 = torch.tensor([0.5, 1.0, 2.0, 0.0]), torch.tensor([1.5, 1.0, 0.1, 3.0])
+    g = torch.Generator().manual_seed(5)
+    y = torch.maximum(_sample(mean, var1, g), _sample(mean, var2, g))
+    _assert_exact(y, *MF.max_moments(mean, var1, mean, var2))
+    torch.testing.assert_close(MF.max_moments(mean, var1, mean, var2), MF.max_moments(mean, var2, mean, var1))
+
+
+@pytest.mark.parametrize("offset", [(0, 1), (1, 0), (1, 1)])
+def test_a_deterministic_input_drops_the_variance_term_only(offset):
+    # var=None (the first Gaussian layer of a network) equals a zero variance, without its convolution
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 7, 7, generator=g)
+    wm, wv, bv = torch.randn(4, 3, 3, 3, generator=g), torch.rand(4, 3, 3, 3, generator=g), torch.rand(4, generator=g)
+    zero = torch.zeros_like(x)
+    torch.testing.assert_close(
+        MF.gaussian_conv_moments(x, None, wm, wv, None, bv, 1, 1), MF.gaussian_conv_moments(x, zero, wm, wv, None, bv, 1, 1)
+    )
+    torch.testing.assert_close(
+        MF.conv_neighbour_cov(x, None, wm, wv, bv, 1, 1, 1, 1, offset),
+        MF.conv_neighbour_cov(x, zero, wm, wv, bv, 1, 1, 1, 1, offset),
+    )

@@ -62,14 +62,6 @@ def conv_share(share: Tensor, weight: Tensor, stride: Sequence[int], padding: Se
     return _CONV[share.dim()](share, weight * weight, None, stride, padding, dilation, groups)
 
 
-def rectified_slope(mean: Tensor, var: Tensor, negative_slope: float = 0.0) -> Tensor:
-    """``E f'(x)`` of a (leaky) ReLU for ``x ~ N(mean, var)``: its step's scale."""
-    std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
-    p = 0.5 * (1.0 + torch.erf(mean / std * math.sqrt(0.5)))
-    p = torch.where(var > 0, p, (mean > 0).to(mean.dtype))
-    return negative_slope + (1.0 - negative_slope) * p
-
-
 def scale_share(share: Tensor, scale: Tensor) -> Tensor:
     """The sources' per-unit variance after an elementwise map with slope ``scale``."""
     return share * scale * scale
@@ -295,7 +287,7 @@ def no_sources(mean: Tensor) -> Tensor:
 
 __all__ = [
     "average_back", "average_share", "batch_norm_scale", "channel_sources", "conv_back", "conv_transpose_back", "copies_back", "copies_share", "conv_share", "corrected_var", "diag_sources", "dropout_std", "flatten_back",
-    "gaussian_conv_sources", "linear_back", "logit_factor", "no_sources", "pool_back", "pool_share", "rectified_slope", "scale_back",
+    "gaussian_conv_sources", "linear_back", "logit_factor", "no_sources", "pool_back", "pool_share", "scale_back",
     "scale_share",
     "sweep_start",
 ]  # fmt: skip

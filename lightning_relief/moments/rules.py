@@ -207,14 +207,16 @@ def _conv_module(ctx, node, module, args, kwargs):
     if not random:
         return out
     conv = (module.stride, padding, module.dilation, module.groups)
-    return replace(out, cov=_conv_cov(ctx, x, weight, None, None, conv))
+    return replace(out, cov=_conv_cov(ctx, x.mean, x.var, weight, None, None, conv))
 
 
-def _conv_cov(ctx: RuleContext, x: Moments, weight_mean: Any, weight_var: Any, bias_var: Any, conv: tuple) -> Callable:
+def _conv_cov(
+    ctx: RuleContext, mean: Any, var: Any, weight_mean: Any, weight_var: Any, bias_var: Any, conv: tuple
+) -> Callable:  # fmt: skip
     """Emits the neighbour covariance of a convolution's output on demand (only a max pool asks)."""
 
     def emit(offset: tuple[int, ...]) -> fx.Node:
-        return ctx.call(MF.conv_neighbour_cov, x.mean, x.var, weight_mean, weight_var, bias_var, *conv, offset)
+        return ctx.call(MF.conv_neighbour_cov, mean, var, weight_mean, weight_var, bias_var, *conv, offset)
 
     return emit
 
@@ -278,7 +280,8 @@ def _softplus_square(rho: Tensor) -> Tensor:
 
 
 def _bayesian_layer(ctx, node, module, args, kwargs):
-    x = ctx.moments(args[0])
+    # a deterministic input (the first layer) has no variance term: None rather than zeros spares a convolution
+    mean, var = (args[0].mean, args[0].var) if isinstance(args[0], Moments) else (args[0], None)
     path = node.target
     weight_name = "mu_weight" if hasattr(module, "mu_weight") else "mu_kernel"
     weight_mean = ctx.attr(f"{path}.{weight_name}")
@@ -287,12 +290,12 @@ def _bayesian_layer(ctx, node, module, args, kwargs):
     bias_mean = ctx.attr(f"{path}.mu_bias") if has_bias else None
     bias_var = ctx.call(_softplus_square, ctx.attr(f"{path}.rho_bias")) if has_bias else None
     if hasattr(module, "mu_weight"):
-        out = ctx.rule(MF.gaussian_linear_moments, x.mean, x.var, weight_mean, weight_var, bias_mean, bias_var)
+        out = ctx.rule(MF.gaussian_linear_moments, mean, var, weight_mean, weight_var, bias_mean, bias_var)
     else:
         conv = (module.stride, module.padding, module.dilation, module.groups)
-        out = ctx.rule(MF.gaussian_conv_moments, x.mean, x.var, weight_mean, weight_var, bias_mean, bias_var, *conv)
+        out = ctx.rule(MF.gaussian_conv_moments, mean, var, weight_mean, weight_var, bias_mean, bias_var, *conv)
         # one weight draw serves every position: neighbours are strongly correlated
-        out = replace(out, cov=_conv_cov(ctx, x, weight_mean, weight_var, bias_var, conv))
+        out = replace(out, cov=_conv_cov(ctx, mean, var, weight_mean, weight_var, bias_var, conv))
     returns_kl = _arg(args, kwargs, 1, "return_kl", True) and not getattr(module, "dnn_to_bnn_flag", False)
     if returns_kl:
         # the layer returns (out, kl); the KL is deterministic and is usually dropped from the graph
@@ -928,19 +931,22 @@ STOCHASTIC_MODULES: tuple[type, ...] = (
 
 
 def _rectified_factors(negative_slope: float | None) -> Callable[[Handler], Handler]:
-    """Records the (leaky) ReLU's expected slope as a step of the input's shared sources (``negative_slope=None``: read it from the call)."""
+    """On the path of shared sources, a (leaky) ReLU's moments and expected slope in one call (the slope is the
+    step of the sources); elsewhere the plain rule (``negative_slope=None``: read it from the call)."""
 
     def decorate(handler: Handler) -> Handler:
         def wrapped(ctx, node, module, args, kwargs):
-            out = handler(ctx, node, module, args, kwargs)
             x = args[0] if args else kwargs.get("input")
-            if not (isinstance(out, Moments) and isinstance(x, Moments) and x.tape is not None):
-                return out
+            if not (isinstance(x, Moments) and x.tape is not None):
+                return handler(ctx, node, module, args, kwargs)
             slope = negative_slope
             if slope is None:
-                slope = float(module.negative_slope) if module is not None else float(_arg(args, kwargs, 1, "negative_slope", 0.01))
-            scale = ctx.call(LR.rectified_slope, x.mean, x.var, slope)
-            return replace(out, tape=x.tape.then(Step(LR.scale_back, (scale,)), ctx.call(LR.scale_share, x.tape.share, scale)))
+                given = module.negative_slope if module is not None else _arg(args, kwargs, 1, "negative_slope", 0.01)
+                slope = float(given)
+            both = ctx.call(MF.rectified_moments_slope, x.mean, x.var, slope)
+            mean, var, scale = (ctx.call(operator.getitem, both, i) for i in range(3))
+            share = ctx.call(LR.scale_share, x.tape.share, scale)
+            return Moments(mean, var, tape=x.tape.then(Step(LR.scale_back, (scale,)), share))
 
         return wrapped
 
