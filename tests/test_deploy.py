@@ -69,6 +69,46 @@ def test_reference_models_match_pytorch(make, digits):
     np.testing.assert_allclose(out, eager(model, x).numpy(), atol=1e-5, rtol=1e-5)
 
 
+class ResidualConvBN(nn.Module):
+    """conv -> BN (foldable), and conv -> BN whose conv output also feeds the residual (not foldable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        z = self.conv2(y)
+        return self.head(torch.relu(self.bn2(z) + z).mean((2, 3)))
+
+
+def _batch_norm_ops(mod) -> int:
+    return mod.script(show_meta=False).count("R.nn.batch_norm(")
+
+
+def test_batch_norm_is_folded_into_the_convolution_before_it(digits):
+    from lightning_relief.deploy import to_relax
+
+    torch.manual_seed(0)
+    net, resnet = ResidualConvBN().eval(), resnet8(width=4).eval()
+    for bn in (m for model in (net, resnet) for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 3)
+        bn.weight.data.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-1, 1)
+    x = next(iter(digits.val_dataloader()))[0][:8]
+    assert _batch_norm_ops(to_relax(net, x, batch_norm_folding=False).mod) == 2
+    assert _batch_norm_ops(to_relax(net, x).mod) == 1  # bn2's conv output is used twice
+    assert _batch_norm_ops(to_relax(resnet, x).mod) == 0
+    for model in (net, resnet):
+        compiled = compile_for_target(model, x)
+        for batch in (x[:1], x):
+            torch.testing.assert_close(compiled(batch), eager(model, batch), atol=1e-4, rtol=0)
+    assert isinstance(net.bn1, nn.BatchNorm2d) and net.conv1.bias is None, "the source model is not touched"
+
+
 def test_pruned_model_compiles_with_fewer_channels(digits):
     import torch_pruning as tp
 

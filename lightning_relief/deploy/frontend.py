@@ -142,6 +142,70 @@ def export_program(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: 
         raise DeployError(f"torch.export failed for {type(model).__name__}: {str(err).splitlines()[0]}") from err
 
 
+_CONV_OPS = ("conv1d", "conv2d", "conv3d")
+_BATCH_NORM_OPS = ("batch_norm", "_native_batch_norm_legit_no_training")
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    packet = getattr(node.target, "overloadpacket", None)
+    return getattr(packet, "__name__", "") if node.op == "call_function" else ""
+
+
+def fold_batch_norm(model: nn.Module, ep: torch.export.ExportedProgram) -> int:
+    """Fold each eval-mode batch norm into the convolution that alone feeds it, in ``model`` (a frozen copy).
+
+    TVM's importer keeps batch norm as its own operator, and MetaSchedule then tunes kernels that
+    compute ``(conv - mean) / std * gamma + beta`` per output element; folded, a convolution has a
+    bias only (as ONNX Runtime does it). The pairs come from ``ep`` (the export of ``model``), so
+    functional forwards fold too; a convolution whose output is used elsewhere as well (a parity
+    probe's captured layer output), a module called twice or a batch norm that uses batch
+    statistics is left alone. Returns how many were folded; export ``model`` again to see them.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
+    >>> ep = torch.export.export(net, (torch.zeros(1, 1, 5, 5),))
+    >>> fold_batch_norm(net, ep), type(net[1]).__name__
+    (1, 'Identity')
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    signature = ep.graph_signature
+    owners = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+
+    def owner(arg: Any, suffix: str) -> str | None:
+        """The module path of the parameter/buffer ``arg`` (a placeholder used by one node only)."""
+        if not isinstance(arg, torch.fx.Node) or arg.op != "placeholder" or len(arg.users) != 1:
+            return None
+        name = owners.get(arg.name, "")
+        return name[: -len(suffix)] if name.endswith(suffix) else None
+
+    folded = 0
+    for node in ep.graph.nodes:
+        if _op_name(node) not in _BATCH_NORM_OPS:
+            continue
+        conv = node.args[0]
+        if not isinstance(conv, torch.fx.Node) or _op_name(conv) not in _CONV_OPS or len(conv.users) != 1:
+            continue
+        if _op_name(node) == "batch_norm" and node.args[5]:  # training=True: batch statistics
+            continue
+        conv_path, bn_path = owner(conv.args[1], ".weight"), owner(node.args[3], ".running_mean")
+        if conv_path is None or bn_path is None:
+            continue
+        conv_module, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+        if type(conv_module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            continue
+        if bn.running_mean is None or bn.running_var is None:
+            continue
+        weight, bias = fuse_conv_bn_weights(
+            conv_module.weight, conv_module.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        conv_module.weight, conv_module.bias = weight.requires_grad_(False), bias.requires_grad_(False)
+        parent, _, leaf = bn_path.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, nn.Identity())
+        folded += 1
+    return folded
+
+
 def _module_of(node: torch.fx.Node) -> tuple[str, str | None]:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -211,14 +275,20 @@ def to_relax(
     dynamic_batch: bool = True,
     custom_convert_map: dict[str, Callable] | None = None,
     integer_rewrite: bool = True,
+    batch_norm_folding: bool = True,
 ) -> RelaxGraph:
-    """Import ``model`` (a frozen copy of it) into Relax with parameters detached."""
+    """Import ``model`` (a frozen copy of it) into Relax with parameters detached.
+
+    Eval-mode batch norms are folded into the convolutions before them (:func:`fold_batch_norm`)
+    unless ``batch_norm_folding=False``."""
     from tvm.relax.frontend.torch import from_exported_program
 
     inputs = as_input_tuple(example_inputs)
     clone = frozen_copy(model)
     with torch.no_grad():
         ep, dynamic = export_program(clone, inputs, dynamic_batch)
+        if batch_norm_folding and fold_batch_norm(clone, ep):
+            ep, dynamic = export_program(clone, inputs, dynamic)
     ep = ep.run_decompositions()
     check_supported(ep, custom_convert_map)
     try:
