@@ -290,6 +290,8 @@ def test_rules_are_differentiable():
     var = (torch.rand(2, 3, 6, generator=g, dtype=torch.double) + 0.1).requires_grad_()
     slope = torch.rand(3, dtype=torch.double, generator=g)
     checks = {
+        "dropout": lambda m, v: MF.dropout_moments(m, v, 0.3),
+        "dropout_of_deterministic": lambda m, v: MF.dropout_moments(m, None, 0.3),
         "relu": lambda m, v: MF.relu_moments(m, v),
         "leaky_relu": lambda m, v: MF.leaky_relu_moments(m, v, 0.1),
         "prelu": lambda m, v: MF.prelu_moments(m, v, slope),

@@ -191,10 +191,14 @@ def tanh_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     return _gaussian_expectation(torch.tanh, mean, var)
 
 
-def _dropout_input(mean: Tensor, var: Tensor | None, p: float) -> Tensor:
-    """Checks the rate; the input variance, zeros for a deterministic input (``var=None``)."""
+def _check_rate(p: float) -> None:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout rate p must be in [0, 1), got {p}")
+
+
+def _dropout_input(mean: Tensor, var: Tensor | None, p: float) -> Tensor:
+    """Checks the rate; the input variance, zeros for a deterministic input (``var=None``)."""
+    _check_rate(p)
     return torch.zeros_like(mean) if var is None else var
 
 
@@ -203,10 +207,13 @@ def dropout_moments(mean: Tensor, var: Tensor | None, p: float) -> tuple[Tensor,
 
     ``var=None`` stands for a deterministic input. ``p = 0`` returns the input unchanged.
     """
-    var = _dropout_input(mean, var, p)
     if p == 0.0:
-        return mean, var
-    return mean, (var + p * mean * mean) / (1.0 - p)
+        return mean, _dropout_input(mean, var, p)
+    _check_rate(p)
+    # in place on the fresh square (the rule runs at every dropout layer); a deterministic input has no var term
+    if var is None:
+        return mean, (mean * mean).mul_(p / (1.0 - p))
+    return mean, (mean * mean).mul_(p).add_(var).mul_(1.0 / (1.0 - p))
 
 
 def weight_moments(
