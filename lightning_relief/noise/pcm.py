@@ -34,6 +34,7 @@ PROG_COEFF = (0.26348, 1.9650, -1.1731)  # µS, fitted at g_max = 25 µS
 ONE_YEAR = 365 * 24 * 3600.0
 _LN2 = math.log(2.0)
 _LOG2_Q0 = math.log2(0.0088)
+_BLOCK = 1 << 15  # weights per block of PCMNoise's device pass: its (3, 2, block) temporaries fit a 1 MB L2
 
 
 def prog_noise_std(g_target: Tensor, g_max: float = G_MAX) -> Tensor:
@@ -192,13 +193,16 @@ class PCMNoise(NoiseModel):
         state["_work"] = None  # scratch memory: not worth pickling with a checkpointed callback
         return state
 
-    def _workspace(self, like: Tensor, n: int) -> Tensor:
-        """Scratch memory for a pass over ``n`` weights, kept while ``n`` stays: on a CPU, fresh memory
-        costs a page fault per 4 KiB, more than the arithmetic on it."""
+    def _workspace(self, like: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Scratch memory for a pass over ``n`` weights, kept while ``n`` stays (on a CPU, fresh memory
+        costs a page fault per 4 KiB, more than the arithmetic on it): three rows of ``n`` and the
+        ``(3, 2, block)`` temporaries of the device pass."""
+        block = min(n, _BLOCK)
+        size = 3 * n + 6 * block  # grows with n: one size, one layout
         work = self._work
-        if work is None or work.shape[1] != n or work.dtype != like.dtype or work.device != like.device:
-            work = self._work = torch.empty((9, n), dtype=like.dtype, device=like.device)
-        return work
+        if work is None or work.numel() != size or work.dtype != like.dtype or work.device != like.device:
+            work = self._work = torch.empty(size, dtype=like.dtype, device=like.device)
+        return work[: 3 * n].view(3, n), work[3 * n :].view(3, 2, block)
 
     def weights_at(self, w: Tensor, t_inference: float, generator: Draws = None) -> Tensor:
         """``w`` programmed onto PCM pairs and read ``t_inference`` seconds later."""
@@ -218,45 +222,43 @@ class PCMNoise(NoiseModel):
         if t_inference < 0:
             raise ValueError(f"t_inference must be >= 0 seconds, got {t_inference}")
         sizes = [w.numel() for w in weights]
-        work = self._workspace(weights[0], sum(sizes))
-        g_prog, expo, scratch, reads, flat = work[0:2], work[2:4], work[4:6], work[6:8], work[8]
+        n = sum(sizes)
+        rows, temps = self._workspace(weights[0], n)
+        reads, flat = rows[0:2], rows[2]
         torch.cat([w.detach().reshape(-1) for w in weights], out=flat)
         g_hat = torch.abs(flat, out=reads[1])  # reads[1] is free until the drifted readout
         w_max = torch.stack([part.amax() for part in g_hat.split(sizes)]).clamp_(min=1e-7)
         torch._foreach_mul_(list(g_hat.split(sizes)), _per_tensor(w_max.reciprocal()))
-        # the draws may be read-only pool slices: every result goes to the scratch rows (out=)
-        eps_prog = randn_like_shape(flat, g_prog.shape, generator)
-        eps_nu = randn_like_shape(flat, g_prog.shape, generator)
-        # programming: the idle device's σ_prog, μ_ν and σ_ν are constants, so the device formulas run
-        # over the weights once, not twice
-        sigma_prog = _prog_std_of(g_hat, self.prog_noise_scale, out=scratch[0])
-        torch.addcmul(g_hat, sigma_prog, eps_prog[0], out=g_prog[0])
-        torch.mul(eps_prog[1], _PROG_STD_IDLE * self.prog_noise_scale, out=g_prog[1])
-        g_prog.clamp_(min=0.0)
-        # drift: g·(t/t0)^-ν = g / 2^(ν·L) with L = log2(t/t0)·drift_scale
+        # drift: g·(t/t0)^-ν = g / 2^(ν·L) with L = log2(t/t0)·drift_scale, a number (a 0-d constant per
+        # step would be a new tensor per step)
         t = t_inference + self.t0
         log_t = self.drift_scale * math.log2(t / self.t0) if t_inference > 0 else 0.0
-        if log_t > 0:
-            mu, sigma_nu = _drift_nu_of(g_hat, out=expo)
-            mu.addcmul_(sigma_nu, eps_nu[0])
-            mu_zero, sigma_zero = _NU_IDLE
-            _affine(eps_nu[1], sigma_zero, mu_zero, out=expo[1])
-            # ν ~ |N(μ_ν, σ_ν²)|; L stays a number (a 0-d constant per step would be a new tensor per step)
-            expo.abs_().mul_(log_t).exp2_()
-        if self.drift_compensation:
-            torch.sub(g_prog[0], g_prog[1], out=reads[0])  # the programmed readout
-        # 1/f read noise: g_drift·(1 + f·Q_s(g_prog)·ε) >= 0 iff its second factor is (g_drift >= 0)
         factor = self.read_noise_scale * read_noise_time_factor(t_inference, self.t0, self.t_read)
-        if factor > 0:
-            g_final = _read_q_of(g_prog, out=scratch)
-            torch.addcmul(_const(1.0, g_final), g_final, randn_like(g_final, generator), value=factor, out=g_final)
-            g_final.clamp_(min=0.0).mul_(g_prog)
-        else:
-            g_final = g_prog
-        if log_t > 0:
-            g_final = torch.div(g_final, expo, out=scratch)
-        # the pair reads |w| (row 0 minus row 1); the weight's sign says which device held it
-        w_drift = torch.sub(g_final[0], g_final[1]).mul_(flat.sign_())
+        # all draws up front, for all weights: the result does not depend on the block size
+        eps_prog = randn_like_shape(flat, reads.shape, generator)
+        eps_nu = randn_like_shape(flat, reads.shape, generator)
+        eps_read = randn_like_shape(flat, reads.shape, generator) if factor > 0 else None
+        w_drift = torch.empty_like(flat)
+        block = temps.shape[-1]
+        for lo in range(0, n, block):
+            # a block's temporaries stay in cache: over all weights at once (19 MB at 32 px) each of the
+            # pass's ~30 ops would stream them through memory
+            hi = min(lo + block, n)
+            g_prog, expo, scratch = temps[:, :, : hi - lo].unbind()
+            self._read_back(
+                g_hat[lo:hi],
+                eps_prog[:, lo:hi],
+                eps_nu[:, lo:hi],
+                None if eps_read is None else eps_read[:, lo:hi],
+                log_t,
+                factor,
+                g_prog,
+                expo,
+                scratch,
+                reads[0, lo:hi],
+                w_drift[lo:hi],
+            )
+        w_drift.mul_(flat.sign_())  # the weight's sign says which device held it
         factors = w_max  # conductance 1 (g_max) reads as the tensor's max |w|
         if self.drift_compensation:
             # global drift compensation: the programmed mean |w| over the drifted one, per tensor, as
@@ -278,6 +280,47 @@ class PCMNoise(NoiseModel):
         self._last_gains = gains
         self._last_factors = factors  # clean max|w| times the compensation: the scale of each tile's output
         return [part.view(w.shape) for part, w in zip(parts, weights)]
+
+    def _read_back(
+        self,
+        g_hat: Tensor,
+        eps_prog: Tensor,
+        eps_nu: Tensor,
+        eps_read: Tensor | None,
+        log_t: float,
+        factor: float,
+        g_prog: Tensor,
+        expo: Tensor,
+        scratch: Tensor,
+        programmed: Tensor,
+        out: Tensor,
+    ) -> None:
+        """The device pairs of weights ``g_hat``: ``out`` = the pair's conductance difference read
+        back after drift, ``programmed`` = that difference right after programming; ``g_prog``,
+        ``expo`` and ``scratch`` are ``(2, len(g_hat))`` temporaries (row 1: the idle device)."""
+        # programming: the idle device's σ_prog, μ_ν and σ_ν are constants, so the device formulas run
+        # over the weights once, not twice; the draws may be read-only pool slices (results go out=)
+        sigma_prog = _prog_std_of(g_hat, self.prog_noise_scale, out=scratch[0])
+        torch.addcmul(g_hat, sigma_prog, eps_prog[0], out=g_prog[0])
+        torch.mul(eps_prog[1], _PROG_STD_IDLE * self.prog_noise_scale, out=g_prog[1])
+        g_prog.clamp_(min=0.0)
+        if log_t > 0:
+            mu, sigma_nu = _drift_nu_of(g_hat, out=expo)
+            mu.addcmul_(sigma_nu, eps_nu[0])
+            mu_zero, sigma_zero = _NU_IDLE
+            _affine(eps_nu[1], sigma_zero, mu_zero, out=expo[1])
+            expo.abs_().mul_(log_t).exp2_()  # 2^(ν·L), ν ~ |N(μ_ν, σ_ν²)|
+        if self.drift_compensation:
+            torch.sub(g_prog[0], g_prog[1], out=programmed)
+        # 1/f read noise: g_drift·(1 + f·Q_s(g_prog)·ε) >= 0 iff its second factor is (g_drift >= 0)
+        g_final = g_prog
+        if eps_read is not None:
+            g_final = _read_q_of(g_prog, out=scratch)
+            torch.addcmul(_const(1.0, g_final), g_final, eps_read, value=factor, out=g_final)
+            g_final.clamp_(min=0.0).mul_(g_prog)
+        if log_t > 0:
+            g_final = torch.div(g_final, expo, out=scratch)
+        torch.sub(g_final[0], g_final[1], out=out)  # the pair reads row 0 minus row 1
 
     def apply_weights(self, weights, level, generator=None, modules=None):
         noisy = self.weights_at_many(weights, _seconds(level), generator)
