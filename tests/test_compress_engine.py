@@ -130,9 +130,7 @@ def test_an_ignored_layer_is_left_alone_and_nothing_it_touches_is_pruned():
     assert "gru" not in result.policy.quantized_layers() and isinstance(model.gru, nn.GRU)
 
 
-# dynamo compiles the whole module's training_step with its logging (minutes on 2 cores): slow
-@pytest.mark.parametrize("whole", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["compiled-submodule", "compiled-lightning-module"])
+@pytest.mark.parametrize("whole", [False, True], ids=["compiled-submodule", "compiled-lightning-module"])
 def test_torch_compile_is_compressed_underneath_and_recompiled(digits, seed, tmp_path, whole):
     from torch._dynamo.eval_frame import OptimizedModule
 
@@ -141,7 +139,9 @@ def test_torch_compile_is_compressed_underneath_and_recompiled(digits, seed, tmp
     module = ClassifierModule(net if whole else torch.compile(net, backend="eager"), lr=1e-2)
     cb = SensitivityPruningCallback(target=0.5, metric="macs", start_epoch=1, calibration_batches=1,
                                     prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,), recovery_steps=2, verbose=False)
-    trainer = quiet_trainer(max_epochs=2, limit_train_batches=3, callbacks=[cb], default_root_dir=tmp_path)
+    # no validation loop: dynamo would compile validation_step as well; the candidates are scored by the engine
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[cb],
+                            default_root_dir=tmp_path)
     trainer.fit(torch.compile(module, backend="eager") if whole else module, digits)
     assert cb.phase == "compressed" and cb.chosen.measured_cost <= 0.5 * cb.original_cost
     if not whole:
@@ -200,23 +200,35 @@ def test_the_chosen_policy_is_never_worse_than_uniform_after_recovery(digits):
 
 
 @pytest.mark.slow  # eight layers compiled by TVM for the cost table (~40 s)
-def test_a_latency_plan_on_the_mnist1d_cnn_quantizes_its_conv1d_layers(tmp_path):
-    """Conv1d layers are priced and measured quantized (integer-lowered through TVM), so bits can be chosen."""
+def test_a_latency_meter_prices_and_measures_quantized_conv1d_layers(tmp_path):
+    """Conv1d layers are priced quantized (their own int8 compile in TVM's layer table) and measured quantized
+    (the whole model integer-lowered), so the search can choose their bits. No budget is asserted: at batch 1
+    the 8-bit MNIST-1D CNN measured x0.9-1.7 of its float latency here (timed side by side, under load), so a
+    quantize-only target below 1 is met or missed by noise."""
+    from lightning_relief.compress import apply_quantization
     from lightning_relief.compress.latency import LatencyMeter
+    from lightning_relief.deploy import LayerLatencyTable
     from lightning_relief.models import MNIST1DCNN
 
     torch.manual_seed(0)
-    model = MNIST1DCNN()
-    meter = LatencyMeter("llvm", cache_dir=tmp_path, repeat=3, number=10, compare_seconds=0.5)
+    model = MNIST1DCNN().eval()
+    x = _batches((1, 40))[0][0]
+    meter = LatencyMeter("llvm", cache_dir=tmp_path, repeat=3, number=10, compare_seconds=0.0)
     assert nn.Conv1d in meter.quantizable_types
-    config = CompressionConfig(target=0.95, methods=("quantize",), bit_widths=(8,), max_rounds=1, candidates=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a window miss on this noisy measurement is not the point here
-        result = plan(model, _batches((1, 40)), config, meter)
-    bits = result.policy.quantized_layers()
-    assert bits and any(name.startswith("features.") for name in bits)
-    assert result.chosen.measured_cost <= 0.95 * 1.05 * result.original_cost
-    assert quantized_bits(model) == {}  # plan never touches the model
+    units = analyze(model, x[:1])
+    convs = [info for info in units.layers if isinstance(model.get_submodule(info.name), nn.Conv1d)]
+    assert len(convs) == 3
+    cost = meter.cost_model(units, model)
+    info = convs[1]  # prunable on both sides: priced from four corner compiles
+    priced = cost.layer_cost(info, info.in_channels, info.out_channels, 8)
+    table = LayerLatencyTable("llvm", cache_dir=tmp_path / "layers", repeat=3, number=10)
+    int8 = table.latency_ms("conv1d", info.in_channels, info.out_channels, info.kernel, info.stride, info.padding,
+                            info.groups, input_size=info.in_hw, bits=8, bias=info.bias)
+    assert priced == pytest.approx(int8) and table.misses == 0  # the int8 figure TVM's layer table measured
+    quantized = copy.deepcopy(model)
+    apply_quantization(quantized, {info.name: 8 for info in convs}, [x])
+    assert meter.reference(model) > 0 and meter.measure(quantized) > 0
+    assert quantized_bits(model) == {}
 
 
 class PaddedMACsMeter(AnalyticMeter):

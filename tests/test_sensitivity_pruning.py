@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -205,6 +206,29 @@ def test_finetune_epochs_stop_training_and_uniform_search(digits, seed, tmp_path
     assert cb.chosen.measured_cost <= 0.5 * cb.original_cost
 
 
+@pytest.mark.parametrize("recipe", ["compress_lenet_digits", "compress_resnet20_digits"])
+def test_the_compression_recipes_validate_and_build_their_callback_as_shipped(recipe, capsys):
+    """The recipes run with a small search in test_docs_examples; here their shipped settings, unchanged:
+    the CLI validates them, and the callback they describe builds its TVM latency meter from them."""
+    import yaml
+
+    from lightning_relief.cli import main as relief
+    from lightning_relief.compress.latency import LatencyMeter
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml"
+    with pytest.raises(SystemExit) as done:
+        relief(["fit", "--config", str(path), "--print_config"])
+    assert done.value.code == 0
+    shipped = yaml.safe_load(path.read_text())
+    printed = yaml.safe_load(capsys.readouterr().out)
+    args = next(c["init_args"] for c in shipped["trainer"]["callbacks"] if c["class_path"].endswith("PruningCallback"))
+    parsed = next(c["init_args"] for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("PruningCallback"))
+    assert {k: parsed[k] for k in args} == args
+    cb = SensitivityPruningCallback(**args)
+    assert isinstance(cb.meter, LatencyMeter) and cb.meter.target == args["target_device"]
+    assert cb.config.prune_ratios == tuple(args["prune_ratios"]) and cb.config.grow > 0
+
+
 @pytest.mark.slow
 def test_latency_metric_measures_candidates_with_tvm(digits, seed, tmp_path):
     """Untuned TVM, a two-layer MLP: per-layer table, whole-model measurement, integer lowering."""
@@ -215,7 +239,9 @@ def test_latency_metric_measures_candidates_with_tvm(digits, seed, tmp_path):
     module = ClassifierModule(MLP(in_features=64, hidden=(256,), dropout=0.0))
     cb = SensitivityPruningCallback(target=0.6, metric="latency", start_epoch=0, calibration_batches=1,
                                     prune_ratios=(0.5, 0.75), bit_widths=(8,), candidates=1, max_rounds=2, grow=2,
-                                    cache_dir=str(tmp_path / "cache"), verbose=False)
+                                    recovery_steps=0, cache_dir=str(tmp_path / "cache"), verbose=False)
+    assert isinstance(cb.meter, LatencyMeter) and cb.meter.target == "llvm"
+    cb.meter.compare_seconds = 0.0  # each candidate timed in 10 alternating rounds, not for 6 s
     trainer = quiet_trainer(max_epochs=1, callbacks=[cb], default_root_dir=tmp_path)
     trainer.fit(module, digits)
     assert cb.original_cost > 0 and cb.evaluated
