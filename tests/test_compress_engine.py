@@ -274,8 +274,9 @@ def test_channels_are_given_back_while_the_measured_cost_stays_within_budget(dig
     assert 1 <= len(grown) <= 6
     units = analyze(model, x[:1])
     kept = {g.root: g.channels for g in units.groups}
-    start = max((c for c in result.evaluated if c.extra.get("kind") != "grown" and c.measured_cost <= high
-                 and c.policy.pruned_groups()), key=lambda c: (c.val_acc, -c.measured_cost))
+    start = max((c for c in result.evaluated if c.extra.get("kind") != "grown"
+                 and c.measured_cost <= 0.4 * result.original_cost and c.policy.pruned_groups()),
+                key=lambda c: (c.val_acc, -c.measured_cost))
 
     def channels(c):
         return {r: n - round(c.policy.prune.get(r, 0.0) * n) for r, n in kept.items()}
@@ -292,6 +293,23 @@ def test_channels_are_given_back_while_the_measured_cost_stays_within_budget(dig
 def _digits_split(digits, n=256):
     x, y = digits.dataset("train").tensors
     return [(x[i:i + 64], y[i:i + 64]) for i in range(0, n, 64)], [digits.dataset("val").tensors]
+
+
+def test_growing_back_starts_within_the_budget(digits):
+    """Giving channels back raises the cost, so growing from the best candidate measured between the budget
+    and the window's top (here ×1.085 of a 0.3 budget, window +10 %) would measure every move and reject it."""
+    train, val = _digits_split(digits)
+    torch.manual_seed(0)
+    config = CompressionConfig(target=0.3, tolerance=0.1, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75),
+                               candidates=2, max_rounds=2, grow=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = plan(LeNet5(input_size=8), train[:2], config, PaddedMACsMeter(), val, train)
+    budget = 0.3 * result.original_cost
+    cut = [c for c in result.evaluated if c.extra.get("kind") != "grown" and c.policy.pruned_groups()]
+    best = max((c for c in cut if c.measured_cost <= 1.1 * budget), key=lambda c: (c.val_acc, -c.measured_cost))
+    assert budget < best.measured_cost and not any(c.measured_cost <= budget for c in cut)  # the case
+    assert not [c for c in result.evaluated if c.extra.get("kind") == "grown"]
 
 
 def test_uniform_pruning_is_grown_back_as_uniform_pruning_to_the_budget(digits):
