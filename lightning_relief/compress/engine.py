@@ -511,7 +511,13 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
                 chosen = cand
                 break
         else:
-            chosen = max([c for c in feasible if c.measured_cost <= high] or [chosen], key=score)
+            confirmed = [c for c in feasible if c.measured_cost <= high]
+            if not confirmed:
+                warnings.warn(f"{PLUGIN}: no candidate was confirmed within the {meter.metric} budget by a fresh "
+                              f"measurement; the best-scored one is kept at {chosen.measured_cost:.4g} {meter.unit}, "
+                              f"{chosen.measured_cost / budget - 1:+.1%} of the budget {budget:.4g} (window "
+                              f"+{config.tolerance:.0%})", stacklevel=2)
+            chosen = max(confirmed or [chosen], key=score)
     chosen.chosen = True
     t4 = time.perf_counter()
     return CompressionResult(
