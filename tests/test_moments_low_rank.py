@@ -33,8 +33,10 @@ def test_the_sweep_gives_the_covariance_of_linear_relu_linear_computed_densely()
     factor = LR.diag_sources(sweep, std)  # [N, C, K]
     torch.testing.assert_close(factor @ factor.transpose(1, 2), cov)
     share = F.linear(LR.scale_share(F.linear(std * std, w1 * w1), slope), w2 * w2)  # what the diagonal rules give
-    var = LR.corrected_var(logits, share + 1.0, share, [factor])  # 1.0: variance from elsewhere, kept
+    var = LR.corrected_var(logits, share + 1.0, share, [LR.factor_variance(factor)])  # 1.0: from elsewhere, kept
     torch.testing.assert_close(var, torch.diagonal(cov, dim1=1, dim2=2) + 1.0)
+    # the sweep's first linear step from the identity is the weight's rows
+    torch.testing.assert_close(LR.linear_start(logits, w2), LR.linear_back(LR.sweep_start(logits), w2))
     kept = LR.logit_factor(torch.zeros(n, 8), [torch.randn(n, 8, 5, generator=g)])  # fewer sources than classes
     assert kept.shape == (n, 5, 8)
 

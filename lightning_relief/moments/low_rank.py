@@ -135,6 +135,14 @@ def sweep_start(mean: Tensor) -> Tensor:
     return eye.expand(mean.shape[0], -1, -1)
 
 
+def linear_start(mean: Tensor, weight: Tensor) -> Tensor:
+    """``G W`` for ``G = I``, the sweep's first step when the network ends in a linear layer: the weight's rows
+    for every input, expanded (no product, no copy); ``[N, 0, ...]`` for logits that are not ``[N, C]``."""
+    if mean.dim() != 2:
+        return mean.new_zeros(mean.shape[0], 0, *mean.shape[1:-1], weight.shape[1])
+    return weight.unsqueeze(0).expand(mean.shape[0], -1, -1)
+
+
 def linear_back(g: Tensor, weight: Tensor) -> Tensor:
     """Through ``x W^T``: ``G W``."""
     return torch.matmul(g, weight)
@@ -258,11 +266,18 @@ def channel_sources(g: Tensor, patches: Tensor, sd: Tensor) -> Tensor:
     return (out.reshape(n, classes, channels, r) * sd.t()).reshape(n, classes, channels * r)
 
 
-def corrected_var(mean: Tensor, var: Tensor, share: Tensor, factors: Sequence[Tensor]) -> Tensor:
-    """The logits' variance with the sources' covariance: ``var - share + sum_k M_k^2`` (``factors`` ``[N, C, K]``)."""
-    if mean.dim() != 2 or not factors:
+def factor_variance(factor: Tensor) -> Tensor:
+    """``sum_k M_k^2`` of a factor ``[N, C, K]``: the variance its sources give each logit (a norm: one pass, no
+    squared copy of the factor)."""
+    return torch.linalg.vector_norm(factor, dim=2).square()
+
+
+def corrected_var(mean: Tensor, var: Tensor, share: Tensor, terms: Sequence[Tensor]) -> Tensor:
+    """The logits' variance with the sources' covariance: ``var - share + sum_k M_k^2`` (``terms``: each source
+    kind's ``sum_k M_k^2`` ``[N, C]``)."""
+    if mean.dim() != 2 or not terms:
         return var
-    return (var - share).clamp_min(0.0) + sum((f * f).sum(2) for f in factors)
+    return (var - share).clamp_min(0.0) + sum(terms)
 
 
 def logit_factor(mean: Tensor, factors: Sequence[Tensor]) -> Tensor:
@@ -286,8 +301,8 @@ def no_sources(mean: Tensor) -> Tensor:
 
 
 __all__ = [
-    "average_back", "average_share", "batch_norm_scale", "channel_sources", "conv_back", "conv_transpose_back", "copies_back", "copies_share", "conv_share", "corrected_var", "diag_sources", "dropout_std", "flatten_back",
-    "gaussian_conv_sources", "linear_back", "logit_factor", "no_sources", "pool_back", "pool_share", "scale_back",
+    "average_back", "average_share", "batch_norm_scale", "channel_sources", "conv_back", "conv_transpose_back", "copies_back", "copies_share", "conv_share", "corrected_var", "diag_sources",
+    "dropout_std", "factor_variance", "flatten_back", "gaussian_conv_sources", "linear_back", "linear_start", "logit_factor", "no_sources", "pool_back", "pool_share", "scale_back",
     "scale_share",
     "sweep_start",
 ]  # fmt: skip

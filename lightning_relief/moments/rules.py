@@ -1115,15 +1115,21 @@ def logit_sources(ctx: RuleContext, result: Moments) -> tuple[fx.Node, fx.Node]:
     """The adjoint sweep at the output: the logits' variance with the shared sources' covariance, and their factor ``[N, K, C]``."""
     if result.tape is None:
         return result.var, ctx.call(LR.no_sources, result.mean)
-    g = ctx.call(LR.sweep_start, result.mean)
+    steps = list(reversed(result.tape.steps))
+    if not steps[0].source and steps[0].fn is LR.linear_back:  # from I: the weight's rows, no product
+        g = ctx.call(LR.linear_start, result.mean, *steps[0].args)
+        steps = steps[1:]
+    else:
+        g = ctx.call(LR.sweep_start, result.mean)
     factors = []
-    for step in reversed(result.tape.steps):
+    for step in steps:
         if step.source:
             factors.append(ctx.call(step.fn, g, *step.args))
         else:
             g = ctx.call(step.fn, g, *step.args)
-    var = ctx.call(LR.corrected_var, result.mean, result.var, result.tape.share, factors)
-    return var, ctx.call(LR.logit_factor, result.mean, factors)
+    terms = [ctx.call(LR.factor_variance, f) for f in factors]
+    var = ctx.call(LR.corrected_var, result.mean, result.var, result.tape.share, terms)
+    return var, ctx.call(LR.logit_factor, result.mean, factors)  # unused (and dropped) unless output="factor"
 
 
 def bayesian_layer_types() -> tuple[type, ...]:
