@@ -20,6 +20,7 @@ the VANT schedule (warm-up then per-sample σ) and PCM-drift-aware
     .venv/bin/python benchmarks/analog.py --quick          # smoke run
     .venv/bin/python benchmarks/analog.py --device cuda    # trained and timed on the GPU (analog_cuda.json)
     .venv/bin/python benchmarks/analog.py --timing-only    # (c) alone, merged into the file an accuracy run wrote
+    .venv/bin/python benchmarks/analog.py --timing-only --against 5925b4a  # and an older revision's noise code beside it
 
 Writes benchmarks/results/analog.json (``analog_mnist1d.json``) and analog_*.png
 (``--quick``: under results/quick/).
@@ -28,9 +29,16 @@ Writes benchmarks/results/analog.json (``analog_mnist1d.json``) and analog_*.png
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import json
+import os
+import re
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +56,6 @@ from lightning_relief.noise import (
     Constant,
     DeploymentTime,
     LinearWarmup,
-    NoiseInjector,
     PCMNoise,
     PerSampleVariance,
     SequentialSchedule,
@@ -95,28 +102,50 @@ def train(name: str, strategy, epochs: int, digits, make_model, device: str = "c
     return module.eval(), time.perf_counter() - start
 
 
-def step_overhead(size: int, width: int, steps: int, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Median time of one optimisation step of LeNet5(size px, width), configurations interleaved step by step."""
+def noise_at(rev: str):
+    """``lightning_relief.noise`` as of git revision ``rev``, importable beside the current one (under
+    another name), so old and new code are timed side by side in one process."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "archive", rev, "lightning_relief/noise"], cwd=root, capture_output=True, check=True)
+    name = "noise_at_" + re.sub(r"\W", "_", rev)
+    tmp = Path(tempfile.mkdtemp())
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(tmp, filter="data")
+    package = (tmp / "lightning_relief" / "noise").rename(tmp / name)
+    for source in package.glob("*.py"):
+        source.write_text(source.read_text().replace("lightning_relief.noise", name))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module(name)
+
+
+def step_overhead(size: int, width: int, steps: int, device: str = "cpu", against=None) -> dict[str, dict[str, float]]:
+    """Median time of one optimisation step of LeNet5(size px, width), configurations interleaved step by step;
+    ``against``: the noise package of another revision (:func:`noise_at`), its configurations named ``*@rev``."""
     digits = DigitsDataModule(size=size, seed=0)
     x_all, y_all = digits.dataset("train").tensors
     batches = [(x_all[i : i + 64].to(device), y_all[i : i + 64].to(device)) for i in range(0, len(x_all) - 63, 64)]
-    vant = SequentialSchedule([LinearWarmup(SIGMA_TRAIN, 10), PerSampleVariance(SIGMA_TRAIN, 0.45, 0.33)], [10])
-    configs = {
-        "plain": None,
-        "constant": (AdditiveGaussian(), Constant(SIGMA_TRAIN), SITES),
-        "vant": (AdditiveGaussian(), vant, SITES),
-        "pcm_aware": (PCMNoise(), DeploymentTime(), PCM_SITES),
-        # the same with a fresh Gaussian per element (draws="fresh"): what the noise pool saves
-        "constant_fresh": (AdditiveGaussian(), Constant(SIGMA_TRAIN), SITES),
-        "pcm_aware_fresh": (PCMNoise(), DeploymentTime(), PCM_SITES),
-    }
+
+    def specs(m) -> dict:
+        vant = m.SequentialSchedule([m.LinearWarmup(SIGMA_TRAIN, 10), m.PerSampleVariance(SIGMA_TRAIN, 0.45, 0.33)], [10])
+        return {
+            "constant": (m.AdditiveGaussian(), m.Constant(SIGMA_TRAIN), SITES),
+            "vant": (m.AdditiveGaussian(), vant, SITES),
+            "pcm_aware": (m.PCMNoise(), m.DeploymentTime(), PCM_SITES),
+        }
+
+    import lightning_relief.noise as current
+
+    configs = {"plain": None, **{name: (current, spec) for name, spec in specs(current).items()}}
+    # the same with a fresh Gaussian per element (draws="fresh"): what the noise pool saves
+    configs.update({f"{name}_fresh": (current, specs(current)[name]) for name in ("constant", "pcm_aware")})
+    if against is not None:
+        configs.update({f"{name}@{against.__name__[9:]}": (against, spec) for name, spec in specs(against).items()})
     runners = {}
-    for name, spec in configs.items():
+    for name, config in configs.items():
         torch.manual_seed(0)
         model = LeNet5(input_size=size, width=width, dropout=0.0).train().to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         draws = "fresh" if name.endswith("_fresh") else "auto"
-        injector = NoiseInjector(*spec, draws=draws).attach(model) if spec else None
+        injector = config[0].NoiseInjector(*config[1], draws=draws).attach(model) if config else None
         runners[name] = (model, optimizer, injector)
     times: dict[str, list[float]] = {name: [] for name in configs}
     names = list(configs)
@@ -178,8 +207,9 @@ def lightning_overhead(digits: DigitsDataModule, rounds: int, batches: int, devi
 
 def timings(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """Training-step overhead (8 px; 32 px, width 2) and Lightning fit overhead, on the digits."""
-    overhead = step_overhead(8, 1, steps=60 if args.quick else 300, device=args.device)
-    overhead_32 = step_overhead(32, 2, steps=30 if args.quick else 150, device=args.device)
+    against = noise_at(args.against) if args.against else None
+    overhead = step_overhead(8, 1, steps=60 if args.quick else 300, device=args.device, against=against)
+    overhead_32 = step_overhead(32, 2, steps=30 if args.quick else 150, device=args.device, against=against)
     timing_digits = DigitsDataModule(batch_size=64, size=8, seed=0)
     timing_digits.setup()
     fit_overhead = lightning_overhead(timing_digits, rounds=2 if args.quick else 5, batches=len(timing_digits.train_dataloader()),
@@ -209,15 +239,18 @@ def timing_table(overhead: dict, overhead_32: dict, fit_overhead: dict):
 
 def timing_only(args: argparse.Namespace, console) -> int:
     """``--timing-only``: time the steps and merge them into the results file an accuracy run wrote."""
+    load_before = os.getloadavg()
     overhead, overhead_32, fit_overhead = timings(args)
     console.print(timing_table(overhead, overhead_32, fit_overhead))
     out = result_path(f"analog{'' if args.device == 'cpu' else '_' + args.device}.json", args.quick)
     payload = json.loads(out.read_text()) if out.exists() else {"benchmark": "analog", "goals": {}}
     payload["step_overhead"] = {"lenet5_8px": overhead, "lenet5_32px_width2": overhead_32}
     payload["lightning_fit_overhead"] = fit_overhead
-    payload["goals"]["step_overhead_pct"] = {n: v["overhead_pct"] for n, v in overhead.items() if n != "plain"}
-    payload["goals"]["step_overhead_pct_32px_width2"] = {n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain"}
-    payload["timing_run"] = {"command": "benchmarks/analog.py --timing-only", "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    payload["goals"]["step_overhead_pct"] = {n: v["overhead_pct"] for n, v in overhead.items() if n != "plain" and "@" not in n}
+    payload["goals"]["step_overhead_pct_32px_width2"] = {n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain" and "@" not in n}
+    command = "benchmarks/analog.py --timing-only" + (f" --against {args.against}" if args.against else "")
+    payload["timing_run"] = {"command": command, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                             "load_average_before_after": [load_before, os.getloadavg()],
                              "machine": {**machine_info(), **device_info(args.device)}}
     out.write_text(json.dumps(payload, indent=2))
     console.print(payload["goals"])
@@ -279,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-timing", action="store_true", help="accuracy only (the step timings do not depend on --data)")
     parser.add_argument("--timing-only", action="store_true",
                         help="the step timings only, merged into the results file of an earlier (--skip-timing) run")
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also time the noise code of git revision REV side by side (rows 'config@REV')")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     check_device(args.device)
@@ -357,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for n, d in drift.items()
         }
-    goals["step_overhead_pct"] = {n: v["overhead_pct"] for n, v in overhead.items() if n != "plain"}  # empty with --skip-timing
-    goals["step_overhead_pct_32px_width2"] = {n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain"}
+    goals["step_overhead_pct"] = {n: v["overhead_pct"] for n, v in overhead.items() if n != "plain" and "@" not in n}  # empty with --skip-timing
+    goals["step_overhead_pct_32px_width2"] = {n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain" and "@" not in n}
 
     # tables
     table = Table(title="(a) robustness = noisy/clean accuracy under additive noise (%)")
