@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from torchmetrics import Metric
+
+from lightning_relief.strategies._private_tensors import privatize_shared_tensors
 
 
 class RankRecord(Callback):
@@ -41,29 +42,12 @@ class RankRecord(Callback):
 
 
 class PrivateTensors(Callback):
-    """Give each rank its own copy of the module's parameters, buffers and torchmetrics states when they sit in
-    shared memory.
-
-    Lightning's multiprocessing launcher pickles the trainer and module to its ranks, and torch moves pickled CPU
-    tensors to shared memory; Lightning copies the module's parameters and buffers out again only for
-    ``start_method="spawn"`` (``_MultiProcessingLauncher._wrapping_function``). Under ``forkserver`` every rank
-    (and the main process) then steps the same weights: each update is applied once per rank, the ranks'
-    in-place optimizer writes race, two identical runs differ (by 1e-7 after one epoch, measured) and "the
-    ranks hold equal weights" holds trivially. Metric states are shared the same way (also under ``spawn``)
-    until their first ``reset``. ``setup`` runs in each rank before the strategy wraps the module and builds
-    the optimizers.
-    """
+    """For 2-rank runs on Lightning's own ``DDPStrategy`` under ``forkserver``: each rank copies its tensors out of
+    shared memory (see :func:`privatize_shared_tensors`; our strategies do this themselves). ``setup`` runs in each
+    rank before the strategy wraps the module and builds the optimizers."""
 
     def setup(self, trainer, pl_module, stage):
-        with torch.no_grad():
-            for tensor in [*pl_module.parameters(), *pl_module.buffers()]:
-                if tensor.is_shared():
-                    tensor.data = tensor.data.clone()
-            for metric in pl_module.modules():
-                if isinstance(metric, Metric):
-                    for name, value in metric.metric_state.items():
-                        if isinstance(value, torch.Tensor) and value.is_shared():
-                            setattr(metric, name, value.clone())
+        privatize_shared_tensors(pl_module)
 
 
 def load_rank_record(tmp_path: Path, tag: str, rank: int) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:

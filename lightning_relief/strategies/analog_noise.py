@@ -14,6 +14,7 @@ from lightning_relief.noise.callback import AnalogNoise
 from lightning_relief.noise.models import AdditiveGaussian, NoiseModel
 from lightning_relief.noise.placement import Placement
 from lightning_relief.noise.schedules import Schedule
+from lightning_relief.strategies._private_tensors import privatize_shared_tensors
 
 __all__ = ["AnalogNoiseStrategy"]
 
@@ -109,6 +110,8 @@ class AnalogNoiseStrategy(DDPStrategy):
     @override
     def setup(self, trainer: Any) -> None:
         if self._data_parallel:
+            # noise is added to the weights in place: ranks stepping one shared copy would corrupt each other
+            privatize_shared_tensors(self.lightning_module)
             super().setup(trainer)
         else:
             super(DDPStrategy, self).setup(trainer)  # Strategy.setup: no DDP wrapper, no state broadcast

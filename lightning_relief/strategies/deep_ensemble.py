@@ -29,6 +29,7 @@ from typing_extensions import override
 from lightning_relief.errors import UnsupportedLayerError
 from lightning_relief.nn.structure import record_structure
 from lightning_relief.noise.injector import step_seed
+from lightning_relief.strategies._private_tensors import privatize_shared_tensors
 from lightning_relief.uncertainty import functional as U
 from lightning_relief.uncertainty.sampling import member_dataloader
 from lightning_relief.uncertainty.stacking import (
@@ -230,6 +231,8 @@ class DeepEnsembleStrategy(DDPStrategy):
         module = self.lightning_module
         if not module.automatic_optimization:
             raise ValueError("DeepEnsembleStrategy needs automatic optimization (automatic_optimization=True)")
+        if self.distributed:
+            privatize_shared_tensors(module)  # fork/forkserver ranks would otherwise step one shared copy
         self._prepare_members(module)
         if self.distributed:
             # seed_everything (and Lightning's reset_seed) seed every rank alike: the k-th member of each
