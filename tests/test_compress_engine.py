@@ -295,20 +295,63 @@ def _digits_split(digits, n=256):
     return [(x[i:i + 64], y[i:i + 64]) for i in range(0, n, 64)], [digits.dataset("val").tensors]
 
 
+class UnevenMeter(PaddedMACsMeter):
+    """Uneven pruning measures 1.6x its padded MACs, uniform pruning as counted: the cost model's predictions
+    err for the search's policies and not for the uniform baseline's (ResNet-20 at 0.2: x0.34-0.38 against
+    x0.21 for one predicted budget)."""
+
+    def reference(self, module: nn.Module) -> float:
+        self.full = [m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)]
+        return self.measure(module)
+
+    def measure(self, module: nn.Module) -> float:
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        kept = [m.out_channels / n for m, n in zip(convs, self.full)]
+        return super().measure(module) * (1.6 if max(kept) - min(kept) > 0.15 else 1.0)
+
+
+def test_a_baseline_in_the_window_does_not_end_the_searchs_rounds(digits):
+    """The search's own candidates are steered to the budget even when the uniform baseline measured in the
+    window at once (before, its hit ended the rounds with ours at x1.76 of the budget: uniform won unopposed)."""
+    train, val = _digits_split(digits)
+    torch.manual_seed(0)
+    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2,
+                               max_rounds=3, grow=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = plan(LeNet5(input_size=8), train[:2], config, UnevenMeter(), val, train)
+    budget = 0.4 * result.original_cost
+    ratios = [(c.extra.get("kind", "search"), c.measured_cost / budget) for c in result.evaluated]
+    assert ("uniform", pytest.approx(1, abs=0.05)) in ratios[:2]  # the case: uniform hit in the first round
+    # steered down from x1.76 to within 10 % under the budget (x0.95 after three rounds)
+    assert max(ratio for kind, ratio in ratios if kind == "search" and ratio <= 1.05) >= 0.9, ratios
+
+
+class FlooredMeter(PaddedMACsMeter):
+    """Nothing runs faster than x0.306 of the original (a fixed overhead): under a 0.3 budget with a 10 % window,
+    every candidate that reaches the window measures above the budget."""
+
+    def reference(self, module: nn.Module) -> float:
+        self.floor = 0.306 * self.measure(module)
+        return self.floor / 0.306
+
+    def measure(self, module: nn.Module) -> float:
+        return max(super().measure(module), getattr(self, "floor", 0.0))
+
+
 def test_growing_back_starts_within_the_budget(digits):
-    """Giving channels back raises the cost, so growing from the best candidate measured between the budget
-    and the window's top (here ×1.085 of a 0.3 budget, window +10 %) would measure every move and reject it."""
+    """Giving channels back raises the cost, so growing from a candidate measured between the budget and the
+    window's top would measure every move and reject it (LeNet at 0.2: 6 of 6)."""
     train, val = _digits_split(digits)
     torch.manual_seed(0)
     config = CompressionConfig(target=0.3, tolerance=0.1, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75),
                                candidates=2, max_rounds=2, grow=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = plan(LeNet5(input_size=8), train[:2], config, PaddedMACsMeter(), val, train)
+        result = plan(LeNet5(input_size=8), train[:2], config, FlooredMeter(), val, train)
     budget = 0.3 * result.original_cost
-    cut = [c for c in result.evaluated if c.extra.get("kind") != "grown" and c.policy.pruned_groups()]
-    best = max((c for c in cut if c.measured_cost <= 1.1 * budget), key=lambda c: (c.val_acc, -c.measured_cost))
-    assert budget < best.measured_cost and not any(c.measured_cost <= budget for c in cut)  # the case
+    cut = [c for c in result.evaluated if c.policy.pruned_groups()]
+    assert any(budget < c.measured_cost <= 1.1 * budget for c in cut)  # the case: within the window, over budget
     assert not [c for c in result.evaluated if c.extra.get("kind") == "grown"]
 
 
