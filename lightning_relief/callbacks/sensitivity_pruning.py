@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import types
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_relief._rng import isolated_seed
 from lightning_relief.compress.compiled import uncompiled
 from lightning_relief.compress.cost import METRICS
 from lightning_relief.compress.engine import DEFAULT_RATIOS, CompressionConfig, CompressionResult, apply_plan, plan
+from lightning_relief.compress.fit import exempt_quantizers, fit_batches, rebuild_training
 from lightning_relief.compress.meter import AnalyticMeter, Meter
-from lightning_relief.compress.quantize import exempt_quantizers_from_weight_decay
 from lightning_relief.compress.report import Progress, pareto_plot, print_report, write_json
 from lightning_relief.compress.units import check_supported
 from lightning_relief.nn.structure import RestorableStructureMixin, rebuild_structure, save_structure
@@ -176,7 +173,7 @@ class SensitivityPruningCallback(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == "compressed":  # resumed: the optimizer state to load has the groups compress() made
-            _exempt_quantizers(trainer, pl_module)
+            exempt_quantizers(trainer, pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -222,32 +219,12 @@ class SensitivityPruningCallback(Callback):
             )
         return start
 
-    def _batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list, list, list]:
-        """Calibration and recovery batches from the training data; validation batches for scoring."""
-        if trainer.train_dataloader is None:
-            raise RuntimeError("SensitivityPruningCallback needs the training dataloader for calibration")
-        wanted = max(self.calibration_batches, min(self.config.recovery_steps, 64))
-        train = _take(trainer.train_dataloader, wanted, pl_module.device)
-        loader = None
-        if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
-            try:
-                loader = trainer.datamodule.val_dataloader()
-            except Exception:  # a datamodule without validation data
-                loader = None
-        if loader is None:
-            loader = trainer.val_dataloaders
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
-        calibration = train[: self.calibration_batches]
-        val = _take(loader, self.val_batches, pl_module.device) if loader is not None else calibration
-        self.report["accuracy_on"] = "validation" if loader is not None else "calibration"
-        return calibration, val, train
-
     def compress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CompressionResult:
         """Plan (rank 0), broadcast, apply on every rank, rebuild the wrappers and optimizers."""
         # how many candidates get measured depends on timings; the fine-tuning that follows must not
         with isolated_seed(self.config.seed), uncompiled(pl_module):
-            calibration, val, train = self._batches(trainer, pl_module)
+            calibration, val, train, self.report["accuracy_on"] = fit_batches(
+                trainer, pl_module.device, self.calibration_batches, min(self.config.recovery_steps, 64), self.val_batches)
             payload: Any = None
             if trainer.is_global_zero:
                 with Progress(self.verbose) as progress:
@@ -263,12 +240,7 @@ class SensitivityPruningCallback(Callback):
             self.result = CompressionResult.from_state_dict(payload)
             apply_plan(pl_module, self.result, [x for x, _ in calibration])
             pl_module.to(calibration[0][0].device)
-        _rebuild_ddp(trainer, pl_module)
-        # the optimizer and scheduler still hold the removed tensors: build them again for the new ones
-        trainer.strategy.setup_optimizers(trainer)
-        _exempt_quantizers(trainer, pl_module)
-        _resume_schedules(trainer)
-        _forget_uncompressed_best(trainer)
+        rebuild_training(trainer, pl_module)
         self.phase = "compressed"
         self._report(trainer, pl_module)
         return self.result
@@ -291,66 +263,6 @@ class SensitivityPruningCallback(Callback):
                    "compress/params": float(sum(p.numel() for p in pl_module.parameters()))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def _take(loader: Any, count: int | None, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-    batches = []
-    for batch in loader:
-        if isinstance(batch, dict):
-            batch = tuple(batch.values())
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError("SensitivityPruningCallback expects batches (x, y, ...)")
-        batches.append((batch[0].to(device), batch[1].to(device)))
-        if count is not None and len(batches) >= count:
-            break
-    return batches
-
-
-def _rebuild_ddp(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-    """A DDP wrapper registered the old parameters with its reducer: wrap the compressed module anew
-    (which also broadcasts rank 0's weights and buffers, so every rank starts fine-tuning identical)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    strategy = trainer.strategy
-    if isinstance(strategy.model, DistributedDataParallel):
-        strategy.model = strategy._setup_model(pl_module)
-        strategy._register_ddp_hooks()
-
-
-def _exempt_quantizers(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-    """No weight decay on learned quantizer scales (see :func:`exempt_quantizers_from_weight_decay`)."""
-    schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-    for optimizer in trainer.optimizers:
-        exempt_quantizers_from_weight_decay(optimizer, pl_module, schedulers)
-
-
-def _resume_schedules(trainer: L.Trainer) -> None:
-    """New schedulers start at step 0; advance them to where the old ones were, so the learning rate
-    carries on along the user's schedule instead of jumping back to its start for the fine-tuning."""
-    from torch.optim.lr_scheduler import ReduceLROnPlateau
-
-    for config in trainer.lr_scheduler_configs:
-        if isinstance(config.scheduler, ReduceLROnPlateau):
-            continue  # driven by a monitored metric, not by a step count
-        done = trainer.current_epoch if config.interval == "epoch" else trainer.global_step
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
-            for _ in range(done // max(config.frequency, 1)):
-                config.scheduler.step()
-
-
-def _forget_uncompressed_best(trainer: L.Trainer) -> None:
-    """Monitored checkpoints from before compression cannot load into the compressed model (and would
-    win on accuracy): restart the ranking so ``ckpt_path="best"`` means the best compressed epoch."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    for ckpt in trainer.checkpoint_callbacks:
-        if isinstance(ckpt, ModelCheckpoint) and ckpt.monitor is not None:
-            ckpt.best_k_models = {}
-            ckpt.kth_best_model_path = ""
-            ckpt.best_model_path = ""
-            ckpt.best_model_score = None
-            ckpt.kth_value = torch.tensor(torch.inf if ckpt.mode == "min" else -torch.inf)
 
 
 def _replaying_on_load_checkpoint(self: L.LightningModule, checkpoint: dict[str, Any]) -> None:
