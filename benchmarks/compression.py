@@ -17,6 +17,11 @@ candidates in light colour, the chosen points marked).
 
     .venv/bin/python benchmarks/compression.py            # full run (about 30-60 min on 2 busy cores)
     .venv/bin/python benchmarks/compression.py --quick    # LeNet, target 0.5, short training
+    # one model and target in runs that each fit the benchmark lock: pretrain unlocked, then the methods in parts
+    .venv/bin/python benchmarks/compression.py --models resnet20 --targets 0.2 --pretrain-only
+    flock /tmp/bench.lock .venv/bin/python benchmarks/compression.py --models resnet20 --targets 0.2 --methods ours
+    flock /tmp/bench.lock .venv/bin/python benchmarks/compression.py --models resnet20 --targets 0.2 \
+        --methods uniform ModelPruning quant-8bit   # rows merged into results/compression_resnet20_0.2.json
     .venv/bin/python benchmarks/compression.py --suite mnist1d [--seeds 0 1 2]   # issue #13's search-quality goal
     .venv/bin/python benchmarks/compression.py --suite resnet18   # a foreign model: torchvision resnet18 at 32 px
 
@@ -53,6 +58,8 @@ from lightning_relief.compress.latency import LatencyMeter
 from lightning_relief.data import MNIST1DDataModule
 from lightning_relief.models import MNIST1DCNN, LeNet5, ResNet
 
+METHODS = ("ours", "uniform", "ModelPruning", "quant-8bit")
+
 
 def trainer(max_epochs: int, callbacks=(), root: str = "runs/bench_compression") -> L.Trainer:
     return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -88,9 +95,19 @@ def run_model(name: str, args, meter_cache: Path) -> dict:
     dm.setup()
     L.seed_everything(0, verbose=False)
     base = ClassifierModule(build(name), lr=args.lr)
+    # pretraining is seeded and deterministic: a split run (--methods) trains once, outside the benchmark lock
+    saved = meter_cache / "pretrained" / f"{name}_{args.pretrain_epochs[name]}ep_seed0.pt"
     t = time.perf_counter()
-    trainer(args.pretrain_epochs[name]).fit(base, dm)
+    if saved.exists():
+        base.load_state_dict(torch.load(saved, weights_only=True))
+    else:
+        trainer(args.pretrain_epochs[name]).fit(base, dm)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(base.state_dict(), saved)
     pretrain_s = time.perf_counter() - t
+    if args.pretrain_only:
+        print(f"[{name}] pretrained weights in {saved}", flush=True)
+        return {"rows": [], "candidates": {}, "pretrain_s": pretrain_s}
     pretrained = copy.deepcopy(base.state_dict())
     base_acc = test_acc(base, dm)
     example = dm.dataset("val").tensors[0][:1]
@@ -122,6 +139,8 @@ def run_model(name: str, args, meter_cache: Path) -> dict:
 
     for target in args.targets:
         for method, kwargs in (("ours", {}), ("uniform", {"search": "uniform", "methods": ("prune",)})):
+            if method not in args.methods:
+                continue
             L.seed_everything(0, verbose=False)
             module = fresh()
             cb = SensitivityPruningCallback(target=target, metric="latency", start_epoch=0, calibration_batches=4,
@@ -141,6 +160,8 @@ def run_model(name: str, args, meter_cache: Path) -> dict:
             finish(method, target, module, cb.timings["plan_s"], fit_s,
                    {"candidates": len(cb.evaluated), "callback_latency_ratio": cb.chosen.measured_cost / cb.original_cost,
                     "policy": cb.policy.to_dict()})
+        if "ModelPruning" not in args.methods:
+            continue
         # Lightning's unstructured pruning: masks, no structural change
         L.seed_everything(0, verbose=False)
         module = fresh()
@@ -153,6 +174,8 @@ def run_model(name: str, args, meter_cache: Path) -> dict:
         zeros = sum(int((p == 0).sum()) for p in module.parameters())
         finish("ModelPruning", target, module, 0.0, fit_s, {"zero_weights": zeros})
 
+    if "quant-8bit" not in args.methods:
+        return {"rows": rows, "candidates": candidates, "pretrain_s": pretrain_s}
     # quantization alone: 8-bit weights and activations everywhere, same fine-tuning
     L.seed_everything(0, verbose=False)
     module = fresh()
@@ -370,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=("digits", "mnist1d", "resnet18"), default="digits")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="mnist1d suite: seeds")
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="digits: the rows to run; a run of some methods merges its rows into the file")
+    parser.add_argument("--pretrain-only", action="store_true", help="digits: pretrain and save the weights, then stop")
     parser.add_argument("--targets", nargs="+", type=float, default=None,
                         help="digits: 0.5 0.2; mnist1d: 0.5 0.35 0.25 unless given")
     parser.add_argument("--cache-dir", default="runs/cache/bench_compression")
@@ -392,8 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     args.lr, args.finetune_lr = 1e-2, 3e-3
     args.repeat, args.number = 10, 10
     args.candidates = 3
-    # a run at other targets than the defaults writes beside the full results, not over them
-    name = "compression" if args.targets in (None, [0.5, 0.2]) else "compression_" + "_".join(map(str, args.targets))
+    # a run of other models or targets than the defaults writes beside the full results, not over them
+    parts = [] if args.models == ["lenet", "resnet20"] else list(args.models)
+    parts += [] if args.targets in (None, [0.5, 0.2]) else [str(t) for t in args.targets]
+    name = "_".join(["compression", *parts])
     args.targets = args.targets or [0.5, 0.2]
     if args.quick:
         args.models, args.targets = ["lenet"], [0.5]
@@ -409,9 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     for model_name in args.models:
         results[model_name] = run_model(model_name, args, Path(args.cache_dir))
+        if args.pretrain_only:
+            continue
+        if set(args.methods) != set(METHODS):
+            results[model_name] = merged(result_path(f"{name}.json", args.quick), model_name, results[model_name])
         # written after every model, so a long run that is cut short keeps what it measured
         result_path(f"{name}.json", args.quick).write_text(
             json.dumps(payload_of(args, results, started, tvm.__version__), indent=2, default=float))
+    if args.pretrain_only:
+        return 0
     payload = payload_of(args, results, started, tvm.__version__)
     print_table(results)
     print(json.dumps(payload["goals"], indent=1))
@@ -420,6 +454,20 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png').name} in {payload['wall_s']:.0f} s")
     return 0
+
+
+def merged(path: Path, model: str, new: dict) -> dict:
+    """``new`` rows of a run of some methods over the rows of earlier runs in ``path`` (a method's row at a
+    target replaced; the original's row from this run). Each run times against its own compiled original,
+    so every latency ratio stays a side-by-side figure."""
+    if not path.exists():
+        return new
+    old = json.loads(path.read_text())["results"].get(model)
+    if old is None:
+        return new
+    fresh = {(r["method"], r["target"]) for r in new["rows"]}
+    rows = new["rows"][:1] + [r for r in old["rows"][1:] if (r["method"], r["target"]) not in fresh] + new["rows"][1:]
+    return {**old, **new, "rows": rows, "candidates": {**old["candidates"], **new["candidates"]}}
 
 
 def payload_of(args, results: dict, started: float, tvm_version: str) -> dict:
