@@ -19,9 +19,10 @@ test: install lint
 test-gpu: install
 	$(PY) -m pytest -q -ra tests/test_devices.py --device all
 
-# ruff and mypy as configured in pyproject.toml
+# ruff (lint and format) and mypy as configured in pyproject.toml
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy lightning_relief
 
 install: $(STAMPS)/analog

@@ -29,8 +29,12 @@ def machine_info() -> dict:
 
 def add_device_argument(parser) -> None:
     """``--device cpu|cuda`` (default cpu): where the models run and are timed."""
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="run and time the models on this device (results files get a _cuda suffix)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="run and time the models on this device (results files get a _cuda suffix)",
+    )
 
 
 def check_device(device: str) -> torch.device:

@@ -93,9 +93,16 @@ def train(name: str, strategy, epochs: int, digits, make_model, device: str = "c
     module = ClassifierModule(make_model(), lr=1e-2)
     kwargs = {"strategy": strategy} if strategy is not None else {}
     trainer = L.Trainer(
-        accelerator=device, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        accelerator=device,
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
         # CUDA's max-pool backward has no deterministic kernel: warn there instead of raising
-        enable_model_summary=False, enable_progress_bar=True, deterministic=True if device == "cpu" else "warn", **kwargs,
+        enable_model_summary=False,
+        enable_progress_bar=True,
+        deterministic=True if device == "cpu" else "warn",
+        **kwargs,
     )
     start = time.perf_counter()
     trainer.fit(module, digits)
@@ -151,7 +158,7 @@ def step_overhead(size: int, width: int, steps: int, device: str = "cpu", agains
     names = list(configs)
     for i in range(steps + 5):
         x, y = batches[i % len(batches)]
-        order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
+        order = names[i % len(names) :] + names[: i % len(names)]  # rotate who goes first
         for name in order:
             model, optimizer, injector = runners[name]
             synchronize(device)
@@ -178,20 +185,30 @@ def step_overhead(size: int, width: int, steps: int, device: str = "cpu", agains
 
 def lightning_overhead(digits: DigitsDataModule, rounds: int, batches: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Wall time of a Lightning fit over the same batches, plain vs the strategy, alternating rounds."""
+
     def fit(strategy) -> float:
         L.seed_everything(0, verbose=False)
         module = ClassifierModule(LeNet5(input_size=8, dropout=0.0), scheduler="none")
         kwargs = {"strategy": strategy} if strategy is not None else {}
-        trainer = L.Trainer(accelerator=device, devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
-                            logger=False, enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=False, **kwargs)
+        trainer = L.Trainer(
+            accelerator=device,
+            devices=1,
+            max_epochs=1,
+            limit_train_batches=batches,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+            **kwargs,
+        )
         start = time.perf_counter()
         trainer.fit(module, digits)
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {"plain": [], "constant": [], "pcm_aware": []}
     for r in range(rounds):
-        for name in (list(times) if r % 2 == 0 else list(reversed(list(times)))):
+        for name in list(times) if r % 2 == 0 else list(reversed(list(times))):
             strategy = {
                 "plain": None,
                 "constant": AnalogNoiseStrategy(AdditiveGaussian(), SIGMA_TRAIN, placement=SITES),
@@ -212,8 +229,9 @@ def timings(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     overhead_32 = step_overhead(32, 2, steps=30 if args.quick else 150, device=args.device, against=against)
     timing_digits = DigitsDataModule(batch_size=64, size=8, seed=0)
     timing_digits.setup()
-    fit_overhead = lightning_overhead(timing_digits, rounds=2 if args.quick else 5, batches=len(timing_digits.train_dataloader()),
-                                      device=args.device)
+    fit_overhead = lightning_overhead(
+        timing_digits, rounds=2 if args.quick else 5, batches=len(timing_digits.train_dataloader()), device=args.device
+    )
     return overhead, overhead_32, fit_overhead
 
 
@@ -231,9 +249,15 @@ def timing_table(overhead: dict, overhead_32: dict, fit_overhead: dict):
     for name, v in overhead.items():
         f = fit_overhead.get(name)
         v32 = overhead_32[name]
-        table.add_row(name, f"{v['median_ms']:.3f}", f"{v['overhead_pct']:+.1f}",
-                      f"{v32['median_ms']:.3f}", f"{v32['overhead_pct']:+.1f}",
-                      f"{f['median_s']:.3f}" if f else "-", f"{f['overhead_pct']:+.1f}" if f else "-")
+        table.add_row(
+            name,
+            f"{v['median_ms']:.3f}",
+            f"{v['overhead_pct']:+.1f}",
+            f"{v32['median_ms']:.3f}",
+            f"{v32['overhead_pct']:+.1f}",
+            f"{f['median_s']:.3f}" if f else "-",
+            f"{f['overhead_pct']:+.1f}" if f else "-",
+        )
     return table
 
 
@@ -247,11 +271,16 @@ def timing_only(args: argparse.Namespace, console) -> int:
     payload["step_overhead"] = {"lenet5_8px": overhead, "lenet5_32px_width2": overhead_32}
     payload["lightning_fit_overhead"] = fit_overhead
     payload["goals"]["step_overhead_pct"] = {n: v["overhead_pct"] for n, v in overhead.items() if n != "plain" and "@" not in n}
-    payload["goals"]["step_overhead_pct_32px_width2"] = {n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain" and "@" not in n}
+    payload["goals"]["step_overhead_pct_32px_width2"] = {
+        n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain" and "@" not in n
+    }
     command = "benchmarks/analog.py --timing-only" + (f" --against {args.against}" if args.against else "")
-    payload["timing_run"] = {"command": command, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                             "load_average_before_after": [load_before, os.getloadavg()],
-                             "machine": {**machine_info(), **device_info(args.device)}}
+    payload["timing_run"] = {
+        "command": command,
+        "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_before_after": [load_before, os.getloadavg()],
+        "machine": {**machine_info(), **device_info(args.device)},
+    }
     out.write_text(json.dumps(payload, indent=2))
     console.print(payload["goals"])
     console.print(f"wrote {out}")
@@ -289,7 +318,13 @@ def plot_drift(drift: dict, path: Path) -> None:
     for name, entry in drift.items():
         for source, style in (("aihwkit", "-"), ("ours", "--")):
             if source in entry:
-                ax.plot(entry[source]["levels"], [100 * a for a in entry[source]["accuracy_mean"]], style, marker="o", label=f"{name} ({source})")
+                ax.plot(
+                    entry[source]["levels"],
+                    [100 * a for a in entry[source]["accuracy_mean"]],
+                    style,
+                    marker="o",
+                    label=f"{name} ({source})",
+                )
     ax.set_xscale("log")
     ax.set_xlabel("time since programming (s)")
     ax.set_ylabel("accuracy (%)")
@@ -307,13 +342,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings on a shared machine)")
     parser.add_argument("--data", choices=sorted(DATA), default="digits")
-    parser.add_argument("--repeats", type=int, default=None, help="noisy evaluations per level/time, ours (default 10; --quick 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="noisy evaluations per level/time, ours (default 10; --quick 2)"
+    )
     parser.add_argument("--aihwkit-repeats", type=int, default=None, help="programmed aihwkit chips (default 5; --quick 1)")
     parser.add_argument("--skip-timing", action="store_true", help="accuracy only (the step timings do not depend on --data)")
-    parser.add_argument("--timing-only", action="store_true",
-                        help="the step timings only, merged into the results file of an earlier (--skip-timing) run")
-    parser.add_argument("--against", metavar="REV", default=None,
-                        help="also time the noise code of git revision REV side by side (rows 'config@REV')")
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="the step timings only, merged into the results file of an earlier (--skip-timing) run",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        default=None,
+        help="also time the noise code of git revision REV side by side (rows 'config@REV')",
+    )
     add_device_argument(parser)
     args = parser.parse_args(argv)
     check_device(args.device)
@@ -339,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sweeps = {}
     for name, module in models.items():
-        result = evaluate_robustness(module, digits, AdditiveGaussian(), levels=LEVELS, repeats=repeats, placement=SITES, show=False)
+        result = evaluate_robustness(
+            module, digits, AdditiveGaussian(), levels=LEVELS, repeats=repeats, placement=SITES, show=False
+        )
         sweeps[name] = result.to_dict()
 
     drift: dict[str, dict] = {}
@@ -353,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, module in models.items():
             console.print(f"aihwkit PCM: {name}")
             drift[name]["aihwkit"] = evaluate_aihwkit(module, digits, times=TIMES, repeats=aihw_repeats).to_dict()
-            drift[name]["aihwkit_ideal_periphery"] = evaluate_aihwkit(module, digits, times=TIMES, repeats=aihw_repeats, ideal_periphery=True).to_dict()
+            drift[name]["aihwkit_ideal_periphery"] = evaluate_aihwkit(
+                module, digits, times=TIMES, repeats=aihw_repeats, ideal_periphery=True
+            ).to_dict()
             drift[name]["aihwkit_unscaled_weights"] = evaluate_aihwkit(
                 module, digits, times=TIMES, repeats=aihw_repeats, weight_scaling_omega=0.0
             ).to_dict()
@@ -381,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         # the prediction goal: PCMNoise() defaults vs aihwkit's preset, within 3 points at 1 h, 1 d, 1 y
         goals["ours_minus_aihwkit_points"] = {
-            n: [100 * (o - a) for o, a in zip(d["ours"]["accuracy_mean"], d["aihwkit"]["accuracy_mean"])] for n, d in drift.items()
+            n: [100 * (o - a) for o, a in zip(d["ours"]["accuracy_mean"], d["aihwkit"]["accuracy_mean"])]
+            for n, d in drift.items()
         }
         goals["max_abs_gap_points"] = max(abs(g) for gaps in goals["ours_minus_aihwkit_points"].values() for g in gaps)
         # the gap's own uncertainty: standard error of the difference of the two means (chips vary a lot)
@@ -392,8 +441,12 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for n, d in drift.items()
         }
-    goals["step_overhead_pct"] = {n: v["overhead_pct"] for n, v in overhead.items() if n != "plain" and "@" not in n}  # empty with --skip-timing
-    goals["step_overhead_pct_32px_width2"] = {n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain" and "@" not in n}
+    goals["step_overhead_pct"] = {
+        n: v["overhead_pct"] for n, v in overhead.items() if n != "plain" and "@" not in n
+    }  # empty with --skip-timing
+    goals["step_overhead_pct_32px_width2"] = {
+        n: v["overhead_pct"] for n, v in overhead_32.items() if n != "plain" and "@" not in n
+    }
 
     # tables
     table = Table(title="(a) robustness = noisy/clean accuracy under additive noise (%)")
@@ -404,8 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(f"{level:g}", *[f"{100 * sweeps[n]['robustness'][i]:.1f}" for n in sweeps])
     table.add_row("clean acc", *[f"{100 * sweeps[n]['clean_accuracy']:.2f}" for n in sweeps])
     console.print(table)
-    table = Table(title="(b) PCM accuracy (%) after drift, global drift compensation "
-                        "(aihw: standard periphery, weights scaled to max 1; ideal: exact MVM; ω=0: raw weights)")
+    table = Table(
+        title="(b) PCM accuracy (%) after drift, global drift compensation "
+        "(aihw: standard periphery, weights scaled to max 1; ideal: exact MVM; ω=0: raw weights)"
+    )
     table.add_column("model")
     table.add_column("clean", justify="right")
     sources = ("ours", "aihwkit", "aihwkit_ideal_periphery", "aihwkit_unscaled_weights")
@@ -444,11 +499,24 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "analog",
         "quick": args.quick,
         "machine": {**machine_info(), **device_info(args.device)},
-        "versions": {"torch": torch.__version__, "lightning": L.__version__, "aihwkit": aihwkit_version, "tvm": tvm_version,
-                     "lightning_relief": lightning_relief.__version__},
-        "setup": {"model": type(make_model()).__name__, "data": args.data, "epochs": epochs,
-                  "sigma_train": SIGMA_TRAIN, "noise_sites": SITES, "pcm_sites": PCM_SITES, "pcm": repr(PCMNoise()),
-                  "sweep_repeats": repeats, "aihwkit_repeats": aihw_repeats},
+        "versions": {
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "aihwkit": aihwkit_version,
+            "tvm": tvm_version,
+            "lightning_relief": lightning_relief.__version__,
+        },
+        "setup": {
+            "model": type(make_model()).__name__,
+            "data": args.data,
+            "epochs": epochs,
+            "sigma_train": SIGMA_TRAIN,
+            "noise_sites": SITES,
+            "pcm_sites": PCM_SITES,
+            "pcm": repr(PCMNoise()),
+            "sweep_repeats": repeats,
+            "aihwkit_repeats": aihw_repeats,
+        },
         "train_seconds": train_s,
         "noise_sweep": sweeps,
         "pcm_drift": drift,

@@ -62,9 +62,18 @@ METHODS = ("ours", "uniform", "ModelPruning", "quant-8bit")
 
 
 def trainer(max_epochs: int, callbacks=(), root: str = "runs/bench_compression") -> L.Trainer:
-    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_model_summary=False, enable_progress_bar=False, deterministic=True,
-                     callbacks=list(callbacks), default_root_dir=root)
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        deterministic=True,
+        callbacks=list(callbacks),
+        default_root_dir=root,
+    )
 
 
 def model_size_kb(module: torch.nn.Module) -> float:
@@ -115,11 +124,25 @@ def run_model(name: str, args, meter_cache: Path) -> dict:
     meter = LatencyMeter("llvm", cache_dir=meter_cache, repeat=args.repeat, number=args.number, cache=False)
     meter.cost_model(analyze(base, example))
     base_ms = meter.set_reference(base)  # every row is timed in alternation with this compiled original
-    print(f"[{name}] pretrained {args.pretrain_epochs[name]} epochs in {pretrain_s:.0f} s: test acc {base_acc:.4f}, "
-          f"latency {base_ms:.3f} ms", flush=True)
-    rows = [{"model": name, "method": "original", "target": 1.0, "test_acc": base_acc, "latency_ms": base_ms,
-             "latency_ratio": 1.0, "size_kb": model_size_kb(base), "params": sum(p.numel() for p in base.parameters()),
-             "search_s": 0.0, "finetune_s": 0.0}]
+    print(
+        f"[{name}] pretrained {args.pretrain_epochs[name]} epochs in {pretrain_s:.0f} s: test acc {base_acc:.4f}, "
+        f"latency {base_ms:.3f} ms",
+        flush=True,
+    )
+    rows = [
+        {
+            "model": name,
+            "method": "original",
+            "target": 1.0,
+            "test_acc": base_acc,
+            "latency_ms": base_ms,
+            "latency_ratio": 1.0,
+            "size_kb": model_size_kb(base),
+            "params": sum(p.numel() for p in base.parameters()),
+            "search_s": 0.0,
+            "finetune_s": 0.0,
+        }
+    ]
     candidates: dict = {}
 
     def fresh() -> ClassifierModule:
@@ -129,13 +152,25 @@ def run_model(name: str, args, meter_cache: Path) -> dict:
 
     def finish(method: str, target: float, module: ClassifierModule, search_s: float, fit_s: float, extra=None):
         ms = meter.measure(module)
-        row = {"model": name, "method": method, "target": target, "test_acc": test_acc(module, dm), "latency_ms": ms,
-               "latency_ratio": ms / base_ms, "size_kb": model_size_kb(module),
-               "params": sum(p.numel() for p in module.parameters()), "search_s": search_s,
-               "finetune_s": fit_s - search_s, **(extra or {})}
+        row = {
+            "model": name,
+            "method": method,
+            "target": target,
+            "test_acc": test_acc(module, dm),
+            "latency_ms": ms,
+            "latency_ratio": ms / base_ms,
+            "size_kb": model_size_kb(module),
+            "params": sum(p.numel() for p in module.parameters()),
+            "search_s": search_s,
+            "finetune_s": fit_s - search_s,
+            **(extra or {}),
+        }
         rows.append(row)
-        print(f"[{name}] {method:<13} target {target:<4} acc {row['test_acc']:.4f} latency x{row['latency_ratio']:.3f} "
-              f"size {row['size_kb']:.1f} kB search {search_s:.0f} s fine-tune {row['finetune_s']:.0f} s", flush=True)
+        print(
+            f"[{name}] {method:<13} target {target:<4} acc {row['test_acc']:.4f} latency x{row['latency_ratio']:.3f} "
+            f"size {row['size_kb']:.1f} kB search {search_s:.0f} s fine-tune {row['finetune_s']:.0f} s",
+            flush=True,
+        )
 
     for target in args.targets:
         for method, kwargs in (("ours", {}), ("uniform", {"search": "uniform", "methods": ("prune",)})):
@@ -143,9 +178,16 @@ def run_model(name: str, args, meter_cache: Path) -> dict:
                 continue
             L.seed_everything(0, verbose=False)
             module = fresh()
-            cb = SensitivityPruningCallback(target=target, metric="latency", start_epoch=0, calibration_batches=4,
-                                            candidates=args.candidates, cache_dir=str(meter_cache), verbose=False,
-                                            **kwargs)
+            cb = SensitivityPruningCallback(
+                target=target,
+                metric="latency",
+                start_epoch=0,
+                calibration_batches=4,
+                candidates=args.candidates,
+                cache_dir=str(meter_cache),
+                verbose=False,
+                **kwargs,
+            )
             t = time.perf_counter()
             try:
                 trainer(args.finetune_epochs[name], [cb]).fit(module, dm)
@@ -155,19 +197,35 @@ def run_model(name: str, args, meter_cache: Path) -> dict:
                 continue
             fit_s = time.perf_counter() - t
             candidates[f"{method}@{target}"] = [
-                {"measured_ratio": c.measured_cost / cb.original_cost, "val_acc_before_finetune": c.val_acc,
-                 "chosen": c.chosen} for c in cb.evaluated]
-            finish(method, target, module, cb.timings["plan_s"], fit_s,
-                   {"candidates": len(cb.evaluated), "callback_latency_ratio": cb.chosen.measured_cost / cb.original_cost,
-                    "policy": cb.policy.to_dict()})
+                {"measured_ratio": c.measured_cost / cb.original_cost, "val_acc_before_finetune": c.val_acc, "chosen": c.chosen}
+                for c in cb.evaluated
+            ]
+            finish(
+                method,
+                target,
+                module,
+                cb.timings["plan_s"],
+                fit_s,
+                {
+                    "candidates": len(cb.evaluated),
+                    "callback_latency_ratio": cb.chosen.measured_cost / cb.original_cost,
+                    "policy": cb.policy.to_dict(),
+                },
+            )
         if "ModelPruning" not in args.methods:
             continue
         # Lightning's unstructured pruning: masks, no structural change
         L.seed_everything(0, verbose=False)
         module = fresh()
         # masks after the first epoch only (a fixed amount every epoch would compound)
-        pruning = ModelPruning("l1_unstructured", amount=1 - target, use_global_unstructured=True,
-                               apply_pruning=lambda epoch: epoch == 0, make_pruning_permanent=True, verbose=0)
+        pruning = ModelPruning(
+            "l1_unstructured",
+            amount=1 - target,
+            use_global_unstructured=True,
+            apply_pruning=lambda epoch: epoch == 0,
+            make_pruning_permanent=True,
+            verbose=0,
+        )
         t = time.perf_counter()
         trainer(args.finetune_epochs[name], [pruning]).fit(module, dm)
         fit_s = time.perf_counter() - t
@@ -197,20 +255,36 @@ def plot(results: dict, path: Path) -> None:
 
     models = list(results)
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    colors = {"original": "black", "ours": "tab:red", "uniform": "tab:blue", "ModelPruning": "tab:green",
-              "quant-8bit": "tab:purple"}
+    colors = {
+        "original": "black",
+        "ours": "tab:red",
+        "uniform": "tab:blue",
+        "ModelPruning": "tab:green",
+        "quant-8bit": "tab:purple",
+    }
     markers = {0.5: "o", 0.2: "s", 1.0: "*"}
     for ax, name in zip(axes[0], models):
         for key, cands in results[name]["candidates"].items():
             method = key.split("@")[0]
-            ax.scatter([c["measured_ratio"] for c in cands], [c["val_acc_before_finetune"] for c in cands],
-                       color=colors[method], alpha=0.25, s=18)
+            ax.scatter(
+                [c["measured_ratio"] for c in cands],
+                [c["val_acc_before_finetune"] for c in cands],
+                color=colors[method],
+                alpha=0.25,
+                s=18,
+            )
         for row in results[name]["rows"]:
             if "error" in row:
                 continue
-            ax.scatter([row["latency_ratio"]], [row["test_acc"]], color=colors[row["method"]],
-                       marker=markers.get(row["target"], "o"), s=70, edgecolors="black",
-                       label=f"{row['method']} @{row['target']:g}")
+            ax.scatter(
+                [row["latency_ratio"]],
+                [row["test_acc"]],
+                color=colors[row["method"]],
+                marker=markers.get(row["target"], "o"),
+                s=70,
+                edgecolors="black",
+                label=f"{row['method']} @{row['target']:g}",
+            )
         for t in (0.5, 0.2):
             ax.axvline(t, color="gray", ls="--", lw=0.8)
         ax.set_title(f"{name}, digits 32 px, TVM llvm batch 1")
@@ -236,18 +310,30 @@ def run_mnist1d(args) -> dict:
         pretrain_s = time.perf_counter() - t
         pretrained = copy.deepcopy(base.state_dict())
         base_acc = test_acc(base, dm)
-        print(f"[mnist1d seed {seed}] pretrained {args.pretrain_epochs} epochs in {pretrain_s:.0f} s: test acc {base_acc:.4f}",
-              flush=True)
+        print(
+            f"[mnist1d seed {seed}] pretrained {args.pretrain_epochs} epochs in {pretrain_s:.0f} s: test acc {base_acc:.4f}",
+            flush=True,
+        )
         for target in args.targets:
             for method, kwargs in (("ours", {}), ("uniform", {"search": "uniform", "methods": ("prune",)})):
                 L.seed_everything(seed, verbose=False)
                 module = ClassifierModule(MNIST1DCNN(), lr=args.finetune_lr, scheduler="none")
                 module.load_state_dict(pretrained)
-                meter = LatencyMeter("llvm", cache_dir=args.cache_dir, repeat=args.repeat, number=args.number,
-                                     compare_seconds=args.compare_seconds)
-                cb = SensitivityPruningCallback(target=target, meter=meter, start_epoch=0, calibration_batches=4,
-                                                candidates=args.candidates, max_rounds=args.max_rounds,
-                                                recovery_steps=args.recovery_steps, seed=seed, verbose=False, **kwargs)
+                meter = LatencyMeter(
+                    "llvm", cache_dir=args.cache_dir, repeat=args.repeat, number=args.number, compare_seconds=args.compare_seconds
+                )
+                cb = SensitivityPruningCallback(
+                    target=target,
+                    meter=meter,
+                    start_epoch=0,
+                    calibration_batches=4,
+                    candidates=args.candidates,
+                    max_rounds=args.max_rounds,
+                    recovery_steps=args.recovery_steps,
+                    seed=seed,
+                    verbose=False,
+                    **kwargs,
+                )
                 t = time.perf_counter()
                 try:
                     trainer(args.finetune_epochs, [cb]).fit(module, dm)
@@ -257,20 +343,39 @@ def run_mnist1d(args) -> dict:
                     continue
                 fit_s = time.perf_counter() - t
                 chosen = cb.chosen
-                row = {"seed": seed, "method": method, "target": target, "original_acc": base_acc,
-                       "test_acc": test_acc(module, dm), "latency_ratio": chosen.measured_cost / cb.original_cost,
-                       "val_acc_cut": chosen.val_acc, "val_acc_recovered": chosen.extra.get("recovered_acc"),
-                       "kind": chosen.extra.get("kind", "search"), "policy": cb.policy.to_dict(),
-                       "quantized": bool(cb.policy.quantized_layers()), "candidates": len(cb.evaluated),
-                       "timings": cb.timings, "finetune_s": fit_s - cb.timings["plan_s"],
-                       "evaluated": [{"kind": c.extra.get("kind", "search"), "ratio": c.measured_cost / cb.original_cost,
-                                      "first_ratio": c.extra.get("first_measured_cost", c.measured_cost) / cb.original_cost,
-                                      "recovered_acc": c.extra.get("recovered_acc"), "chosen": c.chosen}
-                                     for c in cb.evaluated]}
+                row = {
+                    "seed": seed,
+                    "method": method,
+                    "target": target,
+                    "original_acc": base_acc,
+                    "test_acc": test_acc(module, dm),
+                    "latency_ratio": chosen.measured_cost / cb.original_cost,
+                    "val_acc_cut": chosen.val_acc,
+                    "val_acc_recovered": chosen.extra.get("recovered_acc"),
+                    "kind": chosen.extra.get("kind", "search"),
+                    "policy": cb.policy.to_dict(),
+                    "quantized": bool(cb.policy.quantized_layers()),
+                    "candidates": len(cb.evaluated),
+                    "timings": cb.timings,
+                    "finetune_s": fit_s - cb.timings["plan_s"],
+                    "evaluated": [
+                        {
+                            "kind": c.extra.get("kind", "search"),
+                            "ratio": c.measured_cost / cb.original_cost,
+                            "first_ratio": c.extra.get("first_measured_cost", c.measured_cost) / cb.original_cost,
+                            "recovered_acc": c.extra.get("recovered_acc"),
+                            "chosen": c.chosen,
+                        }
+                        for c in cb.evaluated
+                    ],
+                }
                 runs.append(row)
-                print(f"[mnist1d seed {seed}] {method:<8} target {target:<4} acc {row['test_acc']:.4f} latency "
-                      f"x{row['latency_ratio']:.3f} chosen {row['kind']} quantized {row['quantized']} "
-                      f"plan {cb.timings['plan_s']:.0f} s fine-tune {row['finetune_s']:.0f} s", flush=True)
+                print(
+                    f"[mnist1d seed {seed}] {method:<8} target {target:<4} acc {row['test_acc']:.4f} latency "
+                    f"x{row['latency_ratio']:.3f} chosen {row['kind']} quantized {row['quantized']} "
+                    f"plan {cb.timings['plan_s']:.0f} s fine-tune {row['finetune_s']:.0f} s",
+                    flush=True,
+                )
     return {"runs": runs, "summary": mnist1d_summary(runs)}
 
 
@@ -287,15 +392,20 @@ def mnist1d_summary(runs: list[dict]) -> dict:
                 continue
             accs = [100 * r["test_acc"] for r in rows]
             ratios = [r["latency_ratio"] for r in rows]
-            entry[method] = {"acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs),
-                             "ratio_mean": statistics.fmean(ratios), "seeds": len(rows),
-                             "drop_vs_original": statistics.fmean(100 * (r["original_acc"] - r["test_acc"]) for r in rows)}
+            entry[method] = {
+                "acc_mean": statistics.fmean(accs),
+                "acc_std": statistics.pstdev(accs),
+                "ratio_mean": statistics.fmean(ratios),
+                "seeds": len(rows),
+                "drop_vs_original": statistics.fmean(100 * (r["original_acc"] - r["test_acc"]) for r in rows),
+            }
         if "ours" in entry and "uniform" in entry:
             entry["ours_minus_uniform_points"] = entry["ours"]["acc_mean"] - entry["uniform"]["acc_mean"]
             ours = [r for r in runs if r["target"] == target and r["method"] == "ours" and "error" not in r]
             entry["ours_chosen_kinds"] = {k: sum(r["kind"] == k for r in ours) for k in sorted({r["kind"] for r in ours})}
             entry["quantized_share"] = statistics.fmean(
-                float(r["quantized"]) for r in runs if r["target"] == target and r["method"] == "ours" and "error" not in r)
+                float(r["quantized"]) for r in runs if r["target"] == target and r["method"] == "ours" and "error" not in r
+            )
         out[str(target)] = entry
     return out
 
@@ -305,10 +415,13 @@ def main_mnist1d(args) -> int:
     args.finetune_lr = 3e-3
     started = time.perf_counter()
     result = run_mnist1d(args)
-    payload = {"benchmark": "compression_mnist1d", "wall_s": time.perf_counter() - started,
-               "machine": {**machine_info(), "torch_threads": args.threads,
-                           "tvm_threads": os.environ.get("TVM_NUM_THREADS")},
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **result}
+    payload = {
+        "benchmark": "compression_mnist1d",
+        "wall_s": time.perf_counter() - started,
+        "machine": {**machine_info(), "torch_threads": args.threads, "tvm_threads": os.environ.get("TVM_NUM_THREADS")},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **result,
+    }
     out = result_path("compression_mnist1d.json", args.quick)
     out.write_text(json.dumps(payload, indent=2, default=float))
     print(json.dumps(result["summary"], indent=1, default=float))
@@ -333,23 +446,42 @@ def run_resnet18(args) -> dict:
     pretrain_s = time.perf_counter() - t
     base_acc = test_acc(base, dm)
     example = dm.dataset("val").tensors[0][:1]
-    retimer = LatencyMeter("llvm", cache_dir=args.cache_dir, repeat=args.repeat, number=args.number, cache=False,
-                           compare_seconds=args.compare_seconds)
+    retimer = LatencyMeter(
+        "llvm",
+        cache_dir=args.cache_dir,
+        repeat=args.repeat,
+        number=args.number,
+        cache=False,
+        compare_seconds=args.compare_seconds,
+    )
     retimer.cost_model(analyze(base, example))
     base_ms = retimer.set_reference(base)
-    print(f"[resnet18] pretrained {args.pretrain_epochs} epochs in {pretrain_s:.0f} s: test acc {base_acc:.4f}, "
-          f"latency {base_ms:.3f} ms", flush=True)
+    print(
+        f"[resnet18] pretrained {args.pretrain_epochs} epochs in {pretrain_s:.0f} s: test acc {base_acc:.4f}, "
+        f"latency {base_ms:.3f} ms",
+        flush=True,
+    )
     rows = []
     for target in args.targets:
         L.seed_everything(0, verbose=False)
         module = ClassifierModule(make(), lr=args.finetune_lr, scheduler="none")
         module.load_state_dict(base.state_dict())
-        meter = LatencyMeter("llvm", cache_dir=args.cache_dir, repeat=args.repeat, number=args.number,
-                             compare_seconds=args.compare_seconds)
-        cb = SensitivityPruningCallback(target=target, meter=meter, start_epoch=0, calibration_batches=4,
-                                        prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,), candidates=args.candidates,
-                                        max_rounds=args.max_rounds, grow=args.grow, recovery_steps=args.recovery_steps,
-                                        verbose=False)
+        meter = LatencyMeter(
+            "llvm", cache_dir=args.cache_dir, repeat=args.repeat, number=args.number, compare_seconds=args.compare_seconds
+        )
+        cb = SensitivityPruningCallback(
+            target=target,
+            meter=meter,
+            start_epoch=0,
+            calibration_batches=4,
+            prune_ratios=(0.25, 0.5, 0.75),
+            bit_widths=(8,),
+            candidates=args.candidates,
+            max_rounds=args.max_rounds,
+            grow=args.grow,
+            recovery_steps=args.recovery_steps,
+            verbose=False,
+        )
         fit = trainer(args.finetune_epochs, [cb])
         t = time.perf_counter()
         fit.fit(module, dm)
@@ -361,15 +493,27 @@ def run_resnet18(args) -> dict:
         x = dm.dataset("val").tensors[0][:16]
         with torch.no_grad():
             reload_error = float((reloaded(x) - module.eval()(x)).abs().max())
-        row = {"target": target, "original_acc": base_acc, "test_acc": test_acc(module, dm),
-               "callback_latency_ratio": cb.chosen.measured_cost / cb.original_cost, "retimed_latency_ratio": ratio,
-               "within_5pct": abs(ratio / target - 1) <= 0.05, "reload_max_abs_error": reload_error,
-               "kind": cb.chosen.extra.get("kind", "search"), "policy": cb.policy.to_dict(),
-               "candidates": len(cb.evaluated), "timings": cb.timings, "finetune_s": fit_s - cb.timings["plan_s"]}
+        row = {
+            "target": target,
+            "original_acc": base_acc,
+            "test_acc": test_acc(module, dm),
+            "callback_latency_ratio": cb.chosen.measured_cost / cb.original_cost,
+            "retimed_latency_ratio": ratio,
+            "within_5pct": abs(ratio / target - 1) <= 0.05,
+            "reload_max_abs_error": reload_error,
+            "kind": cb.chosen.extra.get("kind", "search"),
+            "policy": cb.policy.to_dict(),
+            "candidates": len(cb.evaluated),
+            "timings": cb.timings,
+            "finetune_s": fit_s - cb.timings["plan_s"],
+        }
         rows.append(row)
-        print(f"[resnet18] target {target}: acc {row['test_acc']:.4f} (original {base_acc:.4f}), callback "
-              f"x{row['callback_latency_ratio']:.3f}, re-timed x{ratio:.3f}, reload error {reload_error:.2e}, "
-              f"chosen {row['kind']}, plan {cb.timings['plan_s']:.0f} s", flush=True)
+        print(
+            f"[resnet18] target {target}: acc {row['test_acc']:.4f} (original {base_acc:.4f}), callback "
+            f"x{row['callback_latency_ratio']:.3f}, re-timed x{ratio:.3f}, reload error {reload_error:.2e}, "
+            f"chosen {row['kind']}, plan {cb.timings['plan_s']:.0f} s",
+            flush=True,
+        )
     return {"rows": rows, "pretrain_s": pretrain_s, "original_ms": base_ms}
 
 
@@ -377,10 +521,13 @@ def main_resnet18(args) -> int:
     args.cache_dir = Path(args.cache_dir)
     started = time.perf_counter()
     result = run_resnet18(args)
-    payload = {"benchmark": "compression_resnet18", "wall_s": time.perf_counter() - started,
-               "machine": {**machine_info(), "torch_threads": args.threads,
-                           "tvm_threads": os.environ.get("TVM_NUM_THREADS")},
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **result}
+    payload = {
+        "benchmark": "compression_resnet18",
+        "wall_s": time.perf_counter() - started,
+        "machine": {**machine_info(), "torch_threads": args.threads, "tvm_threads": os.environ.get("TVM_NUM_THREADS")},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **result,
+    }
     out = result_path("compression_resnet18.json", args.quick)
     out.write_text(json.dumps(payload, indent=2, default=float))
     print(f"wrote {out} in {payload['wall_s']:.0f} s")
@@ -393,11 +540,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=("digits", "mnist1d", "resnet18"), default="digits")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="mnist1d suite: seeds")
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                        help="digits: the rows to run; a run of some methods merges its rows into the file")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="digits: the rows to run; a run of some methods merges its rows into the file",
+    )
     parser.add_argument("--pretrain-only", action="store_true", help="digits: pretrain and save the weights, then stop")
-    parser.add_argument("--targets", nargs="+", type=float, default=None,
-                        help="digits: 0.5 0.2; mnist1d: 0.5 0.35 0.25 unless given")
+    parser.add_argument(
+        "--targets", nargs="+", type=float, default=None, help="digits: 0.5 0.2; mnist1d: 0.5 0.35 0.25 unless given"
+    )
     parser.add_argument("--cache-dir", default="runs/cache/bench_compression")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -443,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
             results[model_name] = merged(result_path(f"{name}.json", args.quick), model_name, results[model_name])
         # written after every model, so a long run that is cut short keeps what it measured
         result_path(f"{name}.json", args.quick).write_text(
-            json.dumps(payload_of(args, results, started, tvm.__version__), indent=2, default=float))
+            json.dumps(payload_of(args, results, started, tvm.__version__), indent=2, default=float)
+        )
     if args.pretrain_only:
         return 0
     payload = payload_of(args, results, started, tvm.__version__)
@@ -472,14 +626,25 @@ def merged(path: Path, model: str, new: dict) -> dict:
 
 def payload_of(args, results: dict, started: float, tvm_version: str) -> dict:
     return {
-        "benchmark": "compression", "quick": args.quick, "wall_s": time.perf_counter() - started,
-        "machine": {**machine_info(), "tvm": tvm_version, "torch_threads": args.threads,
-                    "tvm_threads": os.environ.get("TVM_NUM_THREADS")},
-        "settings": {"input_px": 32, "latency": "TVM llvm (this CPU), untuned, batch 1; ratios: median over 10 rounds of 10 runs "
-                                                 "timed in alternation with the original",
-                     "targets": args.targets, "pretrain_epochs": args.pretrain_epochs,
-                     "finetune_epochs": args.finetune_epochs, "candidates_per_round": args.candidates,
-                     "resnet20_width": 8},
+        "benchmark": "compression",
+        "quick": args.quick,
+        "wall_s": time.perf_counter() - started,
+        "machine": {
+            **machine_info(),
+            "tvm": tvm_version,
+            "torch_threads": args.threads,
+            "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
+        },
+        "settings": {
+            "input_px": 32,
+            "latency": "TVM llvm (this CPU), untuned, batch 1; ratios: median over 10 rounds of 10 runs "
+            "timed in alternation with the original",
+            "targets": args.targets,
+            "pretrain_epochs": args.pretrain_epochs,
+            "finetune_epochs": args.finetune_epochs,
+            "candidates_per_round": args.candidates,
+            "resnet20_width": 8,
+        },
         "goals": goals(results),
         "results": results,
     }
@@ -512,8 +677,7 @@ def print_table(results: dict) -> None:
 
     table = Table(title="compression on digits 32 px (latency: TVM llvm, batch 1, untuned)")
     # "latency ×": re-timed after fine-tuning; "search ×": what the callback measured for its choice
-    for col in ("model", "method", "target", "test acc", "Δacc", "latency ×", "search ×", "size kB", "search s",
-                "fine-tune s"):
+    for col in ("model", "method", "target", "test acc", "Δacc", "latency ×", "search ×", "size kB", "search s", "fine-tune s"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
     for name, res in results.items():
         base = res["rows"][0]["test_acc"]
@@ -521,9 +685,18 @@ def print_table(results: dict) -> None:
             if "error" in r:
                 table.add_row(name, r["method"], f"{r['target']:g}", "out of reach", "", "", "", "", "", "")
                 continue
-            table.add_row(name, r["method"], f"{r['target']:g}", f"{r['test_acc']:.4f}", f"{100 * (r['test_acc'] - base):+.1f}",
-                          f"{r['latency_ratio']:.3f}", f"{r['callback_latency_ratio']:.3f}" if "callback_latency_ratio" in r else "",
-                          f"{r['size_kb']:.1f}", f"{r['search_s']:.0f}", f"{r['finetune_s']:.0f}")
+            table.add_row(
+                name,
+                r["method"],
+                f"{r['target']:g}",
+                f"{r['test_acc']:.4f}",
+                f"{100 * (r['test_acc'] - base):+.1f}",
+                f"{r['latency_ratio']:.3f}",
+                f"{r['callback_latency_ratio']:.3f}" if "callback_latency_ratio" in r else "",
+                f"{r['size_kb']:.1f}",
+                f"{r['search_s']:.0f}",
+                f"{r['finetune_s']:.0f}",
+            )
     Console(width=140).print(table)
 
 

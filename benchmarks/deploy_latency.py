@@ -39,25 +39,41 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="threads for every framework (default 1)")
     p.add_argument("--trials-reference", type=int, default=64, help="MetaSchedule trials for LeNet-5 at batch 1")
     p.add_argument("--trials", type=int, default=16, help="MetaSchedule trials for every other tuned compile")
-    p.add_argument("--trials-per-round", type=int, default=4,
-                   help="candidates per round of one operator; after a round each, rounds go where latency x weight is")
+    p.add_argument(
+        "--trials-per-round",
+        type=int,
+        default=4,
+        help="candidates per round of one operator; after a round each, rounds go where latency x weight is",
+    )
     p.add_argument("--population", type=int, default=64, help="evolutionary search population per round (TVM default 512)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--number", type=int, default=20, help="runs per repeat (fewer for slow cases, see --max-repeat-ms)")
     p.add_argument("--max-repeat-ms", type=float, default=500.0, help="cap on one repeat: slow cases run fewer times")
     p.add_argument("--tuning-db", default=str(HERE / "tuning_db"))
     p.add_argument("--out", default=None, help="default results/deploy_latency.json (--quick: results/quick/)")
-    p.add_argument("--models", default="lenet5,resnet20,mlp",
-                   help="any of lenet5, resnet20, mlp, resnet18, mobilenet_v3_small, mnist1d_cnn")
+    p.add_argument(
+        "--models", default="lenet5,resnet20,mlp", help="any of lenet5, resnet20, mlp, resnet18, mobilenet_v3_small, mnist1d_cnn"
+    )
     p.add_argument("--int8-models", default="lenet5,resnet20,mlp", help="models also timed int8 (brevitas lowering)")
     p.add_argument("--batches", default="1,64")
-    p.add_argument("--curve", default=None, metavar="MODEL",
-                   help="instead of the table: latency versus tuning time for MODEL at batch 1, from a fresh database")
-    p.add_argument("--curve-from-log", default=None, metavar="DB",
-                   help="instead of the table: MetaSchedule's own latency estimate after each round of the tuning run "
-                        "logged in DB/logs (one run, any model), against tuning time")
-    p.add_argument("--curve-steps", default="8,8,16,32,64",
-                   help="trials added per step (each step tunes every task again, seeded by the database)")
+    p.add_argument(
+        "--curve",
+        default=None,
+        metavar="MODEL",
+        help="instead of the table: latency versus tuning time for MODEL at batch 1, from a fresh database",
+    )
+    p.add_argument(
+        "--curve-from-log",
+        default=None,
+        metavar="DB",
+        help="instead of the table: MetaSchedule's own latency estimate after each round of the tuning run "
+        "logged in DB/logs (one run, any model), against tuning time",
+    )
+    p.add_argument(
+        "--curve-steps",
+        default="8,8,16,32,64",
+        help="trials added per step (each step tunes every task again, seeded by the database)",
+    )
     return p.parse_args()
 
 
@@ -170,11 +186,13 @@ def side_by_side(calls: dict, rounds: int, min_round_ms: float = 20.0) -> dict[s
 
 def per_call_ms(fn):
     """``fn`` as a call of ``n`` runs returning ms per run."""
+
     def run(n: int) -> float:
         start = time.perf_counter()
         for _ in range(n):
             fn()
         return (time.perf_counter() - start) / n * 1e3
+
     return run
 
 
@@ -248,8 +266,13 @@ def main() -> int:
             for batch in batches:
                 x = data[:batch].contiguous()
                 budget = trials_ref if (name == "lenet5" and batch == 1) else trials
-                tuning = TuningConfig(trials=budget, work_dir=ARGS.tuning_db, population_size=ARGS.population, genetic_iters=2,
-                                      trials_per_round=ARGS.trials_per_round)
+                tuning = TuningConfig(
+                    trials=budget,
+                    work_dir=ARGS.tuning_db,
+                    population_size=ARGS.population,
+                    genetic_iters=2,
+                    trials_per_round=ARGS.trials_per_round,
+                )
                 row = {"model": name, "batch": batch, "input": list(x.shape), "trials": budget}
                 print(f"[{time.time() - started:6.0f}s] {name} batch {batch}: eager, onnxruntime", flush=True)
                 row["eager_ms"] = statistics.median(eager_ms(model, x))
@@ -268,11 +291,14 @@ def main() -> int:
                     row["tvm_tuned_top1_agreement"] = float((tuned(x).argmax(1) == model(x).argmax(1)).float().mean())
                 # Python calls (torch tensor in and out) of each, fastest rounds side by side
                 with torch.inference_mode():
-                    best = side_by_side({
-                        "eager": per_call_ms(lambda model=model, x=x: model(x)),
-                        "onnxruntime": per_call_ms(ort_call),
-                        "tvm_tuned_call": per_call_ms(lambda tuned=tuned, x=x: tuned(x)),
-                    }, rounds=ARGS.repeat)
+                    best = side_by_side(
+                        {
+                            "eager": per_call_ms(lambda model=model, x=x: model(x)),
+                            "onnxruntime": per_call_ms(ort_call),
+                            "tvm_tuned_call": per_call_ms(lambda tuned=tuned, x=x: tuned(x)),
+                        },
+                        rounds=ARGS.repeat,
+                    )
                 row["side_by_side_ms"] = best
                 row["python_call_ms"] = best["tvm_tuned_call"]
                 overhead = call_overhead_us(tuned, x)
@@ -320,18 +346,37 @@ def curve(name: str) -> int:
     trials = tune_s = 0
     with tempfile.TemporaryDirectory() as db:
         for i, step in enumerate(steps):
-            tuning = TuningConfig(trials=step, work_dir=db, population_size=ARGS.population, genetic_iters=2, retune=i > 0,
-                                  trials_per_round=ARGS.trials_per_round)
+            tuning = TuningConfig(
+                trials=step,
+                work_dir=db,
+                population_size=ARGS.population,
+                genetic_iters=2,
+                retune=i > 0,
+                trials_per_round=ARGS.trials_per_round,
+            )
             t0 = time.time()
             compiled = compile_for_target(model, x, target, tuning)
             trials, tune_s = trials + step, tune_s + time.time() - t0
-            points.append({"trials": trials, "tune_s": round(tune_s, 1), "tasks": tuning.tuned_tasks, "tvm_ms": tvm_ms(compiled, x)})
+            points.append(
+                {"trials": trials, "tune_s": round(tune_s, 1), "tasks": tuning.tuned_tasks, "tvm_ms": tvm_ms(compiled, x)}
+            )
             print(f"[{tune_s:6.0f}s] {trials} trials: {points[-1]['tvm_ms']:.4f} ms", flush=True)
-    result = {"benchmark": "deploy_latency_curve", "model": name, "batch": 1, "eager_ms": eager, "points": points,
-              "machine": {**machine_info(), "load_average_at_end": os.getloadavg()},
-              "settings": {"threads": ARGS.threads, "population_size": ARGS.population, "genetic_iters": 2, "steps": steps,
-                           "trials_per_round": ARGS.trials_per_round,
-                           "target": target}}
+    result = {
+        "benchmark": "deploy_latency_curve",
+        "model": name,
+        "batch": 1,
+        "eager_ms": eager,
+        "points": points,
+        "machine": {**machine_info(), "load_average_at_end": os.getloadavg()},
+        "settings": {
+            "threads": ARGS.threads,
+            "population_size": ARGS.population,
+            "genetic_iters": 2,
+            "steps": steps,
+            "trials_per_round": ARGS.trials_per_round,
+            "target": target,
+        },
+    }
     out = Path(ARGS.out) if ARGS.out else result_path("deploy_latency_curve.json", False)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
@@ -345,8 +390,12 @@ def curve(name: str) -> int:
     for p in points:
         ax.annotate(str(p["trials"]), (p["tune_s"], p["tvm_ms"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(eager, color="gray", linestyle="--", label="PyTorch eager")
-    ax.set(xlabel="tuning time (s, 2 shared cores)", ylabel="latency (ms, batch 1)", yscale="log",
-           title=f"{name}: latency after N trials")
+    ax.set(
+        xlabel="tuning time (s, 2 shared cores)",
+        ylabel="latency (ms, batch 1)",
+        yscale="log",
+        title=f"{name}: latency after N trials",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
@@ -374,9 +423,15 @@ def curve_from_log(db: str) -> int:
         elif line.startswith("Total trials:"):
             trials = int(line.split(":")[1])
         elif line.startswith("Total latency (us):") and not unmeasured and trials:
-            points.append({"trials": trials, "tune_s": (stamp - start).total_seconds(), "estimated_ms": float(line.split(":")[1]) / 1e3})
-    result = {"benchmark": "deploy_latency_tuning_log_curve", "log": str(log), "points": points,
-              "note": "MetaSchedule's sum over tasks of weight x best latency (kernels only, no call path)"}
+            points.append(
+                {"trials": trials, "tune_s": (stamp - start).total_seconds(), "estimated_ms": float(line.split(":")[1]) / 1e3}
+            )
+    result = {
+        "benchmark": "deploy_latency_tuning_log_curve",
+        "log": str(log),
+        "points": points,
+        "note": "MetaSchedule's sum over tasks of weight x best latency (kernels only, no call path)",
+    }
     out = Path(ARGS.out) if ARGS.out else result_path("deploy_latency_tuning_log_curve.json", False)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -387,14 +442,21 @@ def curve_from_log(db: str) -> int:
 
 
 def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, trials: int) -> None:
-    header = (f"{'model':<19}{'batch':>6}{'eager':>10}{'ORT':>10}{'TVM':>10}{'TVM tuned':>11}{'tune s':>8}{'int8 tuned':>11}"
-              f"{'tuned/eager':>12}{'tuned/ORT':>10}{'call-timer us':>14}")
-    print(f"\nmedian latency in ms (threads={ARGS.threads}); tuned/eager, tuned/ORT and call-timer: fastest rounds side by side\n" + header)
+    header = (
+        f"{'model':<19}{'batch':>6}{'eager':>10}{'ORT':>10}{'TVM':>10}{'TVM tuned':>11}{'tune s':>8}{'int8 tuned':>11}"
+        f"{'tuned/eager':>12}{'tuned/ORT':>10}{'call-timer us':>14}"
+    )
+    print(
+        f"\nmedian latency in ms (threads={ARGS.threads}); tuned/eager, tuned/ORT and call-timer: fastest rounds side by side\n"
+        + header
+    )
     for r in rows:
         int8 = f"{r['tvm_int8_tuned_ms']:>11.4f}" if "tvm_int8_tuned_ms" in r else f"{'-':>11}"
-        print(f"{r['model']:<19}{r['batch']:>6}{r['eager_ms']:>10.4f}{r['onnxruntime_ms']:>10.4f}{r['tvm_untuned_ms']:>10.4f}"
-              f"{r['tvm_tuned_ms']:>11.4f}{r['tune_s']:>8.0f}{int8}{r['tvm_tuned_vs_eager']:>12.2f}"
-              f"{r['tvm_tuned_vs_onnxruntime']:>10.2f}{r['call_overhead_us']:>14.1f}")
+        print(
+            f"{r['model']:<19}{r['batch']:>6}{r['eager_ms']:>10.4f}{r['onnxruntime_ms']:>10.4f}{r['tvm_untuned_ms']:>10.4f}"
+            f"{r['tvm_tuned_ms']:>11.4f}{r['tune_s']:>8.0f}{int8}{r['tvm_tuned_vs_eager']:>12.2f}"
+            f"{r['tvm_tuned_vs_onnxruntime']:>10.2f}{r['call_overhead_us']:>14.1f}"
+        )
     goals = {}
     for r in rows:  # the issue's goals: tuned TVM <= 0.5x eager and <= 1.0x ORT at batch 1, <= 1.0x ORT at larger batches
         tag = f"{r['model']}_b{r['batch']}"
@@ -413,11 +475,24 @@ def report(rows: list[dict], target: dict, seconds: float, trials_ref: int, tria
             "load_average_at_end": os.getloadavg(),
             "onnxruntime": __import__("onnxruntime").__version__,
         },
-        "settings": {"threads": ARGS.threads, "repeat": ARGS.repeat, "number": ARGS.number, "max_repeat_ms": ARGS.max_repeat_ms,
-                     "trials_lenet5_batch1": trials_ref, "trials_other": trials, "target": target,
-                     "search": {"population_size": ARGS.population, "genetic_iters": 2, "only_compute_heavy": True,
-                                "trials_per_round": ARGS.trials_per_round, "task_scheduler": "gradient"},
-                     "tuning_db": os.path.relpath(ARGS.tuning_db, Path.cwd()), "wall_seconds": round(seconds)},
+        "settings": {
+            "threads": ARGS.threads,
+            "repeat": ARGS.repeat,
+            "number": ARGS.number,
+            "max_repeat_ms": ARGS.max_repeat_ms,
+            "trials_lenet5_batch1": trials_ref,
+            "trials_other": trials,
+            "target": target,
+            "search": {
+                "population_size": ARGS.population,
+                "genetic_iters": 2,
+                "only_compute_heavy": True,
+                "trials_per_round": ARGS.trials_per_round,
+                "task_scheduler": "gradient",
+            },
+            "tuning_db": os.path.relpath(ARGS.tuning_db, Path.cwd()),
+            "wall_seconds": round(seconds),
+        },
         "goals": goals,
         "rows": rows,
     }

@@ -248,14 +248,22 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "epochs": epochs,
         "timing": "median process CPU seconds per call, 1 torch/TVM thread, methods interleaved"
-        + ("" if device == "cpu" else f"; eager rows: wall seconds on {device} up to the last kernel (training, quality, TVM: CPU)"),
+        + (
+            ""
+            if device == "cpu"
+            else f"; eager rows: wall seconds on {device} up to the last kernel (training, quality, TVM: CPU)"
+        ),
         "tvm": "untuned (default pipeline, no MetaSchedule); MC dropout not compiled (no random ops in TVM)",
         "machine": {**machine_info(), **device_info(device)},
         "results": results,
         "goals": goals,
     }
     print_tables(results, goals)
-    out = Path(args.out) if args.out else result_path("moment_propagation.json" if device == "cpu" else f"moment_propagation_{device}.json", args.quick)
+    out = (
+        Path(args.out)
+        if args.out
+        else result_path("moment_propagation.json" if device == "cpu" else f"moment_propagation_{device}.json", args.quick)
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -59,9 +59,7 @@ CLASSIFIER = ["classifier.1", "classifier.4", "classifier.7"]  # LeNet5's linear
 def _naive_sampler(photonic: nn.Module, plain: nn.Module):
     """K forward passes of ``plain``, each with freshly drawn weights for every photonic layer."""
     pairs = [
-        (plain.get_submodule(name), layer)
-        for name, layer in photonic.named_modules()
-        if isinstance(layer, PhotonicSamplerLayer)
+        (plain.get_submodule(name), layer) for name, layer in photonic.named_modules() if isinstance(layer, PhotonicSamplerLayer)
     ]
     for module, layer in pairs:
         module.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
@@ -243,9 +241,7 @@ def _ensemble(members: int, dm: DigitsDataModule, epochs: int):
     return build
 
 
-def quality(
-    epochs: int, members: int, ratios: list[float], dropouts: list[float], seeds: int, plot_dir: Path | None
-) -> dict:
+def quality(epochs: int, members: int, ratios: list[float], dropouts: list[float], seeds: int, plot_dir: Path | None) -> dict:
     """Train every configuration with ``seeds`` seeds (the ensemble once); per family pick the
     configuration with the lowest mean validation NLL."""
     dms = {kind: DigitsDataModule(batch_size=64, size=8, seed=0, ood=kind) for kind in OOD_KINDS}
@@ -313,6 +309,7 @@ def quality(
 
 def _aggregate(runs: list[dict]) -> dict:
     """Means over seeds of every figure, and the spread of the OOD AUROC."""
+
     def mean(get):
         return statistics.mean(get(r) for r in runs)
 
@@ -353,7 +350,9 @@ def _plot(histograms: dict, path: Path) -> None:
 def _print(report: dict) -> None:
     tp = report["throughput"]
     print(f"\nThroughput at K={K} ({tp['model']}), CPU, {report['machine']['torch_threads']} thread(s)")
-    print(f"{'photonic':<11} {'batch':>5}  {'method':<14} {'ms/batch':>10} {'predictions/s':>14} {'samples/s':>12} {'vs naive':>9}")
+    print(
+        f"{'photonic':<11} {'batch':>5}  {'method':<14} {'ms/batch':>10} {'predictions/s':>14} {'samples/s':>12} {'vs naive':>9}"
+    )
     for r in tp["rows"]:
         print(
             f"{r['photonic_layers']:<11} {r['batch']:>5}  {r['method']:<14} {r['ms_per_batch']:>10.2f} "
@@ -399,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "photonic",
         "quick": quick,
         "machine": {**machine_info(), **device_info(device)},  # --device: the throughput rows; quality is trained on the CPU
-        "throughput": throughput([1, 16] if quick else [1, 16, 256], repeats=3 if quick else 5, min_time=0.05 if quick else 0.3,
-                                 device=device),
+        "throughput": throughput(
+            [1, 16] if quick else [1, 16, 256], repeats=3 if quick else 5, min_time=0.05 if quick else 0.3, device=device
+        ),
         "quality": quality(
             epochs=2 if quick else 15,
             members=2 if quick else 5,
@@ -411,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     rows = report["throughput"]["rows"]
-    local_k32 = {
-        f"{r['photonic_layers']}, batch {r['batch']}": r["speedup_vs_naive"] for r in rows if r["method"] == "local"
-    }
+    local_k32 = {f"{r['photonic_layers']}, batch {r['batch']}": r["speedup_vs_naive"] for r in rows if r["method"] == "local"}
     q = report["quality"]
     photonic, dropout = (q["methods"][q["selected"][f]]["ood_auroc_mean"]["entropy"] for f in ("photonic", "mc_dropout"))
     report["goals"] = {

@@ -102,9 +102,7 @@ class FitTimer(L.Callback):
         self.cpu = time.process_time() - self._start[1]
 
 
-def _temperature_scaled(
-    module: torch.nn.Module, x_val: Tensor, y_val: Tensor
-) -> tuple[Callable[[Tensor], Tensor], float | None]:
+def _temperature_scaled(module: torch.nn.Module, x_val: Tensor, y_val: Tensor) -> tuple[Callable[[Tensor], Tensor], float | None]:
     """``softmax(module(x) / T)`` with T fitted on the validation set (what ``TemperatureScaling`` does);
     T is None, and the module left unscaled, when it gets every validation sample right."""
     with torch.no_grad():
@@ -206,12 +204,14 @@ def _scores(probs_in: Tensor, target: Tensor, probs_out: Tensor) -> dict[str, fl
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
 
 
 def _calibration_over_seeds(
-    args: argparse.Namespace, m1d: MNIST1DDataModule, rows: dict[str, dict[str, Any]], probs: dict[str, Tensor],
+    args: argparse.Namespace,
+    m1d: MNIST1DDataModule,
+    rows: dict[str, dict[str, Any]],
+    probs: dict[str, Tensor],
     seeds: int,
 ) -> dict[str, Any]:
     """ECE and NLL of the single model and the ensemble, raw and temperature-scaled, over training seeds
@@ -235,8 +235,10 @@ def _calibration_over_seeds(
                 values[name]["ece"].append(float(U.expected_calibration_error(p.double(), y_test)))
                 values[name]["nll"].append(float(U.negative_log_likelihood(p.double(), y_test)))
     out: dict[str, Any] = {name: {k: _mean_std(v) for k, v in row.items()} for name, row in values.items()}
-    for name, other in (("ece_gap_scaled_ensemble_minus_single", "single"),
-                        ("ece_gap_scaled_ensemble_minus_scaled_single", "single_ts")):
+    for name, other in (
+        ("ece_gap_scaled_ensemble_minus_single", "single"),
+        ("ece_gap_scaled_ensemble_minus_scaled_single", "single_ts"),
+    ):
         out[name] = _mean_std([a - b for a, b in zip(values["vectorized_ts"]["ece"], values[other]["ece"])])
     out["seed0_gap_bootstrap_std"] = _ece_gap_bootstrap_std(probs["vectorized_ts"], probs["single"], y_test)
     return out
@@ -264,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=8, choices=(8, 16, 32), help="digit image size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings comparable)")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default benchmarks/results; results/quick with --quick)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default benchmarks/results; results/quick with --quick)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.mc_samples = 2, 5
@@ -327,17 +330,28 @@ def main(argv: list[str] | None = None) -> int:
         L.seed_everything(0, verbose=False)
         module = _classifier(_lenet(args.size), args.lr)
         timer, fit_timers[mode] = EpochTimer(), FitTimer()
-        _trainer(args.epochs, timer, callbacks=[fit_timers[mode]],
-                 strategy=DeepEnsembleStrategy(num_members=args.members, mode=mode)).fit(module, dm)
+        _trainer(
+            args.epochs, timer, callbacks=[fit_timers[mode]], strategy=DeepEnsembleStrategy(num_members=args.members, mode=mode)
+        ).fit(module, dm)
         module.eval()
         ensembles[mode] = module
         epoch_times[mode] = timer.per_epoch()
-        record(f"ensemble_x{args.members}_{mode}", lambda x, m=module: m(x).exp(), epoch_times[mode],
-               f"DeepEnsembleStrategy(mode={mode!r})", timer.per_epoch_wall())
+        record(
+            f"ensemble_x{args.members}_{mode}",
+            lambda x, m=module: m(x).exp(),
+            epoch_times[mode],
+            f"DeepEnsembleStrategy(mode={mode!r})",
+            timer.per_epoch_wall(),
+        )
         if mode == "vectorized":
             predict, temperature = _temperature_scaled(module, x_val, y_val)
-            record(f"ensemble_x{args.members}_vectorized_ts", predict, epoch_times[mode],
-                   _scaled_note("the vectorized ensemble's mixture", temperature), timer.per_epoch_wall())
+            record(
+                f"ensemble_x{args.members}_vectorized_ts",
+                predict,
+                epoch_times[mode],
+                _scaled_note("the vectorized ensemble's mixture", temperature),
+                timer.per_epoch_wall(),
+            )
 
     # -- the same members trained as separate fits, one after another
     print(f"[4/5] the same {args.members} members as separate fits", flush=True)
@@ -355,8 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         members.append(module.model.eval())
     separate_ensemble = EnsembleModel(members).eval()
     epoch_times["separate"] = separate
-    record(f"ensemble_x{args.members}_separate_fits", separate_ensemble, separate,
-           "plain Trainer.fit per member, summed epoch time; EnsembleModel loop at inference", separate_wall)
+    record(
+        f"ensemble_x{args.members}_separate_fits",
+        separate_ensemble,
+        separate,
+        "plain Trainer.fit per member, summed epoch time; EnsembleModel loop at inference",
+        separate_wall,
+    )
 
     # -- bayesian-torch BNN
     print("[5/5] bayesian-torch BNN (Reparameterization)", flush=True)
@@ -365,10 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     timer = EpochTimer()
     _trainer(args.epochs, timer).fit(bnn, dm)
     bnn.eval()
-    record(f"bnn_mc_x{args.mc_samples}", lambda x: mc_predict(bnn, x, args.mc_samples)[0], timer.per_epoch(),
-           "ELBO (KL / N), Monte-Carlo prediction", timer.per_epoch_wall())
-    record("bnn_mean_weights", lambda x: predict_mean(bnn, x), timer.per_epoch(), "same BNN, posterior means",
-           timer.per_epoch_wall())
+    record(
+        f"bnn_mc_x{args.mc_samples}",
+        lambda x: mc_predict(bnn, x, args.mc_samples)[0],
+        timer.per_epoch(),
+        "ELBO (KL / N), Monte-Carlo prediction",
+        timer.per_epoch_wall(),
+    )
+    record(
+        "bnn_mean_weights", lambda x: predict_mean(bnn, x), timer.per_epoch(), "same BNN, posterior means", timer.per_epoch_wall()
+    )
 
     # -- training speed alone on a small MLP, where per-step overhead rather than conv arithmetic dominates
     speed_epochs = min(args.epochs, 5)
@@ -382,16 +407,19 @@ def main(argv: list[str] | None = None) -> int:
             module = _classifier(MLP(in_features=args.size * args.size, hidden=(128, 64), dropout=0.2), args.lr)
             timer = EpochTimer()
             if mode in ("vectorized", "sequential"):
-                _trainer(speed_epochs, timer, strategy=DeepEnsembleStrategy(num_members=args.members, mode=mode),
-                         enable_progress_bar=False).fit(module, dm)
+                _trainer(
+                    speed_epochs,
+                    timer,
+                    strategy=DeepEnsembleStrategy(num_members=args.members, mode=mode),
+                    enable_progress_bar=False,
+                ).fit(module, dm)
             else:
                 _trainer(speed_epochs, timer, enable_progress_bar=False).fit(module, dm)
             total += timer.per_epoch()
         mlp_times[mode] = total
 
     # -- MNIST-1D with its CNN: calibration with and without temperature scaling, fit time side by side
-    print(f"[extra] MNIST-1D CNN: single and {args.members} members (vectorized, sequential), {args.epochs} epochs",
-          flush=True)
+    print(f"[extra] MNIST-1D CNN: single and {args.members} members (vectorized, sequential), {args.epochs} epochs", flush=True)
     m1d = MNIST1DDataModule(batch_size=100, seed=0, ood="heldout", heldout_classes=(8, 9))
     m1d.setup()
     m1d_test, m1d_target = m1d.dataset("test").tensors
@@ -410,15 +438,17 @@ def main(argv: list[str] | None = None) -> int:
         _trainer(args.epochs, timer, callbacks=[m1d_fit[mode]], strategy=strategy).fit(module, m1d)
         # where a training step's time goes, on the trained module (one batch of 100 per member)
         profile_steps = 10 if args.quick else 40
-        step_profile[mode] = _step_profile(copy.deepcopy(module), x_step, y_step, 0 if mode == "single" else args.members,
-                                           profile_steps)
+        step_profile[mode] = _step_profile(
+            copy.deepcopy(module), x_step, y_step, 0 if mode == "single" else args.members, profile_steps
+        )
         if mode == "single":  # the arithmetic floor of an ensemble step: one model on all members' batches
             step_profile["single_on_members_batches"] = _step_profile(
-                copy.deepcopy(module), torch.cat([x_step] * args.members), torch.cat([y_step] * args.members), 0,
-                profile_steps)
+                copy.deepcopy(module), torch.cat([x_step] * args.members), torch.cat([y_step] * args.members), 0, profile_steps
+            )
         if mode == "vectorized":  # the members through torch.func.vmap, as before folding
             step_profile["vectorized_vmap"] = _step_profile(
-                copy.deepcopy(module), x_step, y_step, args.members, profile_steps, vmap=True)
+                copy.deepcopy(module), x_step, y_step, args.members, profile_steps, vmap=True
+            )
         module.eval()
         raw = (lambda x, m=module: m(x).softmax(-1)) if mode == "single" else (lambda x, m=module: m(x).exp())
         scaled, temperature = _temperature_scaled(module, m1d_val, m1d_val_target)
@@ -430,8 +460,11 @@ def main(argv: list[str] | None = None) -> int:
             if name.endswith("_ts"):
                 row["temperature"] = temperature
             m1d_rows[name] = row
-            print(f"  mnist1d {name}: acc {row['accuracy']:.4f}  nll {row['nll']:.4f}  ece {row['ece']:.4f}  "
-                  f"auroc {row['ood_auroc']:.4f}  fit {row['fit_cpu_s']:.1f} s CPU", flush=True)
+            print(
+                f"  mnist1d {name}: acc {row['accuracy']:.4f}  nll {row['nll']:.4f}  ece {row['ece']:.4f}  "
+                f"auroc {row['ood_auroc']:.4f}  fit {row['fit_cpu_s']:.1f} s CPU",
+                flush=True,
+            )
 
     # -- MNIST-1D calibration over training seeds (same data split): is the ECE gap within seed and test-set noise?
     seeds = 2 if args.quick else args.seeds
@@ -469,21 +502,36 @@ def main(argv: list[str] | None = None) -> int:
         "digits_scaled_ensemble_nll_le_single": ens_ts["nll"] <= one["nll"],
         "mnist1d_scaled_ensemble_ece_le_single": m1d_rows["vectorized_ts"]["ece"] <= m1d_rows["single"]["ece"],
         "mnist1d_scaled_ensemble_nll_le_single": m1d_rows["vectorized_ts"]["nll"] <= m1d_rows["single"]["nll"],
-        "mnist1d_scaled_ensemble_ece_le_single_mean_over_seeds":
-            calibration["vectorized_ts"]["ece"]["mean"] <= calibration["single"]["ece"]["mean"],
+        "mnist1d_scaled_ensemble_ece_le_single_mean_over_seeds": calibration["vectorized_ts"]["ece"]["mean"]
+        <= calibration["single"]["ece"]["mean"],
         "fit_time_vectorized_le_1.5x_single_digits_lenet": ratios["fit_time_vectorized_vs_single_digits_lenet"] <= 1.5,
         "fit_time_vectorized_le_1.5x_single_mnist1d_cnn": ratios["fit_time_vectorized_vs_single_mnist1d_cnn"] <= 1.5,
         "mlp_vectorized_at_least_2x_faster_than_sequential": ratios["mlp_train_speedup_vectorized_vs_sequential"] >= 2.0,
     }
     plots = {}
-    for name in ("single", f"mc_dropout_x{args.mc_samples}", f"ensemble_x{args.members}_vectorized",
-                 f"bnn_mc_x{args.mc_samples}"):
+    for name in (
+        "single",
+        f"mc_dropout_x{args.mc_samples}",
+        f"ensemble_x{args.members}_vectorized",
+        f"bnn_mc_x{args.mc_samples}",
+    ):
         path = args.out / f"uncertainty_reliability_{name.split('_x')[0]}.png"
         plot_reliability_diagram(probs_for_plot[name], y_test, path, title=name)
         plots[name] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
-    columns = ("accuracy", "nll", "ece", "brier", "ood_auroc", "ood_aupr", "fpr95", "train_s_per_epoch",
-               "train_wall_s_per_epoch", "latency_ms_batch1", "ms_per_example_batch64")
+    columns = (
+        "accuracy",
+        "nll",
+        "ece",
+        "brier",
+        "ood_auroc",
+        "ood_aupr",
+        "fpr95",
+        "train_s_per_epoch",
+        "train_wall_s_per_epoch",
+        "latency_ms_batch1",
+        "ms_per_example_batch64",
+    )
     width = max(len(n) for n in results) + 2
     print("\n" + "method".ljust(width) + "".join(c[:12].rjust(13) for c in columns))
     for name, row in results.items():
@@ -495,12 +543,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nMNIST-1D CNN over {seeds} training seeds: mean +- std")
     for name in ("single", "single_ts", "vectorized", "vectorized_ts"):
         row = calibration[name]
-        print(f"  {name:<14} ece {row['ece']['mean']:.4f} +- {row['ece']['std']:.4f}   "
-              f"nll {row['nll']['mean']:.4f} +- {row['nll']['std']:.4f}")
+        print(
+            f"  {name:<14} ece {row['ece']['mean']:.4f} +- {row['ece']['std']:.4f}   "
+            f"nll {row['nll']['mean']:.4f} +- {row['nll']['std']:.4f}"
+        )
     for name in ("ece_gap_scaled_ensemble_minus_single", "ece_gap_scaled_ensemble_minus_scaled_single"):
         print(f"  {name}: {calibration[name]['mean']:+.4f} +- {calibration[name]['std']:.4f} (over seeds)")
     print(f"  test-set bootstrap std of the seed-0 gap: {calibration['seed0_gap_bootstrap_std']:.4f}")
-    print(f"\ndigits: ECE scaled ensemble - single {digits_gap['gap']:+.4f}, test-set bootstrap std {digits_gap['bootstrap_std']:.4f}")
+    print(
+        f"\ndigits: ECE scaled ensemble - single {digits_gap['gap']:+.4f}, test-set bootstrap std {digits_gap['bootstrap_std']:.4f}"
+    )
     print("\nMNIST-1D CNN training step, CPU ms (batch 100 per member)")
     for mode, row in step_profile.items():
         print(f"  {mode:<26}" + "  ".join(f"{k} {v:7.2f}" for k, v in row.items()))
@@ -514,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = {
         "benchmark": "uncertainty",
-        "command": "python benchmarks/uncertainty.py" + (" --quick" if args.quick else "")
+        "command": "python benchmarks/uncertainty.py"
+        + (" --quick" if args.quick else "")
         + ("" if DEVICE == "cpu" else f" --device {DEVICE}"),
         "machine": {
             **machine_info(),
@@ -530,16 +583,18 @@ def main(argv: list[str] | None = None) -> int:
             "members": args.members,
             "mc_samples": args.mc_samples,
             "ood_score": "predictive entropy",
-        "timing": "process CPU time (train_s_per_epoch, latency) on one torch thread; wall time beside it",
+            "timing": "process CPU time (train_s_per_epoch, latency) on one torch thread; wall time beside it",
             "quick": args.quick,
         },
         "results": results,
         "mlp_train_s_per_epoch": mlp_times,
         "digits_fit_s": {k: {"cpu": t.cpu, "wall": t.wall} for k, t in fit_timers.items()},
-        "mnist1d_cnn": {"config": "MNIST1DCNN(dropout=0.1), Adam, cosine, batch 100, OOD = held-out classes 8 and 9",
-                        "results": m1d_rows,
-                        "train_step_cpu_ms": step_profile,
-                        "calibration_over_seeds": calibration},
+        "mnist1d_cnn": {
+            "config": "MNIST1DCNN(dropout=0.1), Adam, cosine, batch 100, OOD = held-out classes 8 and 9",
+            "results": m1d_rows,
+            "train_step_cpu_ms": step_profile,
+            "calibration_over_seeds": calibration,
+        },
         "ratios": ratios,
         "goals": goals,
         "digits_ece_gap_scaled_ensemble_minus_single": digits_gap,

@@ -94,7 +94,8 @@ def _refuse_untrusted(module: str, key: str, path: str, trusted: tuple[str, ...]
     if not _within(module, trusted):
         top = module.split(".")[0]
         raise UntrustedClassPathError(
-            key, path,
+            key,
+            path,
             f"module {module!r} is not in a trusted package ({', '.join(trusted)}); if it is your own code, "
             f"allow it with lightning_relief.trust.trust_modules({top!r}) or {_ENV}={top}",
         )
@@ -124,7 +125,8 @@ def resolve_function(path: Any, key: str, allowed: frozenset[str] | set[str] = f
     if path not in allowed and not _within(module, user_trusted()):
         top = module.split(".")[0]
         raise UntrustedClassPathError(
-            key, path,
+            key,
+            path,
             f"not a known step (known: {', '.join(sorted(allowed)) or 'none'}); if it is your own code, allow it "
             f"with lightning_relief.trust.trust_modules({top!r}) or {_ENV}={top}",
         )

@@ -54,7 +54,9 @@ def trainer_factory():
 # -- devices: `pytest --device all` runs the device-dependent tests (those taking `device`) on every device
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--device", choices=("cpu", "cuda", "all"), default="cpu",
+        "--device",
+        choices=("cpu", "cuda", "all"),
+        default="cpu",
         help="devices for tests that take the `device` fixture: cpu (default), cuda, or all (cpu, cuda, mps)",
     )
 

@@ -29,7 +29,11 @@ def main(out: Path) -> None:
     module = ClassifierModule(LeNet5(input_size=8, dropout=0.0), optimizer="sgd", lr=0.05, scheduler="none")
     members = _Members()
     trainer = quiet_trainer(
-        devices=1, num_nodes=2, max_steps=3, limit_val_batches=0, callbacks=[members],
+        devices=1,
+        num_nodes=2,
+        max_steps=3,
+        limit_val_batches=0,
+        callbacks=[members],
         strategy=DeepEnsembleStrategy(num_members=4, mode="distributed", timeout=timedelta(seconds=90)),
     )
     trainer.fit(module, data)

@@ -40,7 +40,7 @@ def test_pcm_drifted_weight_statistics_match_aihwkit(t):
     weights = targets[:, None].expand(-1, REPEATS).contiguous()  # 21 target weights, 4000 devices each
     ours_mean, ours_std = drifted_stats(weights, t, ours=True)
     ref_mean, ref_std = drifted_stats(weights, t, ours=False)
-    assert (ours_mean - ref_mean).abs().max() < MEAN_TOL, (ours_mean - ref_mean)
+    assert (ours_mean - ref_mean).abs().max() < MEAN_TOL, ours_mean - ref_mean
     nonzero = targets.abs() > 0.05  # at w≈0 both stds are tiny; compared absolutely
     torch.testing.assert_close(ours_std[nonzero], ref_std[nonzero], rtol=STD_RTOL, atol=0)
     assert (ours_std[~nonzero] - ref_std[~nonzero]).abs().max() < 0.01
@@ -93,7 +93,9 @@ def test_model_accuracy_on_aihwkit_matches_our_pcm_noise():
     quiet_trainer(max_epochs=3, limit_val_batches=0).fit(module, digits)
     times = [3600.0, ONE_YEAR]
     ref = evaluate_aihwkit(module, digits, times=times, repeats=3, ideal_periphery=True)
-    ours = evaluate_robustness(module, digits, PCMNoise(out_noise=0.0), placement="weights", times=times, repeats=6, show=False, progress=False)
+    ours = evaluate_robustness(
+        module, digits, PCMNoise(out_noise=0.0), placement="weights", times=times, repeats=6, show=False, progress=False
+    )
     assert ref.clean_accuracy == pytest.approx(ours.clean_accuracy)
     for a, b, sa, sb in zip(ref.accuracy_mean, ours.accuracy_mean, ref.accuracy_std, ours.accuracy_std):
         assert abs(a - b) < 0.03 + 2 * (sa + sb), (ref.accuracy_mean, ours.accuracy_mean)

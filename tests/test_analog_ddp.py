@@ -33,8 +33,14 @@ def _run(tmp_path, tag: str, max_epochs: int, ckpt_path=None) -> None:
     module = ClassifierModule(LeNet5(input_size=8, dropout=0.0), lr=5e-3, scheduler="none")
     schedule = SequentialSchedule([LinearWarmup(0.3, warmup_steps=4), PerSampleVariance(0.3, theta=0.2)], milestones=[4])
     strategy = AnalogNoiseStrategy(
-        AdditiveGaussian(), schedule, placement=["outputs", "activations"], eval_noise=True, seed=3,
-        start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=90),
+        AdditiveGaussian(),
+        schedule,
+        placement=["outputs", "activations"],
+        eval_noise=True,
+        seed=3,
+        start_method="spawn",
+        process_group_backend="gloo",
+        timeout=timedelta(seconds=90),
     )
     trainer = quiet_trainer(
         strategy=strategy,
@@ -68,7 +74,9 @@ def test_two_ranks_share_level_and_weights_draw_own_noise_and_resume_exactly(tmp
         torch.testing.assert_close(weights1[key], value, rtol=0, atol=0, msg=key)
 
     for rank in (0, 1):  # resumed after the first epoch: the straight run's levels, draws, noisy val_nll and weights
-        (straight, straight_weights), (resumed, resumed_weights) = (load_rank_record(tmp_path, tag, rank) for tag in ("straight", "resumed"))
+        (straight, straight_weights), (resumed, resumed_weights) = (
+            load_rank_record(tmp_path, tag, rank) for tag in ("straight", "resumed")
+        )
         first_epoch = next(i for i, row in enumerate(straight) if "val_nll" in row) + 1
         assert resumed == straight[first_epoch:]
         for key, value in straight_weights.items():

@@ -34,9 +34,12 @@ def _reference_kl(model: nn.Module) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for layer in bayesian_layers(model):
         for mu, rho, pm, ps in (
-            (getattr(layer, "mu_weight", None) if hasattr(layer, "mu_weight") else layer.mu_kernel,
-             getattr(layer, "rho_weight", None) if hasattr(layer, "rho_weight") else layer.rho_kernel,
-             layer.prior_weight_mu, layer.prior_weight_sigma),
+            (
+                getattr(layer, "mu_weight", None) if hasattr(layer, "mu_weight") else layer.mu_kernel,
+                getattr(layer, "rho_weight", None) if hasattr(layer, "rho_weight") else layer.rho_kernel,
+                layer.prior_weight_mu,
+                layer.prior_weight_sigma,
+            ),
             (layer.mu_bias, layer.rho_bias, layer.prior_bias_mu, layer.prior_bias_sigma),
         ):
             q = Normal(mu.double(), torch.log1p(torch.exp(rho.double())))
@@ -50,9 +53,13 @@ def test_kl_divergence_is_the_summed_gaussian_kl(seed):
     assert ours.item() == pytest.approx(_reference_kl(bnn).item(), rel=1e-5)
     # bayesian-torch's own kl_loss averages per tensor: sum of (mean * count) must agree
     per_tensor_sum = sum(
-        layer.kl_div(layer.mu_kernel if hasattr(layer, "mu_kernel") else layer.mu_weight,
-                     F.softplus(layer.rho_kernel if hasattr(layer, "rho_kernel") else layer.rho_weight),
-                     layer.prior_weight_mu, layer.prior_weight_sigma) * layer.prior_weight_mu.numel()
+        layer.kl_div(
+            layer.mu_kernel if hasattr(layer, "mu_kernel") else layer.mu_weight,
+            F.softplus(layer.rho_kernel if hasattr(layer, "rho_kernel") else layer.rho_weight),
+            layer.prior_weight_mu,
+            layer.prior_weight_sigma,
+        )
+        * layer.prior_weight_mu.numel()
         + layer.kl_div(layer.mu_bias, F.softplus(layer.rho_bias), layer.prior_bias_mu, layer.prior_bias_sigma)
         * layer.prior_bias_mu.numel()
         for layer in bayesian_layers(bnn)

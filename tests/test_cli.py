@@ -91,7 +91,7 @@ def test_missing_recipe_file_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 
 def test_summarize_extracts_nested_key():
     message = (
-        'Parser key "model":\n  Does not validate against any of the Union subtypes\n  Subtypes: [<class \'X\'>]\n'
+        "Parser key \"model\":\n  Does not validate against any of the Union subtypes\n  Subtypes: [<class 'X'>]\n"
         "  Errors:\n    - Problem with given class_path 'a.B':\n        Parser key \"lr\": Expected a <class 'float'>."
     )
     assert summarize(message) == ("model.init_args.lr", "Expected a <class 'float'>.")
@@ -102,9 +102,19 @@ def test_fit_with_overrides_writes_a_checkpoint_that_reloads_identically(tmp_pat
     out = tmp_path / "run"
     cli = run_lightning_cli(
         [
-            "fit", "--config", "quickstart", "--trainer.max_epochs", "2", "--test_after_fit", "false",
-            "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
-            "--trainer.enable_progress_bar", "false",
+            "fit",
+            "--config",
+            "quickstart",
+            "--trainer.max_epochs",
+            "2",
+            "--test_after_fit",
+            "false",
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+            "--trainer.enable_progress_bar",
+            "false",
         ]
     )
     assert cli.trainer.current_epoch == 2
@@ -126,8 +136,15 @@ def test_quickstart_reaches_95_percent_test_accuracy(tmp_path, monkeypatch):
     out = tmp_path / "run"
     cli = run_lightning_cli(
         [
-            "fit", "--config", "recipes/quickstart.yaml", "--trainer.default_root_dir", str(out),
-            "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
+            "fit",
+            "--config",
+            "recipes/quickstart.yaml",
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+            "--trainer.enable_progress_bar",
+            "false",
         ]
     )
     assert cli.trainer.callback_metrics["test_acc"].item() >= 0.95

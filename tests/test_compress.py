@@ -122,7 +122,7 @@ def test_fake_quantization_matches_brevitas():
         layer = QuantConv2d(3, 5, 3, weight_quant=Int8WeightPerChannelFloat, weight_bit_width=bits)
         reference = layer.quant_weight().value.detach()
         torch.testing.assert_close(fake_quantize_weight(layer.weight.detach(), bits), reference, atol=1e-6, rtol=1e-5)
-        assert len(torch.unique(reference[0])) <= 2 ** bits - 1
+        assert len(torch.unique(reference[0])) <= 2**bits - 1
 
 
 def test_sensitivity_is_the_kl_divergence(batch):
@@ -193,7 +193,7 @@ def _brute_force(units, table, cost, budget, ratios, bits, layers):
     bit_opts = [[32, *bits] for _ in layers]
     for combo in itertools.product(*prune_opts, *bit_opts):
         rs = dict(zip([g.root for g in units.groups], combo[: len(units.groups)]))
-        bs = dict(zip(layers, combo[len(units.groups):]))
+        bs = dict(zip(layers, combo[len(units.groups) :]))
         if policy_cost(units, cost, rs, bs) > budget:
             continue
         sens = sum(table.prune[k][v] for k, v in rs.items() if v) + sum(table.quant[k][v] for k, v in bs.items() if v < 32)
@@ -236,7 +236,9 @@ def test_policy_replays_on_a_fresh_model(name, batch):
     model = _trained_like(MODELS[name]())
     units = analyze(model, x[:1])
     table = compute_sensitivity(model, units, [(x, y)], prune_ratios=(0.5,), bit_widths=(4,))
-    policy = CompressionPolicy(prune={g.root: 0.5 for g in units.groups}, bits={units.layers[1].name: 4, units.layers[-1].name: 8})
+    policy = CompressionPolicy(
+        prune={g.root: 0.5 for g in units.groups}, bits={units.layers[1].name: 4, units.layers[-1].name: 8}
+    )
     apply_policy(model, units, table.order, policy, [x])
     model.eval()
     steps = structure_of(model)
@@ -343,8 +345,9 @@ def test_bracket_steers_a_mispriced_search_into_the_window(target, batch):
     predicted, seen, measured_policies = budget, set(), []
     for round_ in range(6):
         anchors = [measured_policies[i] for i in bracket.anchors()]
-        for cand in propose_candidates(units, table, cost, predicted, "lagrangian", ratios, (), [], 2, seen, anchors,
-                                       round_=round_):
+        for cand in propose_candidates(
+            units, table, cost, predicted, "lagrangian", ratios, (), [], 2, seen, anchors, round_=round_
+        ):
             seen.add(cand.policy.key())
             measured_policies.append(cand.policy)
             bracket.add(cand.predicted_cost, measured(cand.policy))

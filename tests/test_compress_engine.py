@@ -61,8 +61,9 @@ def test_macs_count_the_whole_forward_directly():
 
 def test_quantized_conv1d_counts_bytes_at_its_bits():
     model = nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 38, 10))
-    result = compress(model, _batches((1, 40)), CompressionConfig(target=0.5, methods=("quantize",), bit_widths=(4, 8)),
-                      AnalyticMeter("size"))
+    result = compress(
+        model, _batches((1, 40)), CompressionConfig(target=0.5, methods=("quantize",), bit_widths=(4, 8)), AnalyticMeter("size")
+    )
     assert quantized_bits(model) == result.policy.quantized_layers() != {}
     assert result.chosen.measured_cost <= 0.5 * result.original_cost
     assert AnalyticMeter("size").measure(model) == pytest.approx(result.chosen.measured_cost)
@@ -72,7 +73,9 @@ def test_unreachable_target_names_budget_and_best_value_and_leaves_the_model():
     model = LeNet5(input_size=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = CompressionConfig(target=0.01, methods=("prune",), prune_ratios=(0.25, 0.5))
-    with pytest.raises(UnreachableTargetError, match=r"budget .* cannot be reached: the strongest compression .* measures") as info:
+    with pytest.raises(
+        UnreachableTargetError, match=r"budget .* cannot be reached: the strongest compression .* measures"
+    ) as info:
         compress(model, _batches(), config, AnalyticMeter("macs"))
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -82,14 +85,22 @@ def test_unreachable_target_names_budget_and_best_value_and_leaves_the_model():
     reached = compress(model, _batches(), CompressionConfig(**{**vars(config), "target": best * 1.001}), AnalyticMeter("macs"))
     assert reached.chosen.measured_cost == pytest.approx(info.value.best)
     with pytest.raises(UnreachableTargetError):
-        plan(LeNet5(input_size=8), _batches(), CompressionConfig(**{**vars(config), "target": best * 0.99}),
-             AnalyticMeter("macs"))
+        plan(
+            LeNet5(input_size=8), _batches(), CompressionConfig(**{**vars(config), "target": best * 0.99}), AnalyticMeter("macs")
+        )
 
 
 def test_unreachable_target_inside_fit_raises_before_touching_the_model(digits, seed, tmp_path):
     module = ClassifierModule(LeNet5(input_size=8))
-    cb = SensitivityPruningCallback(target=0.01, metric="params", methods=("prune",), start_epoch=0,
-                                    prune_ratios=(0.25,), calibration_batches=1, verbose=False)
+    cb = SensitivityPruningCallback(
+        target=0.01,
+        metric="params",
+        methods=("prune",),
+        start_epoch=0,
+        prune_ratios=(0.25,),
+        calibration_batches=1,
+        verbose=False,
+    )
     before = sum(p.numel() for p in module.parameters())
     with pytest.raises(UnreachableTargetError, match="params budget"):
         quiet_trainer(max_epochs=1, callbacks=[cb], default_root_dir=tmp_path).fit(module, digits)
@@ -125,8 +136,9 @@ def test_an_ignored_layer_is_left_alone_and_nothing_it_touches_is_pruned():
     model = Recurrent()
     units = analyze(model, torch.zeros(1, 1, 40), ignored_layers=("gru",))
     assert units.groups == []  # the conv's channels feed the GRU: not prunable
-    result = compress(model, _batches((1, 40)), CompressionConfig(target=0.9, bit_widths=(8,), ignored_layers=("gru",)),
-                      AnalyticMeter("size"))
+    result = compress(
+        model, _batches((1, 40)), CompressionConfig(target=0.9, bit_widths=(8,), ignored_layers=("gru",)), AnalyticMeter("size")
+    )
     assert "gru" not in result.policy.quantized_layers() and isinstance(model.gru, nn.GRU)
 
 
@@ -137,11 +149,18 @@ def test_torch_compile_is_compressed_underneath_and_recompiled(digits, seed, tmp
     torch._dynamo.reset()
     net = LeNet5(input_size=8)
     module = ClassifierModule(net if whole else torch.compile(net, backend="eager"), lr=1e-2)
-    cb = SensitivityPruningCallback(target=0.5, metric="macs", start_epoch=1, calibration_batches=1,
-                                    prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,), recovery_steps=2, verbose=False)
+    cb = SensitivityPruningCallback(
+        target=0.5,
+        metric="macs",
+        start_epoch=1,
+        calibration_batches=1,
+        prune_ratios=(0.25, 0.5, 0.75),
+        bit_widths=(8,),
+        recovery_steps=2,
+        verbose=False,
+    )
     # no validation loop: dynamo would compile validation_step as well; the candidates are scored by the engine
-    trainer = quiet_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[cb],
-                            default_root_dir=tmp_path)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[cb], default_root_dir=tmp_path)
     trainer.fit(torch.compile(module, backend="eager") if whole else module, digits)
     assert cb.phase == "compressed" and cb.chosen.measured_cost <= 0.5 * cb.original_cost
     if not whole:
@@ -169,8 +188,14 @@ def test_two_ddp_ranks_apply_one_plan_and_the_checkpoint_reloads_on_one(tmp_path
     out = tmp_path / "ddp"
     out.mkdir()
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_compress_script.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=360, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_compress_script.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=360,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["policy"] == ranks[1]["policy"] and any(ranks[0]["policy"]["prune"].values())
@@ -186,15 +211,16 @@ def test_two_ddp_ranks_apply_one_plan_and_the_checkpoint_reloads_on_one(tmp_path
 
 def test_the_chosen_policy_is_never_worse_than_uniform_after_recovery(digits):
     x, y = digits.dataset("train").tensors
-    train = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+    train = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 512, 64)]
     val = [digits.dataset("val").tensors]
     config = CompressionConfig(target=0.4, prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,), recovery_steps=8)
     result = plan(LeNet5(input_size=8), train[:2], config, AnalyticMeter("macs"), val, train)
     budget = 0.4 * result.original_cost
     kinds = {c.extra.get("kind", "search") for c in result.evaluated if c.measured_cost <= budget}
     assert {"search", "uniform", "joint uniform"} <= kinds
-    uniform = [c.extra["recovered_acc"] for c in result.evaluated if c.extra.get("kind") == "uniform"
-               and c.measured_cost <= budget]
+    uniform = [
+        c.extra["recovered_acc"] for c in result.evaluated if c.extra.get("kind") == "uniform" and c.measured_cost <= budget
+    ]
     assert result.chosen.measured_cost <= budget
     assert result.chosen.extra["recovered_acc"] >= max(uniform)
 
@@ -222,8 +248,18 @@ def test_a_latency_meter_prices_and_measures_quantized_conv1d_layers(tmp_path):
     info = convs[1]  # prunable on both sides: priced from four corner compiles
     priced = cost.layer_cost(info, info.in_channels, info.out_channels, 8)
     table = LayerLatencyTable("llvm", cache_dir=tmp_path / "layers", repeat=3, number=10)
-    int8 = table.latency_ms("conv1d", info.in_channels, info.out_channels, info.kernel, info.stride, info.padding,
-                            info.groups, input_size=info.in_hw, bits=8, bias=info.bias)
+    int8 = table.latency_ms(
+        "conv1d",
+        info.in_channels,
+        info.out_channels,
+        info.kernel,
+        info.stride,
+        info.padding,
+        info.groups,
+        input_size=info.in_hw,
+        bits=8,
+        bias=info.bias,
+    )
     assert priced == pytest.approx(int8) and table.misses == 0  # the int8 figure TVM's layer table measured
     quantized = copy.deepcopy(model)
     apply_quantization(quantized, {info.name: 8 for info in convs}, [x])
@@ -260,12 +296,11 @@ class PaddedMACsMeter(AnalyticMeter):
 
 def test_channels_are_given_back_while_the_measured_cost_stays_within_budget(digits):
     x, y = digits.dataset("train").tensors
-    train = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    train = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
     val = [digits.dataset("val").tensors]
     torch.manual_seed(0)
     model = LeNet5(input_size=8)
-    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2,
-                               max_rounds=2, grow=6)
+    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2, max_rounds=2, grow=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = plan(model, train[:2], config, PaddedMACsMeter(), val, train)
@@ -274,9 +309,14 @@ def test_channels_are_given_back_while_the_measured_cost_stays_within_budget(dig
     assert 1 <= len(grown) <= 6
     units = analyze(model, x[:1])
     kept = {g.root: g.channels for g in units.groups}
-    start = max((c for c in result.evaluated if c.extra.get("kind") != "grown"
-                 and c.measured_cost <= 0.4 * result.original_cost and c.policy.pruned_groups()),
-                key=lambda c: (c.val_acc, -c.measured_cost))
+    start = max(
+        (
+            c
+            for c in result.evaluated
+            if c.extra.get("kind") != "grown" and c.measured_cost <= 0.4 * result.original_cost and c.policy.pruned_groups()
+        ),
+        key=lambda c: (c.val_acc, -c.measured_cost),
+    )
 
     def channels(c):
         return {r: n - round(c.policy.prune.get(r, 0.0) * n) for r, n in kept.items()}
@@ -292,7 +332,7 @@ def test_channels_are_given_back_while_the_measured_cost_stays_within_budget(dig
 
 def _digits_split(digits, n=256):
     x, y = digits.dataset("train").tensors
-    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, n, 64)], [digits.dataset("val").tensors]
+    return [(x[i : i + 64], y[i : i + 64]) for i in range(0, n, 64)], [digits.dataset("val").tensors]
 
 
 class UnevenMeter(PaddedMACsMeter):
@@ -315,8 +355,7 @@ def test_a_baseline_in_the_window_does_not_end_the_searchs_rounds(digits):
     window at once (before, its hit ended the rounds with ours at x1.76 of the budget: uniform won unopposed)."""
     train, val = _digits_split(digits)
     torch.manual_seed(0)
-    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2,
-                               max_rounds=3, grow=0)
+    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2, max_rounds=3, grow=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = plan(LeNet5(input_size=8), train[:2], config, UnevenMeter(), val, train)
@@ -344,8 +383,9 @@ def test_growing_back_starts_within_the_budget(digits):
     window's top would measure every move and reject it (LeNet at 0.2: 6 of 6)."""
     train, val = _digits_split(digits)
     torch.manual_seed(0)
-    config = CompressionConfig(target=0.3, tolerance=0.1, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75),
-                               candidates=2, max_rounds=2, grow=6)
+    config = CompressionConfig(
+        target=0.3, tolerance=0.1, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2, max_rounds=2, grow=6
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = plan(LeNet5(input_size=8), train[:2], config, FlooredMeter(), val, train)
@@ -362,8 +402,16 @@ def test_uniform_pruning_is_grown_back_as_uniform_pruning_to_the_budget(digits):
     torch.manual_seed(0)
     model = LeNet5(input_size=8)
     # the rounds leave uniform at ×0.38-0.39, below the window 0.5 ± 3 %
-    config = CompressionConfig(target=0.5, tolerance=0.03, methods=("prune",), search="uniform",
-                               prune_ratios=(0.25, 0.5, 0.75), candidates=2, max_rounds=2, grow=8)
+    config = CompressionConfig(
+        target=0.5,
+        tolerance=0.03,
+        methods=("prune",),
+        search="uniform",
+        prune_ratios=(0.25, 0.5, 0.75),
+        candidates=2,
+        max_rounds=2,
+        grow=8,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = plan(model, train[:2], config, PaddedMACsMeter(), val, train)
@@ -388,8 +436,16 @@ def test_every_baseline_within_budget_is_scored_even_below_the_window(digits):
     train, val = _digits_split(digits)
     torch.manual_seed(0)
     # not grown back, uniform stays below this window (×0.38-0.39 for 0.5 ± 3 %) while ours lands in it
-    config = CompressionConfig(target=0.5, tolerance=0.03, prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,),
-                               candidates=2, max_rounds=2, grow=0, recovery_steps=4)
+    config = CompressionConfig(
+        target=0.5,
+        tolerance=0.03,
+        prune_ratios=(0.25, 0.5, 0.75),
+        bit_widths=(8,),
+        candidates=2,
+        max_rounds=2,
+        grow=0,
+        recovery_steps=4,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = plan(LeNet5(input_size=8), train[:2], config, PaddedMACsMeter(), val, train)
@@ -454,8 +510,7 @@ def test_the_winner_is_confirmed_by_its_fresh_measurement_alone(digits):
     train, val = _digits_split(digits)
     torch.manual_seed(0)
     meter = SlowerAgainMeter()
-    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2,
-                               max_rounds=2, grow=4)
+    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2, max_rounds=2, grow=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = plan(LeNet5(input_size=8), train[:2], config, meter, val, train)
@@ -470,8 +525,7 @@ def test_a_winner_no_fresh_measurement_confirms_is_kept_with_a_warning(digits):
     train, val = _digits_split(digits)
     torch.manual_seed(0)
     meter = SlowerAgainMeter(factor=1.5)
-    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2,
-                               max_rounds=1, grow=0)
+    config = CompressionConfig(target=0.4, methods=("prune",), prune_ratios=(0.25, 0.5, 0.75), candidates=2, max_rounds=1, grow=0)
     with pytest.warns(UserWarning, match=r"no candidate was confirmed .* kept at .* of the budget"):
         result = plan(LeNet5(input_size=8), train[:2], config, meter, val, train)
     assert result.chosen.measured_cost in meter.fresh and result.chosen.measured_cost > 0.4 * 1.05 * result.original_cost

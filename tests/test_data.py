@@ -93,8 +93,13 @@ def test_no_ood_split_unless_asked(digits):
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"size": 12}, "size"), ({"ood": "blur"}, "ood"), ({"batch_size": 0}, "batch_size"),
-     ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction"), ({"ood": "heldout", "heldout_classes": (11,)}, "heldout_classes")],
+    [
+        ({"size": 12}, "size"),
+        ({"ood": "blur"}, "ood"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction"),
+        ({"ood": "heldout", "heldout_classes": (11,)}, "heldout_classes"),
+    ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):

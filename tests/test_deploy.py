@@ -185,8 +185,13 @@ def test_artifact_round_trip_in_a_fresh_process(lenet_compiled, tmp_path, digits
     x = next(iter(digits.test_dataloader()))[0][:7].numpy()
     np.save(tmp_path / "x.npy", x)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(artifact), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(artifact), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), eager(model, torch.from_numpy(x)).numpy(), atol=1e-5, rtol=1e-5)
     # saving again replaces the artifact as a whole
     compiled.save(artifact)
@@ -263,8 +268,11 @@ def test_layer_table_measures_each_layer_once(tmp_path):
     table = LayerLatencyTable(cache_dir=tmp_path, repeat=3, number=3)
     fp32 = table.latency_ms("conv2d", 4, 8, kernel_size=3, padding=1, input_size=6)
     int8 = table.latency_ms("conv2d", 4, 8, kernel_size=3, padding=1, input_size=6, bits=8)
-    int4 = table.measure(table_spec := __import__("lightning_relief.deploy", fromlist=["LayerSpec"]).LayerSpec.make(
-        "conv2d", 4, 8, kernel_size=3, padding=1, input_size=6, bits=4))
+    int4 = table.measure(
+        table_spec := __import__("lightning_relief.deploy", fromlist=["LayerSpec"]).LayerSpec.make(
+            "conv2d", 4, 8, kernel_size=3, padding=1, input_size=6, bits=4
+        )
+    )
     assert fp32 > 0 and int8 > 0
     # 4-bit weights are stored and computed as int8: same graph, so the graph cache answers
     assert int4.cached and int4.median_ms == int8 and table_spec.bits == 4
@@ -286,11 +294,14 @@ def test_targets_parse_old_strings_and_name_bad_ones():
         resolve_target("nonsense")
 
 
-@pytest.mark.parametrize(("target", "named"), [
-    ("llvm -mcpu=nonsense", "mcpu='nonsense'"),
-    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "znver4"}, "mcpu='znver4' is not a CPU LLVM knows for aarch64"),
-    ("llvm -mtriple=bogus-linux-gnu", "mtriple='bogus-linux-gnu'"),
-])
+@pytest.mark.parametrize(
+    ("target", "named"),
+    [
+        ("llvm -mcpu=nonsense", "mcpu='nonsense'"),
+        ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "znver4"}, "mcpu='znver4' is not a CPU LLVM knows for aarch64"),
+        ("llvm -mtriple=bogus-linux-gnu", "mtriple='bogus-linux-gnu'"),
+    ],
+)
 def test_unknown_cpu_or_triple_is_refused_before_compiling(target, named, monkeypatch):
     # TVM accepts these, logs a warning and builds generic code; we refuse them up front
     import tvm
@@ -299,8 +310,11 @@ def test_unknown_cpu_or_triple_is_refused_before_compiling(target, named, monkey
 
     assert isinstance(tvm.target.Target(target_dict(target)), tvm.target.Target)
     monkeypatch.setattr(tvm, "compile", lambda *a, **k: pytest.fail("compiled a bad target"))
-    for attempt in (lambda: resolve_target(target), lambda: ExportConfig(target=target),
-                    lambda: compile_for_target(nn.Linear(2, 2), torch.zeros(1, 2), target)):
+    for attempt in (
+        lambda: resolve_target(target),
+        lambda: ExportConfig(target=target),
+        lambda: compile_for_target(nn.Linear(2, 2), torch.zeros(1, 2), target),
+    ):
         with pytest.raises(TargetError, match=named):
             attempt()
     assert resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})  # valid ones pass

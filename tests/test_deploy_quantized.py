@@ -104,7 +104,7 @@ def test_tvm_graph_computes_in_int8_with_int32_accumulation(trained):
     matmuls = [line for line in script.splitlines() if "R.matmul(" in line]
     assert len(convs) == 2 and len(matmuls) == 1
     assert all('out_dtype="int32"' in line and 'dtype="int32") =' in line for line in convs + matmuls)
-    assert 'R.Tensor((s' in script  # dynamic batch kept
+    assert "R.Tensor((s" in script  # dynamic batch kept
     assert script.count('dtype="int8") = R.astype') == 1 and script.count('dtype="uint8") = R.astype') == 2
 
 
@@ -129,8 +129,11 @@ def test_compress_quantizer_output_lowers(digits):
 
 
 def test_unsupported_brevitas_layers_are_named():
-    model = nn.Sequential(qnn.QuantIdentity(return_quant_tensor=True), qnn.QuantLinear(4, 4, bias=False),
-                          qnn.QuantSigmoid(return_quant_tensor=False))
+    model = nn.Sequential(
+        qnn.QuantIdentity(return_quant_tensor=True),
+        qnn.QuantLinear(4, 4, bias=False),
+        qnn.QuantSigmoid(return_quant_tensor=False),
+    )
     with pytest.raises(ValueError, match=r"module '2' \(QuantSigmoid\) has no integer lowering"):
         lower_quantized(model.eval(), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="cannot tell the input shape"):

@@ -63,8 +63,13 @@ def test_ensemble_vectorized_equals_sequential_on_device(device, digits):
         L.seed_everything(0, verbose=False)
         module = _mlp_module()
         trained_on = TrainedOn()
-        device_trainer(device, max_steps=3, limit_val_batches=0, callbacks=[trained_on],
-                       strategy=DeepEnsembleStrategy(num_members=3, mode=mode)).fit(module, digits)
+        device_trainer(
+            device,
+            max_steps=3,
+            limit_val_batches=0,
+            callbacks=[trained_on],
+            strategy=DeepEnsembleStrategy(num_members=3, mode=mode),
+        ).fit(module, digits)
         assert trained_on.devices == {device}
         results[mode] = _weights(module)
     for name, value in results["vectorized"].items():
@@ -79,8 +84,9 @@ def test_ensemble_mixed_precision_follows_fp32(device, digits):
     def fit(precision: str) -> dict[str, torch.Tensor]:
         L.seed_everything(0, verbose=False)
         module = _mlp_module()
-        device_trainer(device, max_steps=3, limit_val_batches=0, precision=precision,
-                       strategy=DeepEnsembleStrategy(num_members=2)).fit(module, digits)
+        device_trainer(
+            device, max_steps=3, limit_val_batches=0, precision=precision, strategy=DeepEnsembleStrategy(num_members=2)
+        ).fit(module, digits)
         assert all(p.dtype == torch.float32 for p in module.parameters())  # mixed: master weights stay fp32
         return _weights(module)
 
@@ -100,7 +106,9 @@ def test_analog_noise_is_drawn_on_the_model_device(device):
     model = nn.Sequential(nn.Linear(6, 4)).to(device)
     x = torch.randn(3, 6, device=device)
     clean = model(x).detach()
-    injector = NoiseInjector(AdditiveGaussian(), 0.2, Placement("outputs", layers=["Linear"]), seed=7, draws="fresh").attach(model)
+    injector = NoiseInjector(AdditiveGaussian(), 0.2, Placement("outputs", layers=["Linear"]), seed=7, draws="fresh").attach(
+        model
+    )
     with injector.step(batch_size=3) as level:
         assert level.device.type == device and injector._level is not None and injector._level.device.type == device
         noisy = model(x).detach()
@@ -132,8 +140,9 @@ def test_analog_noise_callback_with_an_ensemble_on_device(device, digits):
     module = _mlp_module()
     noise = AnalogNoise(AdditiveGaussian(), 0.1, Placement("weights", layers=["Linear"]))
     trained_on = TrainedOn()
-    device_trainer(device, max_steps=2, limit_val_batches=0, callbacks=[noise, trained_on],
-                   strategy=DeepEnsembleStrategy(num_members=2)).fit(module, digits)
+    device_trainer(
+        device, max_steps=2, limit_val_batches=0, callbacks=[noise, trained_on], strategy=DeepEnsembleStrategy(num_members=2)
+    ).fit(module, digits)
     assert noise.injector.current_level.device.type == device and trained_on.devices == {device}
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
@@ -208,8 +217,11 @@ def test_export_of_a_device_trained_model_matches_it(device, digits, tmp_path):
 # -- hidden host copies: meta tensors fail on any of them
 @pytest.mark.parametrize("net", ["mlp", "lenet", "resnet"])
 def test_moments_forward_on_meta_has_no_host_copy(net):
-    model = {"mlp": lambda: MLP(in_features=64, dropout=0.2), "lenet": lambda: LeNet5(input_size=8, dropout=0.2),
-             "resnet": lambda: ResNet(depth=8, width=4)}[net]()
+    model = {
+        "mlp": lambda: MLP(in_features=64, dropout=0.2),
+        "lenet": lambda: LeNet5(input_size=8, dropout=0.2),
+        "resnet": lambda: ResNet(depth=8, width=4),
+    }[net]()
     wrapper = MomentPropagationWrapper(model.eval()).to("meta")
     mean, var = wrapper(torch.empty(4, 1, 8, 8, device="meta"))
     assert mean.device.type == "meta" and var.shape == mean.shape == (4, 10)

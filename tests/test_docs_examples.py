@@ -50,8 +50,10 @@ EXTRA = {
     "docs/compression.md#1": [
         (re.compile(r"\bstart_epoch=\d+"), "start_epoch=0, " + ", ".join(f"{k}={v}" for k, v in SHORT_SEARCH.items())),
         # the callback built its LatencyMeter from metric="latency" as documented: only its timing is shortened
-        (re.compile(r"^(compress = SensitivityPruningCallback\(.*?\)\n)", re.S | re.M),
-         r"\1" + "".join(f"compress.meter.{k} = {v}\n" for k, v in QUICK_TIMING.items())),
+        (
+            re.compile(r"^(compress = SensitivityPruningCallback\(.*?\)\n)", re.S | re.M),
+            r"\1" + "".join(f"compress.meter.{k} = {v}\n" for k, v in QUICK_TIMING.items()),
+        ),
     ],
 }
 
@@ -98,8 +100,14 @@ def _short_search(recipe: Path, dirpath: Path) -> Path:
             args = callback.setdefault("init_args", {})
             args.update(SHORT_SEARCH)
             if args.get("metric", "latency") == "latency":
-                args["meter"] = {"class_path": "lightning_relief.compress.latency.LatencyMeter", "init_args": {
-                    "target": args.get("target_device", "llvm"), "cache_dir": args.get("cache_dir"), **QUICK_TIMING}}
+                args["meter"] = {
+                    "class_path": "lightning_relief.compress.latency.LatencyMeter",
+                    "init_args": {
+                        "target": args.get("target_device", "llvm"),
+                        "cache_dir": args.get("cache_dir"),
+                        **QUICK_TIMING,
+                    },
+                }
     short = dirpath / recipe.name
     short.write_text(yaml.safe_dump(config, sort_keys=False))
     return short
@@ -117,9 +125,22 @@ def recipes() -> list:
 def test_recipe_runs_with_one_short_epoch(recipe, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RELIEF_CACHE_DIR": str(tmp_path / "cache")}
     command = [
-        sys.executable, "-c", "import sys; from lightning_relief.cli import main; sys.exit(main())", "fit", "--config", str(_short_search(recipe, tmp_path)),
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-        "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false",
+        sys.executable,
+        "-c",
+        "import sys; from lightning_relief.cli import main; sys.exit(main())",
+        "fit",
+        "--config",
+        str(_short_search(recipe, tmp_path)),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.limit_test_batches",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
     ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]

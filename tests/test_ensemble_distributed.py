@@ -153,13 +153,24 @@ def test_torchrun_style_processes_on_two_nodes_shard_members_over_global_ranks(d
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]),
-            "RANK": str(rank), "GROUP_RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "GROUP_RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
         }
-        procs.append(subprocess.Popen(
-            [sys.executable, str(HERE / "ensemble_torchrun_worker.py"), str(tmp_path)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE / "ensemble_torchrun_worker.py"), str(tmp_path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         outputs = [p.communicate(timeout=300)[0] for p in procs]
     finally:

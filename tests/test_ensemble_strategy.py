@@ -102,8 +102,7 @@ def test_evaluation_logs_mixture_metrics_and_predict_returns_mixture(digits, see
 def test_checkpoint_reloads_every_member_with_identical_outputs(digits, seed, tmp_path):
     module = ClassifierModule(LeNet5(input_size=8), lr=1e-2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _fit(module, digits, DeepEnsembleStrategy(num_members=4), max_steps=4, enable_checkpointing=True,
-         callbacks=[checkpoint])
+    _fit(module, digits, DeepEnsembleStrategy(num_members=4), max_steps=4, enable_checkpointing=True, callbacks=[checkpoint])
     module.eval()
     x = digits.dataset("test").tensors[0][:50]
     with torch.no_grad():

@@ -40,7 +40,9 @@ def _python(code: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -192,7 +194,9 @@ def _tune(work: Path, hidden: int, trials: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(TUNE), str(work), str(hidden), str(trials)],
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -287,7 +291,10 @@ def test_artifact_save_killed_midway_leaves_the_previous_artifact(compiled, tmp_
 @pytest.mark.parametrize(
     "damage, words",
     [
-        (lambda d: (d / "model.so").write_bytes((d / "model.so").read_bytes()[:-16] + b"\0" * 16), "model.so does not match the SHA-256"),
+        (
+            lambda d: (d / "model.so").write_bytes((d / "model.so").read_bytes()[:-16] + b"\0" * 16),
+            "model.so does not match the SHA-256",
+        ),
         (lambda d: np_save_wrong_shape(d), "params.npz does not match the SHA-256"),
         (lambda d: (d / "metadata.json").write_text('{"inputs": [{"na'), "metadata.json is unreadable"),
         (lambda d: (d / "metadata.json").write_text('{"target": "llvm"}'), "'inputs' must be a list"),

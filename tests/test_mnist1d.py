@@ -31,6 +31,7 @@ def paper() -> MNIST1DDataModule:
 @pytest.mark.parametrize("args", [PAPER, dataclasses.replace(PAPER, num_samples=300, length=64, seed=3)], ids=["paper", "other"])
 def test_generator_is_bitwise_the_papers(args):
     from mnist1d import data as reference_data  # a dev dependency: the paper's own generator
+
     theirs = reference_data.get_dataset_args()
     theirs.__dict__.update(dataclasses.asdict(args), padding=list(args.padding), final_seq_length=args.length)
     reference = reference_data.make_dataset(theirs)

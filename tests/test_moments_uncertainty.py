@@ -15,7 +15,11 @@ from lightning_relief.uncertainty import functional as U
 def _direct(mean, var, n=20_000, seed=0):
     g = torch.Generator().manual_seed(seed)
     probs = (mean + var.sqrt() * torch.randn((n, *mean.shape), generator=g, dtype=mean.dtype)).softmax(-1)
-    return U.predictive_entropy(probs.mean(0)), U.predictive_entropy(probs.flatten(0, 1)).view(n, -1).mean(0), U.mutual_information(probs)
+    return (
+        U.predictive_entropy(probs.mean(0)),
+        U.predictive_entropy(probs.flatten(0, 1)).view(n, -1).mean(0),
+        U.mutual_information(probs),
+    )
 
 
 def test_scores_of_gaussian_logits_match_many_logit_draws():

@@ -29,7 +29,9 @@ def trained():
 def test_sweep_matches_direct_accuracy_and_leaves_the_model_alone(trained, tmp_path):
     module, digits = trained
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    result = evaluate_robustness(module, digits, AdditiveGaussian(), levels=[0.0, 0.3, 3.0], repeats=3, out_dir=tmp_path, show=False, progress=False)
+    result = evaluate_robustness(
+        module, digits, AdditiveGaussian(), levels=[0.0, 0.3, 3.0], repeats=3, out_dir=tmp_path, show=False, progress=False
+    )
     x, y = digits.dataset("test").tensors
     with torch.no_grad():
         direct = float(multiclass_accuracy(module(x), y, num_classes=10, average="micro"))
@@ -60,9 +62,14 @@ def test_recipe_trains_and_relief_robustness_reads_it(tmp_path, capsys):
     root = tmp_path / "run"
     code = relief(
         [
-            "fit", "--config", "recipes/vant_digits.yaml",
-            "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--test_after_fit=false",
-            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+            "fit",
+            "--config",
+            "recipes/vant_digits.yaml",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_val_batches=1",
+            "--test_after_fit=false",
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
             "--trainer.enable_progress_bar=false",
         ]
     )
@@ -71,7 +78,25 @@ def test_recipe_trains_and_relief_robustness_reads_it(tmp_path, capsys):
     metrics = (next(root.rglob("metrics.csv"))).read_text().splitlines()
     assert "noise_sigma" in metrics[0]
     out = tmp_path / "rob"
-    assert relief(["robustness", "--ckpt", str(ckpt), "--config", "vant_digits", "--levels", "0", "0.2", "--repeats", "2", "--out", str(out)]) == 0
+    assert (
+        relief(
+            [
+                "robustness",
+                "--ckpt",
+                str(ckpt),
+                "--config",
+                "vant_digits",
+                "--levels",
+                "0",
+                "0.2",
+                "--repeats",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads((out / "robustness_additivegaussian.json").read_text())
     assert data["levels"] == [0.0, 0.2] and data["accuracy_mean"][0] == pytest.approx(data["clean_accuracy"])
     assert (out / "robustness_additivegaussian.png").exists()

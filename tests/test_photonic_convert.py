@@ -29,7 +29,11 @@ def test_conversion_keeps_the_mean_network(seed):
     converted = convert_to_photonic(model, bandwidth_ratio=0.0)  # no spread: samples equal the mean network
     assert isinstance(model.classifier[1], nn.Linear)  # a copy by default
     assert sorted(photonic_layers(converted)) == [
-        "classifier.1", "classifier.4", "classifier.7", "features.0.0", "features.1.0",
+        "classifier.1",
+        "classifier.4",
+        "classifier.7",
+        "features.0.0",
+        "features.1.0",
     ]
     assert isinstance(converted.features[0][0], PhotonicConv2d)
     torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)
@@ -150,8 +154,19 @@ def test_recipe_runs_through_the_cli(tmp_path, monkeypatch):
     assert recipe.read_text().startswith("# ")
     code = main(
         [
-            "fit", "--config", str(recipe), "--trainer.fast_dev_run", "2", "--trainer.logger", "false",
-            "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
+            "fit",
+            "--config",
+            str(recipe),
+            "--trainer.fast_dev_run",
+            "2",
+            "--trainer.logger",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--test_after_fit",
+            "false",
         ]
     )
     assert code in (0, None)
@@ -195,17 +210,30 @@ def test_fan_out_falls_back_when_branches_do_not_meet(seed):
 
 def test_checkpoint_round_trip_keeps_every_physical_option(digits, seed, tmp_path):
     options = dict(
-        bandwidth="weight", bandwidth_ratio=0.05, bandwidth_bounds=(0.01, 0.2), correlation=0.4, max_intensity=4.0,
-        noise_floor=0.02, adc_bits=8, adc_range=20.0, sampling="exact",
+        bandwidth="weight",
+        bandwidth_ratio=0.05,
+        bandwidth_bounds=(0.01, 0.2),
+        correlation=0.4,
+        max_intensity=4.0,
+        noise_floor=0.02,
+        adc_bits=8,
+        adc_range=20.0,
+        sampling="exact",
     )
-    module = convert_to_photonic(ClassifierModule(LeNet5(input_size=8)), layers=["model.features.0.0", "model.classifier.7"], **options)
+    module = convert_to_photonic(
+        ClassifierModule(LeNet5(input_size=8)), layers=["model.features.0.0", "model.classifier.7"], **options
+    )
     trainer = _fit(module, digits, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     trainer.save_checkpoint(tmp_path / "options.ckpt")
     reloaded = ClassifierModule.load_from_checkpoint(tmp_path / "options.ckpt").eval()
     layer = reloaded.model.classifier[7]
     assert isinstance(layer, PhotonicLinear) and isinstance(reloaded.model.classifier[4], nn.Linear)
     assert (layer.bandwidth_bounds, layer.correlation, layer.max_intensity, layer.adc_bits, layer.sampling) == (
-        (0.01, 0.2), 0.4, 4.0, 8, "exact",
+        (0.01, 0.2),
+        0.4,
+        4.0,
+        8,
+        "exact",
     )
     x = digits.dataset("test").tensors[0][:4]
     torch.testing.assert_close(sample_logits(reloaded, x, 6, seed=2), sample_logits(module.eval(), x, 6, seed=2), rtol=0, atol=0)

@@ -53,8 +53,17 @@ def good_ckpt(tmp_path_factory) -> Path:
     from lightning_relief.data import DigitsDataModule
 
     path = tmp_path_factory.mktemp("ckpt") / "good.ckpt"
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(ClassifierModule(MLP(hidden=(8,))), DigitsDataModule(size=8, batch_size=16))
     trainer.save_checkpoint(path)
     return path
@@ -176,15 +185,33 @@ def test_relief_export_refuses_popen_model_in_one_line(good_ckpt, tmp_path, mark
     evil = _tampered(good_ckpt, tmp_path / "evil.ckpt", lambda c: c["hyper_parameters"].update(model=_popen_spec(marker)))
     err = _one_line_exit_2(capsys, lambda: relief(["export", "--ckpt", str(evil), "--out", str(tmp_path / "art")]))
     assert "subprocess.Popen" in err and "is refused" in err
-    err = _one_line_exit_2(capsys, lambda: relief(["export", "--ckpt", str(good_ckpt), "--out", str(tmp_path / "art"),
-                                                    "--module-class", "subprocess.Popen"]))
+    err = _one_line_exit_2(
+        capsys,
+        lambda: relief(
+            ["export", "--ckpt", str(good_ckpt), "--out", str(tmp_path / "art"), "--module-class", "subprocess.Popen"]
+        ),
+    )
     assert "module-class" in err and "not a subclass of lightning" in err
 
 
 def test_relief_robustness_refuses_popen_model_in_checkpoint(good_ckpt, tmp_path, marker, capsys):
     evil = _tampered(good_ckpt, tmp_path / "evil.ckpt", lambda c: c["hyper_parameters"].update(model=_popen_spec(marker)))
-    err = _one_line_exit_2(capsys, lambda: relief(["robustness", "--ckpt", str(evil), "--config", str(RECIPES / "vant_digits.yaml"),
-                                                    "--repeats", "1", "--out", str(tmp_path / "rob")]))
+    err = _one_line_exit_2(
+        capsys,
+        lambda: relief(
+            [
+                "robustness",
+                "--ckpt",
+                str(evil),
+                "--config",
+                str(RECIPES / "vant_digits.yaml"),
+                "--repeats",
+                "1",
+                "--out",
+                str(tmp_path / "rob"),
+            ]
+        ),
+    )
     assert "subprocess.Popen" in err
 
 
@@ -218,7 +245,9 @@ def test_robustness_recipe_slots_are_typed_like_fit(tmp_path, marker, capsys, wh
         node[where[-1]] = _popen_spec(marker)
 
     recipe = _recipe(tmp_path, "analog_pcm_digits.yaml", change)
-    err = _one_line_exit_2(capsys, lambda: relief(["robustness", "--ckpt", str(good_ckpt), "--config", str(recipe), "--repeats", "1"]))
+    err = _one_line_exit_2(
+        capsys, lambda: relief(["robustness", "--ckpt", str(good_ckpt), "--config", str(recipe), "--repeats", "1"])
+    )
     assert ".".join(where) in err
 
 
@@ -231,7 +260,9 @@ class RejectsInSetup(L.Callback):
 
 def test_configuration_rejected_in_setup_is_one_line_and_leaves_no_folders(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    recipe = _recipe(tmp_path, "quickstart.yaml", lambda c: c["trainer"]["callbacks"].append({"class_path": f"{__name__}.RejectsInSetup"}))
+    recipe = _recipe(
+        tmp_path, "quickstart.yaml", lambda c: c["trainer"]["callbacks"].append({"class_path": f"{__name__}.RejectsInSetup"})
+    )
     err = _one_line_exit_2(capsys, lambda: relief(["fit", "--config", str(recipe), "--trainer.max_epochs", "1"]))
     assert "ValueError: needs max_epochs >= 5, got 1" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [recipe.name]
@@ -274,7 +305,10 @@ def test_no_load_in_the_package_unpickles_arbitrary_objects():
     offenders = []
     for source in (ROOT / "lightning_relief").rglob("*.py"):
         for number, line in enumerate(source.read_text().splitlines(), 1):
-            if re.search(r"weights_only\s*=\s*False|allow_pickle\s*=\s*True|(?<![\w.])pickle\.loads?\(|(?<![\w])yaml\.(unsafe_)?load\(", line):
+            if re.search(
+                r"weights_only\s*=\s*False|allow_pickle\s*=\s*True|(?<![\w.])pickle\.loads?\(|(?<![\w])yaml\.(unsafe_)?load\(",
+                line,
+            ):
                 offenders.append(f"{source.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, offenders
 
@@ -284,7 +318,24 @@ def test_robustness_noise_option_keeps_the_recipes_settings_of_that_noise(good_c
     """`--noise pcm` used to replace the recipe's PCMNoise(out_noise=0.06, ...) by a default PCMNoise()."""
     out = tmp_path / "rob"
     times_or_levels = ["--times", "1"] if noise == "pcm" else ["--levels", "0.1"]
-    assert relief(["robustness", "--ckpt", str(good_ckpt), "--config", str(RECIPES / "analog_pcm_digits.yaml"),
-                   "--noise", noise, *times_or_levels, "--repeats", "1", "--out", str(out)]) == 0
+    assert (
+        relief(
+            [
+                "robustness",
+                "--ckpt",
+                str(good_ckpt),
+                "--config",
+                str(RECIPES / "analog_pcm_digits.yaml"),
+                "--noise",
+                noise,
+                *times_or_levels,
+                "--repeats",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     [result] = out.glob("*.json")
     assert expected in json.loads(result.read_text())["noise"]

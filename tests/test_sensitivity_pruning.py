@@ -97,8 +97,15 @@ def test_fit_compresses_trains_and_reloads(digits, seed, tmp_path):
     module = ClassifierModule(LeNet5(input_size=8), lr=1e-2)
     original_params = sum(p.numel() for p in module.parameters())
     # at a tenth of the bytes 4-bit weights alone are not enough: the search must prune too
-    cb = SensitivityPruningCallback(target=0.1, metric="size", start_epoch=1, calibration_batches=2,
-                                    prune_ratios=(0.25, 0.5, 0.75), bit_widths=(4, 8), verbose=False)
+    cb = SensitivityPruningCallback(
+        target=0.1,
+        metric="size",
+        start_epoch=1,
+        calibration_batches=2,
+        prune_ratios=(0.25, 0.5, 0.75),
+        bit_widths=(4, 8),
+        verbose=False,
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_acc", mode="max", filename="{epoch}")
     snapshot, rng = {}, {}
@@ -107,8 +114,9 @@ def test_fit_compresses_trains_and_reloads(digits, seed, tmp_path):
         def on_train_epoch_start(self, trainer, pl_module):
             rng["before"] = torch.get_rng_state()
 
-    trainer = quiet_trainer(max_epochs=3, callbacks=[Before(), cb, ckpt, best], enable_checkpointing=True,
-                            default_root_dir=tmp_path)
+    trainer = quiet_trainer(
+        max_epochs=3, callbacks=[Before(), cb, ckpt, best], enable_checkpointing=True, default_root_dir=tmp_path
+    )
 
     class Spy(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
@@ -133,8 +141,11 @@ def test_fit_compresses_trains_and_reloads(digits, seed, tmp_path):
     assert quantized_bits(module) == cb.policy.quantized_layers()
     assert _optimizer_params(trainer) == _trainable(module)
     # fine-tuning moved the compressed model's weights
-    moved = [k for k, v in module.state_dict().items() if k in snapshot and v.dtype.is_floating_point
-             and v.shape == snapshot[k].shape and not torch.equal(v, snapshot[k])]
+    moved = [
+        k
+        for k, v in module.state_dict().items()
+        if k in snapshot and v.dtype.is_floating_point and v.shape == snapshot[k].shape and not torch.equal(v, snapshot[k])
+    ]
     assert any(k.endswith("weight") for k in moved)
     # report: per-layer table, every candidate, Pareto plot
     report = json.loads((tmp_path / "compression_report.json").read_text())
@@ -157,8 +168,16 @@ def test_fit_compresses_trains_and_reloads(digits, seed, tmp_path):
 
 def test_user_module_with_residuals_reloads_and_resumes(digits, seed, tmp_path):
     module = UserNet()
-    cb = SensitivityPruningCallback(target=0.5, metric="params", methods=("prune", "quantize"), start_epoch=1,
-                                    calibration_batches=2, prune_ratios=(0.25, 0.5), bit_widths=(4, 8), verbose=False)
+    cb = SensitivityPruningCallback(
+        target=0.5,
+        metric="params",
+        methods=("prune", "quantize"),
+        start_epoch=1,
+        calibration_batches=2,
+        prune_ratios=(0.25, 0.5),
+        bit_widths=(4, 8),
+        verbose=False,
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer = quiet_trainer(max_epochs=3, callbacks=[cb, ckpt], enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(module, digits)
@@ -178,8 +197,9 @@ def test_user_module_with_residuals_reloads_and_resumes(digits, seed, tmp_path):
         fresh.load_state_dict(state["state_dict"])  # without the replay the shapes differ
 
     # resume the fine-tuning from the epoch-1 checkpoint with a fresh, uncompressed module
-    resumed_cb = SensitivityPruningCallback(target=0.5, metric="params", start_epoch=1, prune_ratios=(0.25, 0.5),
-                                            bit_widths=(4, 8), verbose=False)
+    resumed_cb = SensitivityPruningCallback(
+        target=0.5, metric="params", start_epoch=1, prune_ratios=(0.25, 0.5), bit_widths=(4, 8), verbose=False
+    )
     resumed = UserNet()
     trainer2 = quiet_trainer(max_epochs=3, callbacks=[resumed_cb], default_root_dir=tmp_path)
     trainer2.fit(resumed, digits, ckpt_path=epoch1)
@@ -196,8 +216,16 @@ def test_user_module_with_residuals_reloads_and_resumes(digits, seed, tmp_path):
 
 def test_finetune_epochs_stop_training_and_uniform_search(digits, seed, tmp_path):
     module = ClassifierModule(LeNet5(input_size=8))
-    cb = SensitivityPruningCallback(target=0.5, metric="macs", methods=("prune",), search="uniform", start_epoch=1,
-                                    finetune_epochs=1, calibration_batches=1, verbose=False)
+    cb = SensitivityPruningCallback(
+        target=0.5,
+        metric="macs",
+        methods=("prune",),
+        search="uniform",
+        start_epoch=1,
+        finetune_epochs=1,
+        calibration_batches=1,
+        verbose=False,
+    )
     trainer = quiet_trainer(max_epochs=5, callbacks=[cb], default_root_dir=tmp_path)
     trainer.fit(module, digits)
     assert trainer.current_epoch == 2  # 1 epoch before, 1 of fine-tuning
@@ -237,9 +265,20 @@ def test_latency_metric_measures_candidates_with_tvm(digits, seed, tmp_path):
     from lightning_relief.models import MLP
 
     module = ClassifierModule(MLP(in_features=64, hidden=(256,), dropout=0.0))
-    cb = SensitivityPruningCallback(target=0.6, metric="latency", start_epoch=0, calibration_batches=1,
-                                    prune_ratios=(0.5, 0.75), bit_widths=(8,), candidates=1, max_rounds=2, grow=2,
-                                    recovery_steps=0, cache_dir=str(tmp_path / "cache"), verbose=False)
+    cb = SensitivityPruningCallback(
+        target=0.6,
+        metric="latency",
+        start_epoch=0,
+        calibration_batches=1,
+        prune_ratios=(0.5, 0.75),
+        bit_widths=(8,),
+        candidates=1,
+        max_rounds=2,
+        grow=2,
+        recovery_steps=0,
+        cache_dir=str(tmp_path / "cache"),
+        verbose=False,
+    )
     assert isinstance(cb.meter, LatencyMeter) and cb.meter.target == "llvm"
     cb.meter.compare_seconds = 0.0  # each candidate timed in 10 alternating rounds, not for 6 s
     trainer = quiet_trainer(max_epochs=1, callbacks=[cb], default_root_dir=tmp_path)
@@ -275,10 +314,17 @@ def test_export_callback_compiles_the_compressed_integer_model(digits, seed, tmp
     from lightning_relief import TVMExportCallback
 
     module = ClassifierModule(LeNet5(input_size=8))
-    cb = SensitivityPruningCallback(target=0.1, metric="size", start_epoch=0, calibration_batches=1, candidates=1,
-                                    prune_ratios=(0.5, 0.75), bit_widths=(8,), verbose=False)
-    export = TVMExportCallback(target="llvm", dirpath=tmp_path / "tvm", example_input_shape=(1, 1, 8, 8),
-                               measure=False)
+    cb = SensitivityPruningCallback(
+        target=0.1,
+        metric="size",
+        start_epoch=0,
+        calibration_batches=1,
+        candidates=1,
+        prune_ratios=(0.5, 0.75),
+        bit_widths=(8,),
+        verbose=False,
+    )
+    export = TVMExportCallback(target="llvm", dirpath=tmp_path / "tvm", example_input_shape=(1, 1, 8, 8), measure=False)
     quiet_trainer(max_epochs=1, callbacks=[cb, export], default_root_dir=tmp_path).fit(module, digits)
     assert cb.policy.quantized_layers() and cb.policy.pruned_groups()
     assert export.last_export, "the export ran"
@@ -291,8 +337,16 @@ def test_quantizer_scales_get_no_weight_decay_and_the_split_optimizer_resumes(di
     from lightning_relief.compress.quantize import quantizer_parameters
 
     module = ClassifierModule(LeNet5(input_size=8), lr=1e-2, weight_decay=1e-3)
-    cb = SensitivityPruningCallback(target=0.5, metric="size", methods=("quantize",), bit_widths=(8,),
-                                    start_epoch=1, calibration_batches=2, recovery_steps=0, verbose=False)
+    cb = SensitivityPruningCallback(
+        target=0.5,
+        metric="size",
+        methods=("quantize",),
+        bit_widths=(8,),
+        start_epoch=1,
+        calibration_batches=2,
+        recovery_steps=0,
+        verbose=False,
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     seen = {}
 
@@ -301,8 +355,7 @@ def test_quantizer_scales_get_no_weight_decay_and_the_split_optimizer_resumes(di
             groups = trainer.optimizers[0].param_groups
             seen[trainer.current_epoch] = [(g["weight_decay"], g["lr"], {id(p) for p in g["params"]}) for g in groups]
 
-    trainer = quiet_trainer(max_epochs=3, callbacks=[cb, ckpt, Spy()], enable_checkpointing=True,
-                            default_root_dir=tmp_path)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[cb, ckpt, Spy()], enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(module, digits)
     scales = {id(p) for p in quantizer_parameters(module)}
     assert cb.policy.quantized_layers() and len(scales) == len(cb.policy.quantized_layers())
@@ -318,8 +371,9 @@ def test_quantizer_scales_get_no_weight_decay_and_the_split_optimizer_resumes(di
     # resuming after compression loads the two-group optimizer state into the rebuilt optimizer
     epoch1 = sorted((tmp_path / "ckpt").glob("epoch=1*.ckpt"))[0]
     resumed = ClassifierModule(LeNet5(input_size=8), lr=1e-2, weight_decay=1e-3)
-    resumed_cb = SensitivityPruningCallback(target=0.5, metric="size", methods=("quantize",), bit_widths=(8,),
-                                            start_epoch=1, verbose=False)
+    resumed_cb = SensitivityPruningCallback(
+        target=0.5, metric="size", methods=("quantize",), bit_widths=(8,), start_epoch=1, verbose=False
+    )
     trainer2 = quiet_trainer(max_epochs=3, callbacks=[resumed_cb], default_root_dir=tmp_path)
     trainer2.fit(resumed, digits, ckpt_path=epoch1)
     assert trainer2.current_epoch == 3

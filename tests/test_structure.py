@@ -56,7 +56,9 @@ def test_bad_rebuild_path_is_a_clear_error():
     module = ClassifierModule(MLP())
     with pytest.raises(ValueError, match="package.module:function"):
         record_structure(module, "no_colon_here", {})
-    with pytest.raises(UntrustedClassPathError, match=r"relief_structure\[0\].rebuild: 'nowhere.at_all:fn' is refused: not a known step"):
+    with pytest.raises(
+        UntrustedClassPathError, match=r"relief_structure\[0\].rebuild: 'nowhere.at_all:fn' is refused: not a known step"
+    ):
         module.on_load_checkpoint({STRUCTURE_KEY: [{"rebuild": "nowhere.at_all:fn", "spec": {}}]})
 
 

@@ -60,8 +60,9 @@ def test_failed_export_changes_neither_model_nor_checkpoint(tmp_path, trainer_fa
     module = ClassifierModule(net)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     export = TVMExportCallback(dirpath=tmp_path / "artifact", measure=False, strict=True)
-    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=1,
-                              callbacks=[checkpoint, export], enable_checkpointing=True)
+    trainer = trainer_factory(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[checkpoint, export], enable_checkpointing=True
+    )
     snapshot: dict = {}
 
     class Snapshot(TVMExportCallback):  # runs just before the export, in the same hook
@@ -112,8 +113,22 @@ def test_relief_export_from_checkpoint(tmp_path, trainer_factory, seed, capsys):
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
     before = sha(ckpt)
-    code = export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--data", "lightning_relief.DigitsDataModule",
-                        "--input-shape", "1,1,8,8", "--repeat", "2", "--number", "2"])
+    code = export_main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "out"),
+            "--data",
+            "lightning_relief.DigitsDataModule",
+            "--input-shape",
+            "1,1,8,8",
+            "--repeat",
+            "2",
+            "--number",
+            "2",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["top1_agreement"] == 1.0 and summary["latency_ms"] > 0

@@ -37,7 +37,8 @@ def test_moment_propagation_metrics_on_two_ranks_equal_the_direct_computation(se
     module = ClassifierModule(LeNet5(input_size=8, dropout=0.3))
     callback = MomentPropagationEvalCallback(ood_dataloader=DataLoader(x_ood, batch_size=25))
     trainer = quiet_trainer(
-        devices=2, callbacks=[callback],
+        devices=2,
+        callbacks=[callback],
         strategy=DDPStrategy(start_method="forkserver", timeout=timedelta(seconds=90)),
     )
     metrics = trainer.test(module, DataLoader(TensorDataset(x, y), batch_size=50), verbose=False)[0]

@@ -9,6 +9,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 @pytest.mark.parametrize("recipe", ["ensemble_digits", "bnn_digits"])
 def test_recipe_fits_tests_and_reloads(recipe, tmp_path, monkeypatch):
     from lightning_relief import ClassifierModule
@@ -16,11 +17,27 @@ def test_recipe_fits_tests_and_reloads(recipe, tmp_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / recipe
-    main([
-        "fit", "--config", f"recipes/{recipe}.yaml", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-        "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            f"recipes/{recipe}.yaml",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "3",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.limit_test_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+        ]
+    )
     last = next(out.rglob("last.ckpt"))
     module = ClassifierModule.load_from_checkpoint(last).eval()
     x = torch.randn(4, 1, 8, 8)
@@ -39,8 +56,8 @@ def test_recipe_fits_tests_and_reloads(recipe, tmp_path, monkeypatch):
 
 def test_temperature_scaling_example_in_the_docs_runs(tmp_path, monkeypatch):
     text = (ROOT / "docs" / "uncertainty.md").read_text()
-    section = text[text.index("## Temperature scaling"):]
-    code = section[section.index("```python") + len("```python"):]
+    section = text[text.index("## Temperature scaling") :]
+    code = section[section.index("```python") + len("```python") :]
     code = code[: code.index("```")]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

@@ -208,8 +208,7 @@ def test_bad_inputs_are_refused_with_a_clear_error():
     gen = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(20, 4, generator=gen)
     target = torch.randint(0, 4, (20,), generator=gen)
-    for function in (U.expected_calibration_error, U.negative_log_likelihood, U.brier_score,
-                     U.adaptive_calibration_error):
+    for function in (U.expected_calibration_error, U.negative_log_likelihood, U.brier_score, U.adaptive_calibration_error):
         with pytest.raises(ValueError, match="looks like logits"):
             function(logits, target)
     with pytest.raises(ValueError, match="looks like logits"):

@@ -126,8 +126,7 @@ def _two_rank_metrics(rank: int, init_file: str, out: str) -> None:
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         member, target, s_in, s_out = _ranked_data()
         rows = slice(0, 70) if rank == 0 else slice(70, None)  # 70 and 230 rows: a mean of means would differ

@@ -130,9 +130,7 @@ ZOO: dict[str, ZooModel] = {
     model.name: model
     for model in (
         ZooModel("resnet18", lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32), "digits"),
-        ZooModel(
-            "mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(num_classes=10), (3, 32, 32), "digits"
-        ),
+        ZooModel("mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(num_classes=10), (3, 32, 32), "digits"),
         ZooModel("conv1d_cnn", Conv1dCNN, (1, 40), "mnist1d"),
         ZooModel("transformer", TinyTransformer, (1, 40), "mnist1d"),
         ZooModel("gru", GRUClassifier, (1, 40), "mnist1d"),

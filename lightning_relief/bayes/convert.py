@@ -166,12 +166,17 @@ def to_bayesian(
     found = _unsupported(model)
     if found is not None:
         raise UnsupportedLayerError(
-            "to_bayesian", found[0], found[1], supported=SUPPORTED,
+            "to_bayesian",
+            found[0],
+            found[1],
+            supported=SUPPORTED,
             hint="Convert the supported parts yourself (to_bayesian(model.part)) or replace the layer",
         )
     names = [name for name, m in model.named_modules() if m.__class__ in _CONVERTIBLE]
     if not names:
-        raise UnsupportedModelError("to_bayesian", model, f"it has no Linear or Conv layer to make Bayesian (supported: {', '.join(SUPPORTED)})")
+        raise UnsupportedModelError(
+            "to_bayesian", model, f"it has no Linear or Conv layer to make Bayesian (supported: {', '.join(SUPPORTED)})"
+        )
     _warn_kept_parameters(model)
     target = model if inplace else copy.deepcopy(model)
     for name in names:

@@ -35,9 +35,7 @@ def kl_divergence(model: nn.Module) -> Tensor:
             sigma = nn.functional.softplus(getattr(layer, rho_name))
             prior_mu, prior_sigma = getattr(layer, prior_mu_name), getattr(layer, prior_sigma_name)
             kl = (
-                torch.log(prior_sigma) - torch.log(sigma)
-                + (sigma**2 + (mu - prior_mu) ** 2) / (2 * prior_sigma**2)
-                - 0.5
+                torch.log(prior_sigma) - torch.log(sigma) + (sigma**2 + (mu - prior_mu) ** 2) / (2 * prior_sigma**2) - 0.5
             ).sum()
             total = kl if total is None else total + kl
     if total is None:  # on the model's device, to be added to that device's loss

@@ -91,7 +91,9 @@ class PerRankNoise(Callback):
         self._begin(step_seed(self.seed, trainer.global_rank, self.batches_done))
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._end()
         self.batches_done += 1
 

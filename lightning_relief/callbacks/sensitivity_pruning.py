@@ -105,10 +105,22 @@ class SensitivityPruningCallback(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        self.config = CompressionConfig(target, tuple(methods) if not isinstance(methods, str) else methods,
-                                        tuple(prune_ratios), tuple(bit_widths), importance, tuple(ignored_layers),
-                                        search, candidates, tolerance, max_rounds, recovery_steps, recovery_lr,
-                                        grow=grow, seed=seed)
+        self.config = CompressionConfig(
+            target,
+            tuple(methods) if not isinstance(methods, str) else methods,
+            tuple(prune_ratios),
+            tuple(bit_widths),
+            importance,
+            tuple(ignored_layers),
+            search,
+            candidates,
+            tolerance,
+            max_rounds,
+            recovery_steps,
+            recovery_lr,
+            grow=grow,
+            seed=seed,
+        )
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
         if start_epoch is not None and start_epoch < 0:
@@ -129,8 +141,9 @@ class SensitivityPruningCallback(Callback):
         if not isinstance(meter, Meter):
             raise TypeError(f"meter must be a lightning_relief.compress.meter.Meter, got {type(meter).__name__}")
         if not meter.exact and "quantize" in self.config.methods and any(b > 8 for b in self.config.bit_widths):
-            raise ValueError(f"with a measured meter, bit_widths must be <= 8 (integer layers store int8), "
-                             f"got {list(self.config.bit_widths)}")
+            raise ValueError(
+                f"with a measured meter, bit_widths must be <= 8 (integer layers store int8), got {list(self.config.bit_widths)}"
+            )
         self.meter = meter
         self.metric = meter.metric
         self.calibration_batches = int(calibration_batches)
@@ -182,8 +195,12 @@ class SensitivityPruningCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (self.phase == "compressed" and self.finetune_epochs is not None and self._compress_epoch is not None
-                and trainer.current_epoch + 1 >= self._compress_epoch + self.finetune_epochs):
+        if (
+            self.phase == "compressed"
+            and self.finetune_epochs is not None
+            and self._compress_epoch is not None
+            and trainer.current_epoch + 1 >= self._compress_epoch + self.finetune_epochs
+        ):
             trainer.should_stop = True
 
     @override
@@ -192,8 +209,11 @@ class SensitivityPruningCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "compress_epoch": self._compress_epoch,
-                "result": None if self.result is None else self.result.state_dict()}
+        return {
+            "phase": self.phase,
+            "compress_epoch": self._compress_epoch,
+            "result": None if self.result is None else self.result.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -224,13 +244,15 @@ class SensitivityPruningCallback(Callback):
         # how many candidates get measured depends on timings; the fine-tuning that follows must not
         with isolated_seed(self.config.seed), uncompiled(pl_module):
             calibration, val, train, self.report["accuracy_on"] = fit_batches(
-                trainer, pl_module.device, self.calibration_batches, min(self.config.recovery_steps, 64), self.val_batches)
+                trainer, pl_module.device, self.calibration_batches, min(self.config.recovery_steps, 64), self.val_batches
+            )
             payload: Any = None
             if trainer.is_global_zero:
                 with Progress(self.verbose) as progress:
                     try:
-                        payload = plan(pl_module, calibration, self.config, self.meter, val, train, progress.task,
-                                       self.cache_dir).state_dict()
+                        payload = plan(
+                            pl_module, calibration, self.config, self.meter, val, train, progress.task, self.cache_dir
+                        ).state_dict()
                     except Exception as err:  # the other ranks wait in the broadcast: tell them, then raise
                         trainer.strategy.broadcast(("error", f"{type(err).__name__}: {err}"), src=0)
                         raise
@@ -248,19 +270,35 @@ class SensitivityPruningCallback(Callback):
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         result = self.result
         assert result is not None
-        self.report.update({"metric": result.metric, "unit": result.unit, "target": self.config.target,
-                            **{k: v for k, v in result.state_dict().items() if k not in ("sensitivity", "evaluated")},
-                            "chosen": result.chosen.to_dict(), "candidates": [c.to_dict() for c in result.evaluated]})
+        self.report.update(
+            {
+                "metric": result.metric,
+                "unit": result.unit,
+                "target": self.config.target,
+                **{k: v for k, v in result.state_dict().items() if k not in ("sensitivity", "evaluated")},
+                "chosen": result.chosen.to_dict(),
+                "candidates": [c.to_dict() for c in result.evaluated],
+            }
+        )
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: on every rank
         if trainer.is_global_zero:
             if self.verbose:
                 print_report(result.layers, result.evaluated, result.metric, unit=result.unit)
             write_json(log_dir / "compression_report.json", self.report)
-            pareto_plot(result.evaluated, result.original_cost, result.original_acc, self.config.target, result.metric,
-                        log_dir / "compression_pareto.png")
-        metrics = {"compress/cost_ratio": result.chosen.measured_cost / result.original_cost,
-                   "compress/candidates": float(len(result.evaluated)), "compress/plan_s": result.timings["plan_s"],
-                   "compress/params": float(sum(p.numel() for p in pl_module.parameters()))}
+            pareto_plot(
+                result.evaluated,
+                result.original_cost,
+                result.original_acc,
+                self.config.target,
+                result.metric,
+                log_dir / "compression_pareto.png",
+            )
+        metrics = {
+            "compress/cost_ratio": result.chosen.measured_cost / result.original_cost,
+            "compress/candidates": float(len(result.evaluated)),
+            "compress/plan_s": result.timings["plan_s"],
+            "compress/params": float(sum(p.numel() for p in pl_module.parameters())),
+        }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 

@@ -115,7 +115,9 @@ class TVMExportCallback(L.Callback):
             if self.strict:
                 raise
             self.last_export = {"error": f"{type(err).__name__}: {err}"}
-            rank_zero_warn(f"TVM export failed (the trained model and its checkpoints are unchanged): {self.last_export['error']}")
+            rank_zero_warn(
+                f"TVM export failed (the trained model and its checkpoints are unchanged): {self.last_export['error']}"
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -142,9 +144,7 @@ class TVMExportCallback(L.Callback):
         dirpath = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / self._default_folder()
         tuned = "tuned" if self.config.tuning else "untuned"
         rank_zero_info(f"TVM export: compiling for {resolve_target(self.target)} ({tuned})")
-        summary = export_model(
-            model, example, dirpath, self.config, verify_batch=batch, source_checkpoint=checkpoint
-        )
+        summary = export_model(model, example, dirpath, self.config, verify_batch=batch, source_checkpoint=checkpoint)
         self.last_export = summary
         metrics = {f"tvm_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if trainer.loggers and metrics:
@@ -184,7 +184,11 @@ class TVMExportCallback(L.Callback):
     @staticmethod
     def _real_batch(trainer: L.Trainer) -> Tensor | None:
         loaders: list[Any] = []
-        for getter in (lambda: trainer.val_dataloaders, lambda: trainer.datamodule.val_dataloader(), lambda: trainer.train_dataloader):
+        for getter in (
+            lambda: trainer.val_dataloaders,
+            lambda: trainer.datamodule.val_dataloader(),
+            lambda: trainer.train_dataloader,
+        ):
             try:
                 value = getter()
             except Exception:  # no datamodule / loader of that kind

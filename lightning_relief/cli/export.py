@@ -40,12 +40,22 @@ _DEFAULTS = _Defaults()
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relief export", description="Compile a checkpoint for a target with Apache TVM.")
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint to export")
-    p.add_argument("--target", default=_DEFAULTS.target, help='TVM target: "llvm" (this CPU), a board (rpi4, x86-avx2, x86-avx512), a JSON dict, or "llvm -mtriple=... -mcpu=..."')
+    p.add_argument(
+        "--target",
+        default=_DEFAULTS.target,
+        help='TVM target: "llvm" (this CPU), a board (rpi4, x86-avx2, x86-avx512), a JSON dict, or "llvm -mtriple=... -mcpu=..."',
+    )
     p.add_argument("--backend", default=_DEFAULTS.backend, help='"tvm", "onnxruntime", or a Backend class path')
     p.add_argument("--out", required=True, help="artifact folder (model.so, params.npz, metadata.json)")
     p.add_argument("--module-class", default=_DEFAULT_MODULE, help="LightningModule class path to load the checkpoint with")
-    p.add_argument("--input-shape", default=None, help="compile for this input shape, e.g. 1,1,8,8 (default: from the data or model)")
-    p.add_argument("--data", default=None, help="datamodule class path, rebuilt from the checkpoint's hyperparameters, for a real parity batch (e.g. lightning_relief.DigitsDataModule)")
+    p.add_argument(
+        "--input-shape", default=None, help="compile for this input shape, e.g. 1,1,8,8 (default: from the data or model)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="datamodule class path, rebuilt from the checkpoint's hyperparameters, for a real parity batch (e.g. lightning_relief.DigitsDataModule)",
+    )
     p.add_argument("--tuning-trials", type=int, default=0, help="MetaSchedule trials (0: untuned code)")
     p.add_argument("--tuning-dir", default=None, help="tuning database folder, reused across runs (default .relief_cache/tuning)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
@@ -54,8 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-top1", type=float, default=_DEFAULTS.min_top1_agreement, help="minimum top-1 agreement with PyTorch")
     p.add_argument("--repeat", type=int, default=_DEFAULTS.repeat)
     p.add_argument("--number", type=int, default=_DEFAULTS.number)
-    p.add_argument("--time-batch", type=int, default=_DEFAULTS.time_batch,
-                   help="batch size to time (default %(default)s; 0: the batch of the data or --input-shape)")
+    p.add_argument(
+        "--time-batch",
+        type=int,
+        default=_DEFAULTS.time_batch,
+        help="batch size to time (default %(default)s; 0: the batch of the data or --input-shape)",
+    )
     return p
 
 
@@ -106,8 +120,15 @@ def main(argv: Sequence[str]) -> int:
     tuning = TuningConfig(trials=args.tuning_trials, work_dir=args.tuning_dir) if args.tuning_trials else None
     try:
         config = ExportConfig(
-            target=args.target, tuning=tuning, verify=not args.no_verify, atol=args.atol, rtol=args.rtol,
-            min_top1_agreement=args.min_top1, repeat=args.repeat, number=args.number, time_batch=args.time_batch or None,
+            target=args.target,
+            tuning=tuning,
+            verify=not args.no_verify,
+            atol=args.atol,
+            rtol=args.rtol,
+            min_top1_agreement=args.min_top1,
+            repeat=args.repeat,
+            number=args.number,
+            time_batch=args.time_batch or None,
             backend=args.backend,
         )
     except (ValueError, TypeError) as err:

@@ -42,12 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relief robustness", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of the trained model")
     parser.add_argument("--config", required=True, help="the recipe it was trained with (path or shipped name)")
-    parser.add_argument("--noise", choices=sorted(NOISES), help="noise model (default: the recipe's strategy noise, else additive)")
+    parser.add_argument(
+        "--noise", choices=sorted(NOISES), help="noise model (default: the recipe's strategy noise, else additive)"
+    )
     parser.add_argument("--levels", type=float, nargs="+", help="σ values for Gaussian noise")
     parser.add_argument("--times", type=float, nargs="+", help="seconds since programming for --noise pcm")
     parser.add_argument("--repeats", type=int, default=5, help="noisy evaluations per level (default 5)")
     parser.add_argument("--split", default="test", choices=("val", "test"), help="data split (default test)")
-    parser.add_argument("--placement", nargs="+", choices=("weights", "outputs", "activations"), help="noise sites (default: the recipe's or the noise model's)")
+    parser.add_argument(
+        "--placement",
+        nargs="+",
+        choices=("weights", "outputs", "activations"),
+        help="noise sites (default: the recipe's or the noise model's)",
+    )
     parser.add_argument("--out", default=None, help="directory for the JSON and PNG (default: next to the checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -73,8 +80,12 @@ def _sections(config: dict[str, Any], source: str) -> Any:
     parser.add_argument("--placement", type=Optional[Union[Placement, str, Sequence[Union[Placement, str]]]], default=None)  # noqa: UP007, UP045
     strategy = (config.get("trainer") or {}).get("strategy")
     strategy_args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
-    given = {"model": config["model"], "data": config["data"],
-             "noise": strategy_args.get("noise"), "placement": strategy_args.get("placement")}
+    given = {
+        "model": config["model"],
+        "data": config["data"],
+        "noise": strategy_args.get("noise"),
+        "placement": strategy_args.get("placement"),
+    }
     try:
         built = parser.instantiate_classes(parser.parse_object(given))
     except (ArgumentError, ValueError, TypeError, ImportError) as err:
@@ -142,6 +153,8 @@ def main(argv: Sequence[str]) -> int:
     except (ValueError, TypeError) as err:
         fail(f"{type(err).__name__}: {err}", source=source)
     if (args.levels and noise.level_kind == "time") or (args.times and noise.level_kind != "time"):
-        print(f"relief: note: {type(noise).__name__} is swept over {'--times' if noise.level_kind == 'time' else '--levels'}; the other option was ignored")
+        print(
+            f"relief: note: {type(noise).__name__} is swept over {'--times' if noise.level_kind == 'time' else '--levels'}; the other option was ignored"
+        )
     print(f"wrote {out}/robustness_{type(noise).__name__.lower()}.json and .png")
     return 0

@@ -115,12 +115,18 @@ def apply_policy(
     calibration: Sequence[Tensor] = (),
 ) -> None:
     """Prune then quantize ``module`` in place, recording both steps; re-estimate BN, calibrate quantizers."""
-    apply_channels_and_bits(module, units.example_inputs[:1], channels_to_prune(units, order, policy),
-                            policy.quantized_layers(), calibration)
+    apply_channels_and_bits(
+        module, units.example_inputs[:1], channels_to_prune(units, order, policy), policy.quantized_layers(), calibration
+    )
 
 
-def apply_channels_and_bits(module: nn.Module, example: Tensor, groups: Mapping[str, Sequence[int]],
-                            bits: Mapping[str, int], calibration: Sequence[Tensor] = ()) -> None:
+def apply_channels_and_bits(
+    module: nn.Module,
+    example: Tensor,
+    groups: Mapping[str, Sequence[int]],
+    bits: Mapping[str, int],
+    calibration: Sequence[Tensor] = (),
+) -> None:
     """Remove ``groups`` (root -> output channel indices), re-estimate BN, quantize ``bits`` (layer -> bits)."""
     named = dict(module.named_modules())
     missing = [n for n in (*groups, *bits) if n not in named]

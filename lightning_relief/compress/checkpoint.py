@@ -11,8 +11,9 @@ import torch
 from lightning_relief.nn.structure import rebuild_structure
 
 
-def load_compressed(cls: type[L.LightningModule], checkpoint_path: str | Path, map_location: Any = "cpu",
-                    **kwargs: Any) -> L.LightningModule:
+def load_compressed(
+    cls: type[L.LightningModule], checkpoint_path: str | Path, map_location: Any = "cpu", **kwargs: Any
+) -> L.LightningModule:
     """Like ``cls.load_from_checkpoint``: build ``cls(**hparams, **kwargs)``, replay the recorded
     structure (pruning, quantized layers), then load the weights strictly. In eval mode.
 

@@ -101,8 +101,6 @@ class CostModel:
             self.scale = m[0] / t[0]
 
 
-
-
 class LatencyCostModel(CostModel):
     """Measured latency (ms) per layer from a table, with a measured whole-model overhead.
 
@@ -157,6 +155,7 @@ class LatencyCostModel(CostModel):
                 progress(n + 1, len(todo))
         return len(todo)
 
+
 def kept_channels(units: ModelUnits, ratios: Mapping[str, float]) -> list[int]:
     """Channels each group keeps under ``ratios`` (root -> ratio)."""
     return [g.channels - pruned_count(g.channels, ratios.get(g.root, 0.0)) for g in units.groups]
@@ -176,7 +175,9 @@ def layer_shape(units: ModelUnits, info: LayerInfo, kept: list[int]) -> tuple[in
     return cin, cout
 
 
-def policy_layer_costs(units: ModelUnits, cost: CostModel, ratios: Mapping[str, float], bits: Mapping[str, int]) -> dict[str, float]:
+def policy_layer_costs(
+    units: ModelUnits, cost: CostModel, ratios: Mapping[str, float], bits: Mapping[str, int]
+) -> dict[str, float]:
     kept = kept_channels(units, ratios)
     out = {}
     for info in units.layers:

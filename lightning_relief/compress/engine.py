@@ -172,19 +172,34 @@ class CompressionResult:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "policy": self.policy.to_dict(), "channels": self.channels, "input_shape": self.input_shape,
-            "evaluated": [c.to_dict() for c in self.evaluated], "sensitivity": self.sensitivity.state_dict(),
-            "original_cost": self.original_cost, "original_acc": self.original_acc, "metric": self.metric,
-            "unit": self.unit, "layers": self.layers, "calibration": self.calibration, "timings": self.timings,
+            "policy": self.policy.to_dict(),
+            "channels": self.channels,
+            "input_shape": self.input_shape,
+            "evaluated": [c.to_dict() for c in self.evaluated],
+            "sensitivity": self.sensitivity.state_dict(),
+            "original_cost": self.original_cost,
+            "original_acc": self.original_acc,
+            "metric": self.metric,
+            "unit": self.unit,
+            "layers": self.layers,
+            "calibration": self.calibration,
+            "timings": self.timings,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> CompressionResult:
         return cls(
-            CompressionPolicy.from_dict(state["policy"]), {k: [int(i) for i in v] for k, v in state["channels"].items()},
-            list(state["input_shape"]), [Candidate.from_dict(c) for c in state["evaluated"]],
-            SensitivityTable.from_state_dict(state["sensitivity"]), state["original_cost"], state["original_acc"],
-            state["metric"], state["unit"], state.get("layers", []), state.get("calibration", {}),
+            CompressionPolicy.from_dict(state["policy"]),
+            {k: [int(i) for i in v] for k, v in state["channels"].items()},
+            list(state["input_shape"]),
+            [Candidate.from_dict(c) for c in state["evaluated"]],
+            SensitivityTable.from_state_dict(state["sensitivity"]),
+            state["original_cost"],
+            state["original_acc"],
+            state["metric"],
+            state["unit"],
+            state.get("layers", []),
+            state.get("calibration", {}),
             state.get("timings", {}),
         )
 
@@ -232,17 +247,30 @@ def apply_plan(module: nn.Module, result: CompressionResult, calibration: Sequen
     apply_channels_and_bits(module, example, result.channels, result.policy.quantized_layers(), calibration)
 
 
-def compress(module: nn.Module, calibration: Sequence[Batch], config: CompressionConfig, meter: Meter,
-             validation: Sequence[Batch] | None = None, train: Sequence[Batch] | None = None,
-             progress: Progress = _no_progress) -> CompressionResult:
+def compress(
+    module: nn.Module,
+    calibration: Sequence[Batch],
+    config: CompressionConfig,
+    meter: Meter,
+    validation: Sequence[Batch] | None = None,
+    train: Sequence[Batch] | None = None,
+    progress: Progress = _no_progress,
+) -> CompressionResult:
     """:func:`plan` and :func:`apply_plan` in one: ``module`` ends up compressed."""
     result = plan(module, calibration, config, meter, validation, train, progress)
     apply_plan(module, result, [x for x, _ in calibration])
     return result
 
 
-def _baselines(units: ModelUnits, table: SensitivityTable, cost: CostModel, budget: float, config: CompressionConfig,
-               quant_layers: Sequence[str], round_: int) -> list[Candidate]:
+def _baselines(
+    units: ModelUnits,
+    table: SensitivityTable,
+    cost: CostModel,
+    budget: float,
+    config: CompressionConfig,
+    quant_layers: Sequence[str],
+    round_: int,
+) -> list[Candidate]:
     """Uniform pruning, 8-bit-only, and uniform pruning of an 8-bit model, at the predicted ``budget``."""
     out = []
     eight = {n: min(8, max(config.bit_widths)) for n in quant_layers} if config.bit_widths else {}
@@ -261,9 +289,16 @@ def _baselines(units: ModelUnits, table: SensitivityTable, cost: CostModel, budg
     return [c for _, c in out]
 
 
-def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionConfig, meter: Meter,
-         validation: Sequence[Batch] | None = None, train: Sequence[Batch] | None = None,
-         progress: Progress = _no_progress, cache_dir: str | None = None) -> CompressionResult:
+def plan(
+    module: nn.Module,
+    calibration: Sequence[Batch],
+    config: CompressionConfig,
+    meter: Meter,
+    validation: Sequence[Batch] | None = None,
+    train: Sequence[Batch] | None = None,
+    progress: Progress = _no_progress,
+    cache_dir: str | None = None,
+) -> CompressionResult:
     """Choose what to remove and quantize in ``module`` (left unchanged) to meet ``config.target``.
 
     ``calibration``: ``(x, y)`` batches for sensitivity, batch-norm re-estimation and quantizer scales;
@@ -280,25 +315,51 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
     train = list(train) if train else list(calibration)
     units = analyze(base, inputs[0][:1], config.ignored_layers)
     named = dict(base.named_modules())
-    quant_layers = [info.name for info in units.layers if info.name not in config.ignored_layers
-                    and isinstance(named[info.name], meter.quantizable_types)] if config.bit_widths else []
+    quant_layers = (
+        [
+            info.name
+            for info in units.layers
+            if info.name not in config.ignored_layers and isinstance(named[info.name], meter.quantizable_types)
+        ]
+        if config.bit_widths
+        else []
+    )
     if config.bit_widths:
         left = [i.name for i in units.layers if i.name not in quant_layers and i.name not in config.ignored_layers]
         if left:
-            warnings.warn(f"{PLUGIN}: {type(meter).__name__} cannot measure quantized {left} "
-                          f"(supported: {[t.__name__ for t in meter.quantizable_types]}); they stay float", stacklevel=2)
+            warnings.warn(
+                f"{PLUGIN}: {type(meter).__name__} cannot measure quantized {left} "
+                f"(supported: {[t.__name__ for t in meter.quantizable_types]}); they stay float",
+                stacklevel=2,
+            )
     if not (config.prune_ratios and units.groups) and not quant_layers:
-        raise UnsupportedModelError(PLUGIN, module, "nothing is compressible with these settings: no channel group "
-                                    "can be pruned (every one reaches the output or an ignored/unsupported layer) "
-                                    "and no layer can be quantized")
-    key = fingerprint(base, calibration, (config.prune_ratios, config.bit_widths, config.importance,
-                                          config.ignored_layers, quant_layers))
+        raise UnsupportedModelError(
+            PLUGIN,
+            module,
+            "nothing is compressible with these settings: no channel group "
+            "can be pruned (every one reaches the output or an ignored/unsupported layer) "
+            "and no layer can be quantized",
+        )
+    key = fingerprint(
+        base, calibration, (config.prune_ratios, config.bit_widths, config.importance, config.ignored_layers, quant_layers)
+    )
     if key in _SENSITIVITY_MEMO:
         table = _SENSITIVITY_MEMO[key]
     else:
-        table, _ = cached_sensitivity(cache_dir, key, lambda: compute_sensitivity(
-            base, units, calibration, config.prune_ratios, config.bit_widths, config.importance, quant_layers,
-            progress=progress("sensitivity")))
+        table, _ = cached_sensitivity(
+            cache_dir,
+            key,
+            lambda: compute_sensitivity(
+                base,
+                units,
+                calibration,
+                config.prune_ratios,
+                config.bit_widths,
+                config.importance,
+                quant_layers,
+                progress=progress("sensitivity"),
+            ),
+        )
         _SENSITIVITY_MEMO[key] = table
     t1 = time.perf_counter()
 
@@ -337,8 +398,7 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         evaluated.append(cand)
 
     # bad input first: if even the strongest compression misses the budget, say so before any edit
-    tightest = lagrangian_search(units, table, cost, 0.0, config.prune_ratios, config.bit_widths, quant_layers,
-                                 or_tightest=True)
+    tightest = lagrangian_search(units, table, cost, 0.0, config.prune_ratios, config.bit_widths, quant_layers, or_tightest=True)
     if tightest.predicted_cost > budget:
         tightest.extra["kind"] = "tightest"
         evaluate(tightest)
@@ -357,9 +417,22 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         predicted_budget = bracket.next()
         for round_ in range(config.max_rounds):
             anchors = [own[i].policy for i in bracket.anchors()]
-            fresh = propose_candidates(units, table, cost, predicted_budget, search, config.prune_ratios,
-                                       config.bit_widths, quant_layers, config.candidates, seen, anchors,
-                                       spread=max(config.tolerance, 0.01), centered=not meter.exact, round_=round_)
+            fresh = propose_candidates(
+                units,
+                table,
+                cost,
+                predicted_budget,
+                search,
+                config.prune_ratios,
+                config.bit_widths,
+                quant_layers,
+                config.candidates,
+                seen,
+                anchors,
+                spread=max(config.tolerance, 0.01),
+                centered=not meter.exact,
+                round_=round_,
+            )
             if baselines:
                 keys = {c.policy.key() for c in fresh} | seen
                 for cand in _baselines(units, table, cost, predicted_budget, config, quant_layers, round_):
@@ -405,8 +478,9 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
             for g in units.groups:
                 kept = g.channels - pruned_count(g.channels, current.policy.prune.get(g.root, 0.0))
                 for new in sorted({kept + 1, kept + 2, -(-(kept + 1) // 8) * 8}):
-                    policy = CompressionPolicy(prune={**current.policy.prune, g.root: (g.channels - new) / g.channels},
-                                               bits=dict(current.policy.bits))
+                    policy = CompressionPolicy(
+                        prune={**current.policy.prune, g.root: (g.channels - new) / g.channels}, bits=dict(current.policy.bits)
+                    )
                     if new <= g.channels and policy.key() not in seen:
                         seen.add(policy.key())
                         moves.append((accuracy(trial(policy), validation), policy))
@@ -414,8 +488,9 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
             for _, policy in sorted(moves, key=lambda m: -m[0]):
                 if spent >= config.grow:
                     return
-                cand = Candidate(policy, policy_cost(units, cost, policy.prune, policy.bits), 0.0, budget,
-                                 extra={"kind": "grown"})
+                cand = Candidate(
+                    policy, policy_cost(units, cost, policy.prune, policy.bits), 0.0, budget, extra={"kind": "grown"}
+                )
                 evaluate(cand)
                 spent += 1
                 if cand.measured_cost <= grown_to:
@@ -437,8 +512,9 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         if start.measured_cost >= budget * (1 - config.tolerance):
             return  # already at the budget: each measurement costs a compile and seconds of timing
         hi = start.extra["uniform_ratio"]
-        lo = max((c.extra["uniform_ratio"] for c in mine if c.measured_cost > high and c.extra["uniform_ratio"] < hi),
-                 default=0.0)
+        lo = max(
+            (c.extra["uniform_ratio"] for c in mine if c.measured_cost > high and c.extra["uniform_ratio"] < hi), default=0.0
+        )
 
         def counts(ratio: float) -> tuple[int, ...]:
             return tuple(pruned_count(g.channels, ratio) for g in units.groups)
@@ -451,8 +527,13 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         while steps and spent < config.grow:
             ratio = steps[len(steps) // 2]
             policy = CompressionPolicy(prune={g.root: ratio for g in units.groups}, bits=dict(start.policy.bits))
-            cand = Candidate(policy, policy_cost(units, cost, policy.prune, policy.bits), 0.0, budget,
-                             extra={"kind": kind, "uniform_ratio": ratio, "grown": True})
+            cand = Candidate(
+                policy,
+                policy_cost(units, cost, policy.prune, policy.bits),
+                0.0,
+                budget,
+                extra={"kind": kind, "uniform_ratio": ratio, "grown": True},
+            )
             evaluate(cand)
             spent += 1
             # measured cost falls as the ratio rises: keep the half that still brackets the budget
@@ -484,9 +565,12 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         best = min(c.measured_cost for c in evaluated)
         raise UnreachableTargetError(budget, best, original_cost, meter.unit, meter.metric)
     if not in_window and not meter.exact:
-        warnings.warn(f"{PLUGIN}: no candidate measured within {config.tolerance:.0%} of the {meter.metric} budget "
-                      f"{budget:.4g} {meter.unit} after {len(evaluated)} candidates; the closest under it measures "
-                      f"{max(c.measured_cost for c in feasible):.4g}", stacklevel=2)
+        warnings.warn(
+            f"{PLUGIN}: no candidate measured within {config.tolerance:.0%} of the {meter.metric} budget "
+            f"{budget:.4g} {meter.unit} after {len(evaluated)} candidates; the closest under it measures "
+            f"{max(c.measured_cost for c in feasible):.4g}",
+            stacklevel=2,
+        )
     if config.recovery_steps:
         # the search's prior (summed single-layer KL) misjudges hard cuts: score by accuracy after recovery
         advance = progress("recovering candidates")
@@ -517,17 +601,34 @@ def plan(module: nn.Module, calibration: Sequence[Batch], config: CompressionCon
         else:
             confirmed = [c for c in feasible if c.measured_cost <= high]
             if not confirmed:
-                warnings.warn(f"{PLUGIN}: no candidate was confirmed within the {meter.metric} budget by a fresh "
-                              f"measurement; the best-scored one is kept at {chosen.measured_cost:.4g} {meter.unit}, "
-                              f"{chosen.measured_cost / budget - 1:+.1%} of the budget {budget:.4g} (window "
-                              f"+{config.tolerance:.0%})", stacklevel=2)
+                warnings.warn(
+                    f"{PLUGIN}: no candidate was confirmed within the {meter.metric} budget by a fresh "
+                    f"measurement; the best-scored one is kept at {chosen.measured_cost:.4g} {meter.unit}, "
+                    f"{chosen.measured_cost / budget - 1:+.1%} of the budget {budget:.4g} (window "
+                    f"+{config.tolerance:.0%})",
+                    stacklevel=2,
+                )
             chosen = max(confirmed or [chosen], key=score)
     chosen.chosen = True
     t4 = time.perf_counter()
     return CompressionResult(
-        chosen.policy, channels_to_prune(units, table.order, chosen.policy), [1, *inputs[0].shape[1:]], evaluated,
-        table, original_cost, original_acc, meter.metric, meter.unit, layer_rows(units, table, cost, chosen.policy),
+        chosen.policy,
+        channels_to_prune(units, table.order, chosen.policy),
+        [1, *inputs[0].shape[1:]],
+        evaluated,
+        table,
+        original_cost,
+        original_acc,
+        meter.metric,
+        meter.unit,
+        layer_rows(units, table, cost, chosen.policy),
         calibration_info,
-        {"sensitivity_s": t1 - t0, "layer_table_s": t2 - t1, "candidates_s": t3 - t2, "recovery_s": t4 - t3,
-         "plan_s": t4 - t0, "sensitivity_table_s": table.seconds},
+        {
+            "sensitivity_s": t1 - t0,
+            "layer_table_s": t2 - t1,
+            "candidates_s": t3 - t2,
+            "recovery_s": t4 - t3,
+            "plan_s": t4 - t0,
+            "sensitivity_table_s": table.seconds,
+        },
     )

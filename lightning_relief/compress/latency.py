@@ -79,9 +79,18 @@ class LatencyMeter(Meter):
     # the deploy package's integer lowering knows these
     quantizable_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
-    def __init__(self, target: Any = "llvm", cache_dir: str | Path | None = None, batch: int = 1,
-                 tuning_trials: int = 0, repeat: int = 10, number: int = 10, cache: bool = True,
-                 compare_seconds: float = 6.0, backend: str = "tvm") -> None:
+    def __init__(
+        self,
+        target: Any = "llvm",
+        cache_dir: str | Path | None = None,
+        batch: int = 1,
+        tuning_trials: int = 0,
+        repeat: int = 10,
+        number: int = 10,
+        cache: bool = True,
+        compare_seconds: float = 6.0,
+        backend: str = "tvm",
+    ) -> None:
         from lightning_relief.deploy import ExportConfig, LayerLatencyTable, TuningConfig, get_backend
 
         check_target(target)
@@ -101,10 +110,10 @@ class LatencyMeter(Meter):
         self.ratio_dir = root / "latency_ratio" if root else None
         self.backend = get_backend(backend)
         # static batch: the search prices one shape, and TVM's static-shape code is the faster
-        self.export_config = ExportConfig(target=target, tuning=self.tuning, verify=False, measure=False,
-                                          dynamic_batch=False)
-        self.table = LayerLatencyTable(target, cache_dir=(root / "layers") if root else None, tuning=self.tuning,
-                                       batch=batch, repeat=repeat, number=number)
+        self.export_config = ExportConfig(target=target, tuning=self.tuning, verify=False, measure=False, dynamic_batch=False)
+        self.table = LayerLatencyTable(
+            target, cache_dir=(root / "layers") if root else None, tuning=self.tuning, batch=batch, repeat=repeat, number=number
+        )
         self.example_shape: tuple[int, ...] | None = None
         self.compiled_reference: Any = None  # the compiled original, once set_reference is called
         self.reference_ms: float | None = None
@@ -116,8 +125,18 @@ class LatencyMeter(Meter):
         if info.kind == "linear":
             rows = info.in_hw[0]
             return rows * self.table.latency_ms("linear", cin, cout, bits=table_bits(bits), bias=info.bias)
-        return self.table.latency_ms(info.kind, cin, cout, info.kernel, info.stride, info.padding, groups,
-                                     input_size=info.in_hw, bits=table_bits(bits), bias=info.bias)
+        return self.table.latency_ms(
+            info.kind,
+            cin,
+            cout,
+            info.kernel,
+            info.stride,
+            info.padding,
+            groups,
+            input_size=info.in_hw,
+            bits=table_bits(bits),
+            bias=info.bias,
+        )
 
     def cost_model(self, units: ModelUnits, module: nn.Module | None = None) -> LatencyCostModel:
         self.example_shape = (self.batch, *units.example_inputs.shape[1:])
@@ -173,11 +192,28 @@ class LatencyMeter(Meter):
         tvm = self.backend.name == "tvm"  # compare_latency/measure_latency compile it on a cache miss only
         candidate: Any = model if tvm else self.backend.compile(model, example, self.export_config)
         if self.compiled_reference is not None:
-            ratio = compare_latency(candidate, self.compiled_reference, example, self.target, rounds=self.repeat,
-                                    number=self.number, tuning=self.tuning, cache_dir=self.ratio_dir, cache=self.cache,
-                                    min_seconds=self.compare_seconds)
+            ratio = compare_latency(
+                candidate,
+                self.compiled_reference,
+                example,
+                self.target,
+                rounds=self.repeat,
+                number=self.number,
+                tuning=self.tuning,
+                cache_dir=self.ratio_dir,
+                cache=self.cache,
+                min_seconds=self.compare_seconds,
+            )
             return self.reference_ms * ratio.ratio
         if not tvm:
             return statistics.median(candidate.time(example, repeat=self.repeat, number=self.number)) * 1e3
-        return measure_latency(model, example, self.target, repeat=self.repeat, number=self.number,
-                               cache_dir=self.cache_dir, tuning=self.tuning, cache=self.cache).median_ms
+        return measure_latency(
+            model,
+            example,
+            self.target,
+            repeat=self.repeat,
+            number=self.number,
+            cache_dir=self.cache_dir,
+            tuning=self.tuning,
+            cache=self.cache,
+        ).median_ms

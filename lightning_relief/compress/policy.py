@@ -32,5 +32,7 @@ class CompressionPolicy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionPolicy:
-        return cls(prune={k: float(v) for k, v in data.get("prune", {}).items()},
-                   bits={k: int(v) for k, v in data.get("bits", {}).items()})
+        return cls(
+            prune={k: float(v) for k, v in data.get("prune", {}).items()},
+            bits={k: int(v) for k, v in data.get("bits", {}).items()},
+        )

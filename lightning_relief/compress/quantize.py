@@ -34,13 +34,27 @@ def quant_layer(layer: nn.Module, bits: int, act_bits: int = ACT_BITS) -> nn.Mod
 
     if not 2 <= bits <= 16:
         raise ValueError(f"weight bit width must be in [2, 16], got {bits}")
-    common = dict(weight_quant=Int8WeightPerChannelFloat, weight_bit_width=int(bits),
-                  input_quant=Int8ActPerTensorFloat, input_bit_width=int(act_bits), return_quant_tensor=False)
+    common = dict(
+        weight_quant=Int8WeightPerChannelFloat,
+        weight_bit_width=int(bits),
+        input_quant=Int8ActPerTensorFloat,
+        input_bit_width=int(act_bits),
+        return_quant_tensor=False,
+    )
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         cls = QuantConv1d if isinstance(layer, nn.Conv1d) else QuantConv2d
-        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                          bias=layer.bias is not None, padding_mode=layer.padding_mode, **common)
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            **common,
+        )
     elif isinstance(layer, nn.Linear):
         new = QuantLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, **common)
     else:
@@ -82,8 +96,9 @@ def calibrate_activations(model: nn.Module, inputs: Iterable[Tensor]) -> None:
     model.train(was_training)
 
 
-def apply_quantization(module: nn.Module, bits: Mapping[str, int], calibration: Iterable[Tensor] | None = None,
-                       act_bits: int = ACT_BITS) -> None:
+def apply_quantization(
+    module: nn.Module, bits: Mapping[str, int], calibration: Iterable[Tensor] | None = None, act_bits: int = ACT_BITS
+) -> None:
     """Quantize ``module``'s named layers, calibrate, and record the step for checkpoints."""
     if not bits:
         return
@@ -106,8 +121,11 @@ def quantized_bits(model: nn.Module) -> dict[str, int]:
     """The weight bit width of every brevitas layer in ``model``."""
     from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
 
-    return {name: int(m.weight_quant.bit_width().item()) for name, m in model.named_modules()
-            if isinstance(m, (QuantConv1d, QuantConv2d, QuantLinear))}
+    return {
+        name: int(m.weight_quant.bit_width().item())
+        for name, m in model.named_modules()
+        if isinstance(m, (QuantConv1d, QuantConv2d, QuantLinear))
+    }
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -129,8 +147,9 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
 _PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs")
 
 
-def exempt_quantizers_from_weight_decay(optimizer: torch.optim.Optimizer, model: nn.Module,
-                                        schedulers: Iterable[Any] = ()) -> int:
+def exempt_quantizers_from_weight_decay(
+    optimizer: torch.optim.Optimizer, model: nn.Module, schedulers: Iterable[Any] = ()
+) -> int:
     """Move quantizer parameters out of decayed param groups into copies with ``weight_decay=0``.
 
     Weight decay pulls a learned scale towards zero, and under Adam it moves it by about the learning
@@ -151,8 +170,7 @@ def exempt_quantizers_from_weight_decay(optimizer: torch.optim.Optimizer, model:
             continue
         count = len(optimizer.param_groups)
         group["params"] = [p for p in group["params"] if id(p) not in quant]
-        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": scales,
-                                   "weight_decay": 0.0})
+        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": scales, "weight_decay": 0.0})
         for scheduler in schedulers:
             for attr in _PER_GROUP:
                 values = getattr(scheduler, attr, None)

@@ -30,17 +30,26 @@ def layer_rows(units: ModelUnits, table: SensitivityTable, cost: CostModel, poli
             kl += table.prune.get(group, {}).get(ratio, float("nan"))
         if bits < FLOAT_BITS:
             kl += table.quant.get(info.name, {}).get(bits, float("nan"))
-        rows.append({
-            "layer": info.name, "kind": info.kind, "group": group, "ratio": ratio, "bits": bits,
-            "in": [cin0, cin1], "out": [cout0, cout1], "sensitivity": kl,
-            "cost_before": cost.layer_cost(info, cin0, cout0, FLOAT_BITS),
-            "cost_after": cost.layer_cost(info, cin1, cout1, bits),
-        })
+        rows.append(
+            {
+                "layer": info.name,
+                "kind": info.kind,
+                "group": group,
+                "ratio": ratio,
+                "bits": bits,
+                "in": [cin0, cin1],
+                "out": [cout0, cout1],
+                "sensitivity": kl,
+                "cost_before": cost.layer_cost(info, cin0, cout0, FLOAT_BITS),
+                "cost_after": cost.layer_cost(info, cin1, cout1, bits),
+            }
+        )
     return rows
 
 
-def print_report(rows: Sequence[dict[str, Any]], candidates: Sequence[Candidate], metric: str, console=None,
-                 unit: str | None = None) -> None:
+def print_report(
+    rows: Sequence[dict[str, Any]], candidates: Sequence[Candidate], metric: str, console=None, unit: str | None = None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -51,9 +60,14 @@ def print_report(rows: Sequence[dict[str, Any]], candidates: Sequence[Candidate]
         layers.add_column(col, justify="left" if col == "layer" else "right")
     for r in rows:
         layers.add_row(
-            r["layer"], f"{r['in'][0]}→{r['in'][1]}", f"{r['out'][0]}→{r['out'][1]}", f"{r['ratio']:.0%}",
-            "float" if r["bits"] >= FLOAT_BITS else str(r["bits"]), f"{r['sensitivity']:.2e}",
-            f"{r['cost_before']:.4g}", f"{r['cost_after']:.4g}",
+            r["layer"],
+            f"{r['in'][0]}→{r['in'][1]}",
+            f"{r['out'][0]}→{r['out'][1]}",
+            f"{r['ratio']:.0%}",
+            "float" if r["bits"] >= FLOAT_BITS else str(r["bits"]),
+            f"{r['sensitivity']:.2e}",
+            f"{r['cost_before']:.4g}",
+            f"{r['cost_after']:.4g}",
         )
     console.print(layers)
     cands = Table(title="evaluated candidates")
@@ -62,16 +76,27 @@ def print_report(rows: Sequence[dict[str, Any]], candidates: Sequence[Candidate]
     for c in candidates:
         recovered = c.extra.get("recovered_acc")
         cands.add_row(
-            str(c.round), str(c.extra.get("kind", "search")), f"{c.budget:.4g}", f"{c.predicted_cost:.4g}",
-            "-" if c.measured_cost is None else f"{c.measured_cost:.4g}", f"{c.sensitivity:.2e}",
-            "-" if c.val_acc is None else f"{c.val_acc:.4f}", "-" if recovered is None else f"{recovered:.4f}",
+            str(c.round),
+            str(c.extra.get("kind", "search")),
+            f"{c.budget:.4g}",
+            f"{c.predicted_cost:.4g}",
+            "-" if c.measured_cost is None else f"{c.measured_cost:.4g}",
+            f"{c.sensitivity:.2e}",
+            "-" if c.val_acc is None else f"{c.val_acc:.4f}",
+            "-" if recovered is None else f"{recovered:.4f}",
             "chosen" if c.chosen else "",
         )
     console.print(cands)
 
 
-def pareto_plot(candidates: Sequence[Candidate], original_cost: float, original_acc: float | None, target: float,
-                metric: str, path: str | Path) -> Path:
+def pareto_plot(
+    candidates: Sequence[Candidate],
+    original_cost: float,
+    original_acc: float | None,
+    target: float,
+    metric: str,
+    path: str | Path,
+) -> Path:
     """Measured cost ratio vs validation accuracy of every candidate, the chosen one marked."""
     import matplotlib
 

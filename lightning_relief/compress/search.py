@@ -41,24 +41,45 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {
-            "policy": self.policy.to_dict(), "predicted_cost": self.predicted_cost, "sensitivity": self.sensitivity,
-            "budget": self.budget, "measured_cost": self.measured_cost, "val_acc": self.val_acc,
-            "chosen": self.chosen, "round": self.round, **self.extra,
+            "policy": self.policy.to_dict(),
+            "predicted_cost": self.predicted_cost,
+            "sensitivity": self.sensitivity,
+            "budget": self.budget,
+            "measured_cost": self.measured_cost,
+            "val_acc": self.val_acc,
+            "chosen": self.chosen,
+            "round": self.round,
+            **self.extra,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> Candidate:
         known = {"policy", "predicted_cost", "sensitivity", "budget", "measured_cost", "val_acc", "chosen", "round"}
-        return cls(CompressionPolicy.from_dict(data["policy"]), data["predicted_cost"], data["sensitivity"],
-                   data["budget"], data.get("measured_cost"), data.get("val_acc"), data.get("chosen", False),
-                   data.get("round", 0), {k: v for k, v in data.items() if k not in known})
+        return cls(
+            CompressionPolicy.from_dict(data["policy"]),
+            data["predicted_cost"],
+            data["sensitivity"],
+            data["budget"],
+            data.get("measured_cost"),
+            data.get("val_acc"),
+            data.get("chosen", False),
+            data.get("round", 0),
+            {k: v for k, v in data.items() if k not in known},
+        )
 
 
 class _Problem:
     """Options, sensitivities and incremental costs of one search."""
 
-    def __init__(self, units: ModelUnits, table: SensitivityTable, cost: CostModel,
-                 prune_ratios: Sequence[float], bit_widths: Sequence[int], quant_layers: Sequence[str]) -> None:
+    def __init__(
+        self,
+        units: ModelUnits,
+        table: SensitivityTable,
+        cost: CostModel,
+        prune_ratios: Sequence[float],
+        bit_widths: Sequence[int],
+        quant_layers: Sequence[str],
+    ) -> None:
         self.units, self.cost = units, cost
         self.vars: list[tuple[str, str, list]] = []  # (kind, unit, options)
         self.sens: dict[tuple[str, str], dict] = {}
@@ -159,9 +180,17 @@ def _policy(problem: _Problem, state: Mapping) -> CompressionPolicy:
     return CompressionPolicy(prune=ratios, bits=bits)
 
 
-def lagrangian_search(units: ModelUnits, table: SensitivityTable, cost: CostModel, budget: float,
-                      prune_ratios: Sequence[float], bit_widths: Sequence[int], quant_layers: Sequence[str],
-                      iterations: int = 30, or_tightest: bool = False) -> Candidate:
+def lagrangian_search(
+    units: ModelUnits,
+    table: SensitivityTable,
+    cost: CostModel,
+    budget: float,
+    prune_ratios: Sequence[float],
+    bit_widths: Sequence[int],
+    quant_layers: Sequence[str],
+    iterations: int = 30,
+    or_tightest: bool = False,
+) -> Candidate:
     """The least-sensitivity policy whose predicted cost is at most ``budget``.
 
     If no policy is predicted to fit, raise ``ValueError`` or, with
@@ -178,8 +207,13 @@ def lagrangian_search(units: ModelUnits, table: SensitivityTable, cost: CostMode
     tightest = problem.descend(hi, base)
     if problem.total_cost(tightest) > budget:
         if or_tightest:
-            return Candidate(_policy(problem, tightest), problem.total_cost(tightest), problem.sensitivity(tightest),
-                             budget, extra={"tightest": True})
+            return Candidate(
+                _policy(problem, tightest),
+                problem.total_cost(tightest),
+                problem.sensitivity(tightest),
+                budget,
+                extra={"tightest": True},
+            )
         raise ValueError(
             f"target cost {budget:.4g} is out of reach: the strongest compression with these options costs "
             f"{problem.total_cost(tightest):.4g} (original {scale:.4g}); raise target or allow more ratios/bits"
@@ -206,8 +240,15 @@ def _interpolated(curve: Mapping[float, float], ratio: float) -> float:
     return points[-1][1]
 
 
-def uniform_search(units: ModelUnits, table: SensitivityTable | None, cost: CostModel, budget: float,
-                   max_ratio: float = 0.95, or_tightest: bool = False, bits: Mapping[str, int] | None = None) -> Candidate:
+def uniform_search(
+    units: ModelUnits,
+    table: SensitivityTable | None,
+    cost: CostModel,
+    budget: float,
+    max_ratio: float = 0.95,
+    or_tightest: bool = False,
+    bits: Mapping[str, int] | None = None,
+) -> Candidate:
     """The smallest ratio that, applied to every group alike, meets ``budget`` (the usual baseline);
     with ``bits``, on top of those layers quantized (the joint baseline)."""
     bits = dict(bits or {})
@@ -217,8 +258,13 @@ def uniform_search(units: ModelUnits, table: SensitivityTable | None, cost: Cost
 
     if cost_at(max_ratio) > budget:
         if or_tightest:
-            return Candidate(CompressionPolicy(prune={g.root: max_ratio for g in units.groups}, bits=bits),
-                             cost_at(max_ratio), 0.0, budget, extra={"uniform_ratio": max_ratio, "tightest": True})
+            return Candidate(
+                CompressionPolicy(prune={g.root: max_ratio for g in units.groups}, bits=bits),
+                cost_at(max_ratio),
+                0.0,
+                budget,
+                extra={"uniform_ratio": max_ratio, "tightest": True},
+            )
         raise ValueError(f"uniform pruning cannot reach cost {budget:.4g} (at ratio {max_ratio}: {cost_at(max_ratio):.4g})")
     lo, hi = 0.0, max_ratio
     if cost_at(0.0) <= budget:
@@ -240,9 +286,20 @@ def uniform_search(units: ModelUnits, table: SensitivityTable | None, cost: Cost
     return Candidate(CompressionPolicy(prune=ratios, bits=bits), cost_at(hi), sens, budget, extra={"uniform_ratio": hi})
 
 
-def search_candidates(units: ModelUnits, table: SensitivityTable | None, cost: CostModel, budget: float, method: str,
-                      prune_ratios: Sequence[float], bit_widths: Sequence[int], quant_layers: Sequence[str],
-                      count: int = 4, spread: float = 0.05, round_: int = 0, centered: bool = False) -> list[Candidate]:
+def search_candidates(
+    units: ModelUnits,
+    table: SensitivityTable | None,
+    cost: CostModel,
+    budget: float,
+    method: str,
+    prune_ratios: Sequence[float],
+    bit_widths: Sequence[int],
+    quant_layers: Sequence[str],
+    count: int = 4,
+    spread: float = 0.05,
+    round_: int = 0,
+    centered: bool = False,
+) -> list[Candidate]:
     """Up to ``count`` distinct policies for budgets ``budget · (1 − k·spread)``: a hedge for measurement.
 
     With ``centered`` the budgets straddle ``budget`` (``k − (count − 1)/2`` steps of ``spread``): for
@@ -265,9 +322,19 @@ def search_candidates(units: ModelUnits, table: SensitivityTable | None, cost: C
     return out
 
 
-def nearby_candidates(units: ModelUnits, table: SensitivityTable, cost: CostModel, anchors: Sequence[CompressionPolicy],
-                      predicted_budget: float, prune_ratios: Sequence[float], bit_widths: Sequence[int],
-                      quant_layers: Sequence[str], count: int, seen: set, round_: int = 0) -> list[Candidate]:
+def nearby_candidates(
+    units: ModelUnits,
+    table: SensitivityTable,
+    cost: CostModel,
+    anchors: Sequence[CompressionPolicy],
+    predicted_budget: float,
+    prune_ratios: Sequence[float],
+    bit_widths: Sequence[int],
+    quant_layers: Sequence[str],
+    count: int,
+    seen: set,
+    round_: int = 0,
+) -> list[Candidate]:
     """Policies one option away from ``anchors`` whose predicted cost is nearest ``predicted_budget``.
 
     The Lagrangian solutions are sparse in cost: between a candidate that measured too cheap and one
@@ -305,21 +372,59 @@ def nearby_candidates(units: ModelUnits, table: SensitivityTable, cost: CostMode
     return out
 
 
-def propose_candidates(units: ModelUnits, table: SensitivityTable, cost: CostModel, predicted_budget: float,
-                       method: str, prune_ratios: Sequence[float], bit_widths: Sequence[int],
-                       quant_layers: Sequence[str], count: int, seen: set, anchors: Sequence[CompressionPolicy] = (),
-                       spread: float = 0.05, centered: bool = True, round_: int = 0) -> list[Candidate]:
+def propose_candidates(
+    units: ModelUnits,
+    table: SensitivityTable,
+    cost: CostModel,
+    predicted_budget: float,
+    method: str,
+    prune_ratios: Sequence[float],
+    bit_widths: Sequence[int],
+    quant_layers: Sequence[str],
+    count: int,
+    seen: set,
+    anchors: Sequence[CompressionPolicy] = (),
+    spread: float = 0.05,
+    centered: bool = True,
+    round_: int = 0,
+) -> list[Candidate]:
     """One measurement round: up to ``count`` unmeasured policies around ``predicted_budget``.
 
     The search's own solutions come first; the rest are one-step neighbours of ``anchors`` (the
     measured candidates that bracket the target), for the Lagrangian search only, since a
     neighbour of a uniform policy is no longer uniform.
     """
-    found = [c for c in search_candidates(units, table, cost, predicted_budget, method, prune_ratios, bit_widths,
-                                          quant_layers, count=count, spread=spread, round_=round_, centered=centered)
-             if c.policy.key() not in seen]
+    found = [
+        c
+        for c in search_candidates(
+            units,
+            table,
+            cost,
+            predicted_budget,
+            method,
+            prune_ratios,
+            bit_widths,
+            quant_layers,
+            count=count,
+            spread=spread,
+            round_=round_,
+            centered=centered,
+        )
+        if c.policy.key() not in seen
+    ]
     if method == "lagrangian" and anchors and len(found) < count:
         taken = seen | {c.policy.key() for c in found}
-        found += nearby_candidates(units, table, cost, anchors, predicted_budget, prune_ratios, bit_widths,
-                                   quant_layers, count - len(found), taken, round_)
+        found += nearby_candidates(
+            units,
+            table,
+            cost,
+            anchors,
+            predicted_budget,
+            prune_ratios,
+            bit_widths,
+            quant_layers,
+            count - len(found),
+            taken,
+            round_,
+        )
     return found

@@ -217,7 +217,9 @@ def fingerprint(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], sett
     return digest.hexdigest()[:16]
 
 
-def cached_sensitivity(cache_dir: str | Path | None, key: str, compute: Callable[[], SensitivityTable]) -> tuple[SensitivityTable, bool]:
+def cached_sensitivity(
+    cache_dir: str | Path | None, key: str, compute: Callable[[], SensitivityTable]
+) -> tuple[SensitivityTable, bool]:
     """Load the table for ``key`` from ``cache_dir`` or compute and store it; returns (table, hit).
 
     Entries are written atomically (concurrent searches may share the folder); an entry
@@ -232,7 +234,9 @@ def cached_sensitivity(cache_dir: str | Path | None, key: str, compute: Callable
         pass
     except Exception as err:  # any unreadable entry is recomputed, never fatal
         cause = (str(err).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"sensitivity cache entry {path} is unreadable ({type(err).__name__}: {cause}); recomputing it", stacklevel=2)
+        warnings.warn(
+            f"sensitivity cache entry {path} is unreadable ({type(err).__name__}: {cause}); recomputing it", stacklevel=2
+        )
     table = compute()
     atomic_save(lambda f: torch.save(table.state_dict(), f), path)
     return table, False

@@ -91,8 +91,10 @@ def _layer_shapes(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[l
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
+
             def hook(mod, inputs, output, name=name):
                 shapes.setdefault(name, (list(inputs[0].shape), list(output.shape)))
+
             hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -151,7 +153,10 @@ def check_supported(model: nn.Module, ignored_layers: Sequence[str] = ()) -> Non
     if bad:
         name, module = bad[0]
         raise UnsupportedLayerError(
-            PLUGIN, name, module, SUPPORTED,
+            PLUGIN,
+            name,
+            module,
+            SUPPORTED,
             "list it (or its parent) in ignored_layers to leave it uncompressed and prune nothing it touches",
         )
 
@@ -170,32 +175,65 @@ def analyze(model: nn.Module, example_inputs: Tensor, ignored_layers: Sequence[s
     check_supported(model, ignored_layers)
     shapes = _layer_shapes(model, example_inputs)
     if not shapes:
-        raise UnsupportedModelError(PLUGIN, model, "no nn.Conv1d, nn.Conv2d or nn.Linear layer is reached by "
-                                    "forward(): there is nothing to prune or quantize")
+        raise UnsupportedModelError(
+            PLUGIN,
+            model,
+            "no nn.Conv1d, nn.Conv2d or nn.Linear layer is reached by forward(): there is nothing to prune or quantize",
+        )
     layers: list[LayerInfo] = []
     for name, (in_shape, out_shape) in shapes.items():
         module = named[name]
         if isinstance(module, nn.Conv2d):
-            layers.append(LayerInfo(
-                name, "conv2d", module.in_channels, module.out_channels, _pair(module.kernel_size),
-                _pair(module.stride), _pair(module.padding), module.groups,
-                (in_shape[-2], in_shape[-1]), (out_shape[-2], out_shape[-1]), module.bias is not None,
-            ))
+            layers.append(
+                LayerInfo(
+                    name,
+                    "conv2d",
+                    module.in_channels,
+                    module.out_channels,
+                    _pair(module.kernel_size),
+                    _pair(module.stride),
+                    _pair(module.padding),
+                    module.groups,
+                    (in_shape[-2], in_shape[-1]),
+                    (out_shape[-2], out_shape[-1]),
+                    module.bias is not None,
+                )
+            )
         elif isinstance(module, nn.Conv1d):
             if not isinstance(module.padding, tuple):
-                raise UnsupportedLayerError(PLUGIN, name, module, SUPPORTED,
-                                            f"padding={module.padding!r} is not supported; give it in numbers")
-            layers.append(LayerInfo(
-                name, "conv1d", module.in_channels, module.out_channels, (1, module.kernel_size[0]),
-                (1, module.stride[0]), (0, module.padding[0]), module.groups,
-                (1, in_shape[-1]), (1, out_shape[-1]), module.bias is not None,
-            ))
+                raise UnsupportedLayerError(
+                    PLUGIN, name, module, SUPPORTED, f"padding={module.padding!r} is not supported; give it in numbers"
+                )
+            layers.append(
+                LayerInfo(
+                    name,
+                    "conv1d",
+                    module.in_channels,
+                    module.out_channels,
+                    (1, module.kernel_size[0]),
+                    (1, module.stride[0]),
+                    (0, module.padding[0]),
+                    module.groups,
+                    (1, in_shape[-1]),
+                    (1, out_shape[-1]),
+                    module.bias is not None,
+                )
+            )
         else:
             rows = 1
             for d in out_shape[1:-1]:
                 rows *= d
-            layers.append(LayerInfo(name, "linear", module.in_features, module.out_features,
-                                    in_hw=(rows, 1), out_hw=(rows, 1), bias=module.bias is not None))
+            layers.append(
+                LayerInfo(
+                    name,
+                    "linear",
+                    module.in_features,
+                    module.out_features,
+                    in_hw=(rows, 1),
+                    out_hw=(rows, 1),
+                    bias=module.bias is not None,
+                )
+            )
     by_name = {info.name: info for info in layers}
     classifier = layers[-1].name
     graph = build_graph(model, example_inputs)

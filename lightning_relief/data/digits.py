@@ -101,9 +101,7 @@ class DigitsDataModule(SplitDataModule):
             mask = np.isin(targets, self.heldout_classes)
             in_dist, ood_idx = indices[~mask], indices[mask]
         holdout = self.hparams["val_fraction"] + self.hparams["test_fraction"]
-        train, rest = train_test_split(
-            in_dist, test_size=holdout, random_state=self.seed, stratify=targets[in_dist]
-        )
+        train, rest = train_test_split(in_dist, test_size=holdout, random_state=self.seed, stratify=targets[in_dist])
         val, test = train_test_split(
             rest,
             test_size=self.hparams["test_fraction"] / holdout,
@@ -130,8 +128,7 @@ class DigitsDataModule(SplitDataModule):
         ood_targets = targets[idx["ood"]] if self.ood == "heldout" else targets[idx["test"]]
         mean, std = (images[idx["train"]].mean(), images[idx["train"]].std()) if self.normalize else (0.0, 1.0)
         self._splits = {
-            name: TensorDataset((images[idx[name]] - mean) / std, targets[idx[name]])
-            for name in ("train", "val", "test")
+            name: TensorDataset((images[idx[name]] - mean) / std, targets[idx[name]]) for name in ("train", "val", "test")
         }
         if self.ood is not None:
             self._splits["ood"] = TensorDataset((ood_images - mean) / std, ood_targets)

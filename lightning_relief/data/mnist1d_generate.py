@@ -91,7 +91,9 @@ def generate(args: MNIST1DArgs = PAPER) -> dict[str, np.ndarray]:
     if args.num_samples < 10 or not 0 < args.train_split < 1:
         raise ValueError(f"num_samples must be >= 10 and train_split in (0, 1), got {args.num_samples}, {args.train_split}")
     if args.length < 2 or args.max_translation < 1 or args.padding[0] > args.padding[1]:
-        raise ValueError(f"bad MNIST-1D sizes: length={args.length}, max_translation={args.max_translation}, padding={args.padding}")
+        raise ValueError(
+            f"bad MNIST-1D sizes: length={args.length}, max_translation={args.max_translation}, padding={args.padding}"
+        )
     rng = np.random.RandomState(args.seed)
     shapes = templates()
     per_class = args.num_samples // len(shapes)

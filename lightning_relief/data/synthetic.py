@@ -64,8 +64,9 @@ class SyntheticDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self.dataset("train"), batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
+        )
 
     @override
     def val_dataloader(self) -> DataLoader:

@@ -64,8 +64,11 @@ class LatencyRatio:
         return min(self.reference_rounds_ms)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "candidate_rounds_ms": list(self.candidate_rounds_ms),
-                "reference_rounds_ms": list(self.reference_rounds_ms)}
+        return {
+            "ratio": self.ratio,
+            "candidate_rounds_ms": list(self.candidate_rounds_ms),
+            "reference_rounds_ms": list(self.reference_rounds_ms),
+        }
 
 
 def _prepare(model: Any, inputs: tuple, target: TargetLike, tuning: TuningConfig | None):

@@ -44,9 +44,9 @@ def build_graph(
         executable = tvm.compile(mod, target=tvm_target)
     except Exception as err:
         raise DeployError(f"TVM compilation for {target_key(tvm_target)} failed: {str(err).splitlines()[-1]}") from err
-    transform = config is not None and config.weight_prepack and "main_transform_params" in {
-        g.name_hint for g in mod.get_global_vars()
-    }
+    transform = (
+        config is not None and config.weight_prepack and "main_transform_params" in {g.name_hint for g in mod.get_global_vars()}
+    )
     metadata: dict[str, Any] = {
         "format": 1,
         "inputs": graph.inputs,

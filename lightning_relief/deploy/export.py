@@ -64,8 +64,12 @@ def export_model(
         summary["not_run_here"] = f"code for {target_arch(config.target)}: check parity and time it on the board (RemoteDevice)"
     if config.verify and not foreign:
         report = check_parity(
-            model, compiled, verify_batch if verify_batch is not None else example,
-            atol=config.atol, rtol=config.rtol, min_top1_agreement=config.min_top1_agreement,
+            model,
+            compiled,
+            verify_batch if verify_batch is not None else example,
+            atol=config.atol,
+            rtol=config.rtol,
+            min_top1_agreement=config.min_top1_agreement,
         )
         compiled.metadata["parity"] = report.as_dict()
         summary.update(max_abs_error=report.max_abs_error, top1_agreement=report.top1_agreement)
@@ -74,8 +78,12 @@ def export_model(
     if config.measure and not foreign:
         timed = timing_input(compiled, example, config.time_batch)
         result = measure_latency(compiled, timed, repeat=config.repeat, number=config.number, cache=False)
-        summary.update(latency_ms=result.median_ms, latency_iqr_ms=result.iqr_ms,
-                       latency_batch_size=int(timed.shape[0]), latency_input_shape=list(timed.shape))
+        summary.update(
+            latency_ms=result.median_ms,
+            latency_iqr_ms=result.iqr_ms,
+            latency_batch_size=int(timed.shape[0]),
+            latency_input_shape=list(timed.shape),
+        )
     return summary
 
 
@@ -89,8 +97,9 @@ def timing_input(compiled: Any, example: Tensor, time_batch: int | None) -> Tens
     return example.repeat((-(-rows // example.shape[0]),) + (1,) * (example.dim() - 1))[:rows]
 
 
-def _export_with(config: ExportConfig, model: nn.Module, example: Tensor, dirpath: str | os.PathLike,
-                 verify_batch: Tensor | None) -> dict[str, Any]:
+def _export_with(
+    config: ExportConfig, model: nn.Module, example: Tensor, dirpath: str | os.PathLike, verify_batch: Tensor | None
+) -> dict[str, Any]:
     """The same steps through another :class:`~lightning_relief.deploy.backend.Backend`."""
     import statistics
 
@@ -118,6 +127,9 @@ def _export_with(config: ExportConfig, model: nn.Module, example: Tensor, dirpat
     if config.measure:
         timed = timing_input(artifact, example, config.time_batch)
         seconds = artifact.time(timed, repeat=config.repeat, number=config.number)
-        summary.update(latency_ms=statistics.median(seconds) * 1e3, latency_batch_size=int(timed.shape[0]),
-                       latency_input_shape=list(timed.shape))
+        summary.update(
+            latency_ms=statistics.median(seconds) * 1e3,
+            latency_batch_size=int(timed.shape[0]),
+            latency_input_shape=list(timed.shape),
+        )
     return summary

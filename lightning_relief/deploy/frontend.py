@@ -50,7 +50,9 @@ def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
     if isinstance(example_inputs, (Tensor, np.ndarray)):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, Sequence) or not example_inputs:
-        raise TypeError(f"example_inputs must be a tensor or a non-empty sequence of tensors, got {type(example_inputs).__name__}")
+        raise TypeError(
+            f"example_inputs must be a tensor or a non-empty sequence of tensors, got {type(example_inputs).__name__}"
+        )
     out = []
     for i, x in enumerate(example_inputs):
         if isinstance(x, np.ndarray):
@@ -126,7 +128,9 @@ def _trace_inputs(inputs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[tupl
     return inputs, True
 
 
-def export_program(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[torch.export.ExportedProgram, bool]:
+def export_program(
+    model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool
+) -> tuple[torch.export.ExportedProgram, bool]:
     """``torch.export`` with a dynamic batch dimension where the model allows one."""
     traced, dynamic = _trace_inputs(inputs, dynamic_batch)
     if dynamic:

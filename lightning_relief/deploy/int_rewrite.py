@@ -60,8 +60,15 @@ class _Rewriter(PyExprMutator):
         if call.op in (_CONV, _CONV1D):
             attrs = call.attrs
             new = (relax.op.nn.conv2d if call.op == _CONV else relax.op.nn.conv1d)(
-                a, b, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation, groups=attrs.groups,
-                data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout,
+                a,
+                b,
+                strides=attrs.strides,
+                padding=attrs.padding,
+                dilation=attrs.dilation,
+                groups=attrs.groups,
+                data_layout=attrs.data_layout,
+                kernel_layout=attrs.kernel_layout,
+                out_layout=attrs.out_layout,
                 out_dtype="int32",
             )
         else:

@@ -50,7 +50,7 @@ class LatencyResult:
     @classmethod
     def from_seconds(cls, seconds: list[float], **fields: Any) -> LatencyResult:
         ms = [s * 1e3 for s in seconds]
-        q1, q3 = (np.percentile(ms, [25, 75]) if len(ms) > 1 else (ms[0], ms[0]))
+        q1, q3 = np.percentile(ms, [25, 75]) if len(ms) > 1 else (ms[0], ms[0])
         return cls(
             median_ms=float(statistics.median(ms)),
             iqr_ms=float(q3 - q1),
@@ -88,7 +88,9 @@ def _cache(cache_dir: str | os.PathLike | None) -> JsonCache:
     return JsonCache(Path(cache_dir) if cache_dir is not None else default_cache_dir() / "latency")
 
 
-def latency_key(graph_hash: str, inputs: list[dict[str, Any]], target: TargetLike, tuning: TuningConfig | None, remote: Any) -> dict[str, Any]:
+def latency_key(
+    graph_hash: str, inputs: list[dict[str, Any]], target: TargetLike, tuning: TuningConfig | None, remote: Any
+) -> dict[str, Any]:
     return {
         "v": CACHE_VERSION,
         "graph": graph_hash,
@@ -165,7 +167,12 @@ def measure_latency(
         compiled = build_graph(graph, target, config)
     seconds = time_compiled(compiled, inputs, repeat, number, remote)
     result = LatencyResult.from_seconds(
-        seconds, repeat=repeat, number=number, cached=False, tuned=config is not None, target=target_key(target),
+        seconds,
+        repeat=repeat,
+        number=number,
+        cached=False,
+        tuned=config is not None,
+        target=target_key(target),
         key=str(key["graph"]),
     )
     if store is not None:

@@ -94,13 +94,29 @@ class LayerSpec:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         if kind == "conv1d":  # a unit first axis: (1, k), (1, stride), (0, padding), (1, length)
             spec = cls(
-                "conv1d", in_channels, out_channels, (1, _last(kernel_size)), (1, _last(stride)), (0, _last(padding)),
-                groups, (1, _last(input_size)), bits, bias,
+                "conv1d",
+                in_channels,
+                out_channels,
+                (1, _last(kernel_size)),
+                (1, _last(stride)),
+                (0, _last(padding)),
+                groups,
+                (1, _last(input_size)),
+                bits,
+                bias,
             )
         else:
             spec = cls(
-                "conv2d", in_channels, out_channels, _pair(kernel_size, "kernel_size"), _pair(stride, "stride"),
-                _pair(padding, "padding"), groups, _pair(input_size, "input_size"), bits, bias,
+                "conv2d",
+                in_channels,
+                out_channels,
+                _pair(kernel_size, "kernel_size"),
+                _pair(stride, "stride"),
+                _pair(padding, "padding"),
+                groups,
+                _pair(input_size, "input_size"),
+                bits,
+                bias,
             )
         out = [(i + 2 * p - k) // s + 1 for i, p, k, s in zip(spec.input_size, spec.padding, spec.kernel_size, spec.stride)]
         if min(out) < 1:
@@ -117,13 +133,29 @@ class LayerSpec:
             return cls.make("linear", module.in_features, module.out_features, bits=bits, bias=module.bias is not None)
         if isinstance(module, nn.Conv1d) or len(getattr(module, "kernel_size", ())) == 1:
             return cls.make(
-                "conv1d", module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                module.groups, input_size, bits, getattr(module, "bias", None) is not None,
+                "conv1d",
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.groups,
+                input_size,
+                bits,
+                getattr(module, "bias", None) is not None,
             )
         if isinstance(module, nn.Conv2d) or hasattr(module, "kernel_size"):
             return cls.make(
-                "conv2d", module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                module.groups, input_size, bits, getattr(module, "bias", None) is not None,
+                "conv2d",
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.groups,
+                input_size,
+                bits,
+                getattr(module, "bias", None) is not None,
             )
         raise TypeError(f"expected an nn.Conv2d or nn.Linear, got {type(module).__name__}")
 
@@ -140,12 +172,24 @@ class LayerSpec:
         if self.kind == "linear":
             layer: nn.Module = nn.Linear(self.in_channels, self.out_channels, bias=self.bias)
         elif self.kind == "conv1d":
-            layer = nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size[1], self.stride[1], self.padding[1],
-                              groups=self.groups, bias=self.bias)
+            layer = nn.Conv1d(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size[1],
+                self.stride[1],
+                self.padding[1],
+                groups=self.groups,
+                bias=self.bias,
+            )
         else:
             layer = nn.Conv2d(
-                self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                groups=self.groups, bias=self.bias,
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                groups=self.groups,
+                bias=self.bias,
             )
         with torch.no_grad():
             for p in layer.parameters():
@@ -213,8 +257,14 @@ class LayerLatencyTable:
         layer = spec.build()
         example = torch.randn(spec.input_shape(self.batch), generator=torch.Generator().manual_seed(1))
         result = measure_latency(
-            layer, example, self.target, repeat=self.repeat, number=self.number,
-            cache_dir=self.cache_dir / "graphs", tuning=self.tuning, remote=self.remote,
+            layer,
+            example,
+            self.target,
+            repeat=self.repeat,
+            number=self.number,
+            cache_dir=self.cache_dir / "graphs",
+            tuning=self.tuning,
+            remote=self.remote,
         )
         self._index.put(key, result.as_dict())
         return result
@@ -250,9 +300,7 @@ class LayerLatencyTable:
         **fixed: Any,
     ) -> list[dict[str, Any]]:
         """Measure every (in, out, bits) combination; rows of spec fields plus ``median_ms``."""
-        specs = [
-            LayerSpec.make(kind, i, o, bits=b, **fixed) for i in in_channels for o in out_channels for b in bits
-        ]
+        specs = [LayerSpec.make(kind, i, o, bits=b, **fixed) for i in in_channels for o in out_channels for b in bits]
         rows = []
         iterator: Iterable[LayerSpec] = specs
         if progress:

@@ -47,7 +47,12 @@ class OnnxRuntimeBackend:
         names = [f"input{i}" for i in range(len(inputs))]
         try:
             program = torch.onnx.export(
-                clone, traced, None, input_names=names, dynamo=True, verbose=False,
+                clone,
+                traced,
+                None,
+                input_names=names,
+                dynamo=True,
+                verbose=False,
                 dynamic_shapes=tuple({0: batch} for _ in traced) if dynamic else None,
             )
         except Exception as err:
@@ -62,7 +67,10 @@ class OnnxRuntimeBackend:
             "single_output": not isinstance(out, (tuple, list)),
             "dynamic_batch": dynamic,
             "target": "onnxruntime-cpu",
-            "versions": {"onnxruntime": require("onnxruntime", "the ONNX Runtime backend").__version__, "torch": torch.__version__},
+            "versions": {
+                "onnxruntime": require("onnxruntime", "the ONNX Runtime backend").__version__,
+                "torch": torch.__version__,
+            },
         }
         return OnnxArtifact(program.model_proto.SerializeToString(), metadata, self.threads)
 

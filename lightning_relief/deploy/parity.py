@@ -67,7 +67,9 @@ def _exceeds(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> tupl
     return err > atol + rtol * scale or not np.isfinite(err), err
 
 
-def compare(reference: Any, compiled_out: Any, atol: float = 1e-4, rtol: float = 1e-4, min_top1_agreement: float = 0.99) -> ParityReport:
+def compare(
+    reference: Any, compiled_out: Any, atol: float = 1e-4, rtol: float = 1e-4, min_top1_agreement: float = 0.99
+) -> ParityReport:
     """Compare two (possibly tuple) outputs; top-1 agreement on the first 2-D output."""
     refs, gots = _flat_outputs(reference), _flat_outputs(compiled_out)
     if len(refs) != len(gots):
@@ -188,5 +190,10 @@ def check_parity(
         hint = ""
         if not report.first_divergent:
             hint = "; no single layer diverges in a probe compile" if locate else "; layer not located (locate=False)"
-        raise ParityError(f"TVM output differs from PyTorch: {report.summary()}{hint}", report, report.first_divergent, report.first_divergent_type)
+        raise ParityError(
+            f"TVM output differs from PyTorch: {report.summary()}{hint}",
+            report,
+            report.first_divergent,
+            report.first_divergent_type,
+        )
     return report

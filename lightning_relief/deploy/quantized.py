@@ -135,8 +135,18 @@ class _IntegerLayer(nn.Module):
 class IntegerConv2d(_IntegerLayer):
     """A conv2d on an integer grid: int8 weights, int32 accumulation, float requantization."""
 
-    def __init__(self, weight_int: Tensor, weight_scale: Tensor, weight_bits: int, bias: Tensor | None, stride=1,
-                 padding=0, dilation=1, groups: int = 1, **input_quant: Any) -> None:
+    def __init__(
+        self,
+        weight_int: Tensor,
+        weight_scale: Tensor,
+        weight_bits: int,
+        bias: Tensor | None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        **input_quant: Any,
+    ) -> None:
         super().__init__(weight_int, weight_scale, weight_bits, bias, **input_quant)
         self.stride, self.padding, self.dilation, self.groups = _pair(stride), _pair(padding), _pair(dilation), groups
         self.in_channels = weight_int.shape[1] * groups
@@ -150,8 +160,18 @@ class IntegerConv2d(_IntegerLayer):
 class IntegerConv1d(_IntegerLayer):
     """A conv1d on an integer grid: int8 weights, int32 accumulation, float requantization."""
 
-    def __init__(self, weight_int: Tensor, weight_scale: Tensor, weight_bits: int, bias: Tensor | None, stride=1,
-                 padding=0, dilation=1, groups: int = 1, **input_quant: Any) -> None:
+    def __init__(
+        self,
+        weight_int: Tensor,
+        weight_scale: Tensor,
+        weight_bits: int,
+        bias: Tensor | None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        **input_quant: Any,
+    ) -> None:
         if weight_int.dim() != 3:
             raise ValueError(f"IntegerConv1d expects (out, in/groups, k) weights, got shape {tuple(weight_int.shape)}")
         super().__init__(weight_int, weight_scale, weight_bits, bias, **input_quant)
@@ -168,7 +188,9 @@ class IntegerConv1d(_IntegerLayer):
 class IntegerLinear(_IntegerLayer):
     """A linear layer on an integer grid: int8 weights, int32 accumulation, float requantization."""
 
-    def __init__(self, weight_int: Tensor, weight_scale: Tensor, weight_bits: int, bias: Tensor | None, **input_quant: Any) -> None:
+    def __init__(
+        self, weight_int: Tensor, weight_scale: Tensor, weight_bits: int, bias: Tensor | None, **input_quant: Any
+    ) -> None:
         super().__init__(weight_int, weight_scale, weight_bits, bias, **input_quant)
         self.in_features, self.out_features = weight_int.shape[1], weight_int.shape[0]
 
@@ -208,6 +230,7 @@ def integer_layer_from_float(
 
 # -- brevitas ------------------------------------------------------------------
 
+
 def _value(x: Any) -> float:
     return float(torch.as_tensor(x).detach().reshape(-1)[0])
 
@@ -235,9 +258,7 @@ def default_example_input(model: nn.Module) -> Tensor:
             return torch.zeros(1, args["in_channels"], 16, 16)
         if "length" in args:  # a 1-D signal of one channel (MNIST1DCNN)
             return torch.zeros(1, 1, args["length"])
-    raise ValueError(
-        f"cannot tell the input shape of {type(model).__name__}: pass example_inputs to lower_quantized"
-    )
+    raise ValueError(f"cannot tell the input shape of {type(model).__name__}: pass example_inputs to lower_quantized")
 
 
 def _calibrate(model: nn.Module, example_inputs: Any) -> dict[str, dict[str, Any]]:
@@ -249,6 +270,7 @@ def _calibrate(model: nn.Module, example_inputs: Any) -> dict[str, dict[str, Any
     def keep(name: str, field: str):
         def hook(_module, _inputs, output):
             captured.setdefault(name, {})[field] = output
+
         return hook
 
     for name, module in model.named_modules():
@@ -290,16 +312,27 @@ def _lower_layer(name: str, module: nn.Module, seen: dict[str, Any]) -> nn.Modul
     quant_in = seen[name]["input"]
     input_quant: dict[str, Any] = {"input_scale": None}
     if isinstance(quant_in, QuantTensor):
-        info = _quant_info(quant_in, module.input_quant if module.input_quant.is_quant_enabled else None, f"module '{name}' ({kind}) input")
-        input_quant = {"input_scale": info["scale"], "input_bits": info["bits"], "input_signed": info["signed"], "input_narrow": info["narrow"]}
+        info = _quant_info(
+            quant_in, module.input_quant if module.input_quant.is_quant_enabled else None, f"module '{name}' ({kind}) input"
+        )
+        input_quant = {
+            "input_scale": info["scale"],
+            "input_bits": info["bits"],
+            "input_signed": info["signed"],
+            "input_narrow": info["narrow"],
+        }
     bias_value = seen[name].get("bias")
     bias = None
     if module.bias is not None:
-        bias = bias_value.value if isinstance(bias_value, QuantTensor) else (bias_value if bias_value is not None else module.bias)
+        bias = (
+            bias_value.value if isinstance(bias_value, QuantTensor) else (bias_value if bias_value is not None else module.bias)
+        )
     if isinstance(module, (qnn.QuantConv1d, qnn.QuantConv2d)):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError(f"module '{name}' ({kind}): padding {module.padding_mode!r}/{module.padding!r} is not "
-                             "supported (zero padding given in numbers is)")
+            raise ValueError(
+                f"module '{name}' ({kind}): padding {module.padding_mode!r}/{module.padding!r} is not "
+                "supported (zero padding given in numbers is)"
+            )
         cls = IntegerConv1d if isinstance(module, qnn.QuantConv1d) else IntegerConv2d
         return cls(w_int, scale, bits, bias, module.stride, module.padding, module.dilation, module.groups, **input_quant)
     return IntegerLinear(w_int, scale, bits, bias, **input_quant)
@@ -333,7 +366,9 @@ def lower_quantized(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     ]
     if unsupported:
         name, kind = unsupported[0]
-        raise ValueError(f"module '{name}' ({kind}) has no integer lowering (supported: QuantConv1d, QuantConv2d, QuantLinear, QuantIdentity, QuantReLU)")
+        raise ValueError(
+            f"module '{name}' ({kind}) has no integer lowering (supported: QuantConv1d, QuantConv2d, QuantLinear, QuantIdentity, QuantReLU)"
+        )
     seen = _calibrate(clone, example_inputs if example_inputs is not None else default_example_input(clone))
     replacements: dict[str, nn.Module] = {}
     for name, module in _brevitas_layers(clone):
@@ -344,9 +379,13 @@ def lower_quantized(model: nn.Module, example_inputs: Any = None) -> nn.Module:
             if out is None or not hasattr(out, "scale"):
                 raise ValueError(f"module '{name}' ({type(module).__name__}) did not return a QuantTensor in calibration")
             info = _quant_info(out, module.act_quant, f"module '{name}' ({type(module).__name__})")
-            replacements[name] = FakeQuantize(info["scale"], info["bits"], info["signed"], info["narrow"], relu=isinstance(module, qnn.QuantReLU))
+            replacements[name] = FakeQuantize(
+                info["scale"], info["bits"], info["signed"], info["narrow"], relu=isinstance(module, qnn.QuantReLU)
+            )
     if not replacements:
-        raise ValueError(f"{type(model).__name__} has no brevitas QuantConv1d/QuantConv2d/QuantLinear/QuantIdentity/QuantReLU layers to lower")
+        raise ValueError(
+            f"{type(model).__name__} has no brevitas QuantConv1d/QuantConv2d/QuantLinear/QuantIdentity/QuantReLU layers to lower"
+        )
     for name, new in replacements.items():
         if name == "":
             return new

@@ -139,8 +139,9 @@ def _free_port(host: str) -> int:
 
 
 @contextlib.contextmanager
-def local_rpc_server(host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 300.0,
-                     target: TargetLike = "llvm") -> Iterator[RemoteDevice]:
+def local_rpc_server(
+    host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 300.0, target: TargetLike = "llvm"
+) -> Iterator[RemoteDevice]:
     """Start ``python -m tvm.exec.rpc_server`` on ``host`` and yield a :class:`RemoteDevice` for it.
 
     The server is stopped when the block ends, and in any case after ``timeout_s``::

@@ -123,7 +123,10 @@ def _llvm_problem(triple: str, cpu: str) -> str:
     if triple and not codegen.llvm_is_valid_cpu("generic", triple):
         return f"mtriple={triple!r} is not a triple LLVM knows (e.g. 'aarch64-linux-gnu', 'x86_64-linux-gnu')"
     if cpu and not codegen.llvm_is_valid_cpu(cpu, triple or str(codegen.llvm_get_system_triple())):
-        names = [str(n) for n in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", **({"mtriple": triple} if triple else {})}))]
+        names = [
+            str(n)
+            for n in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", **({"mtriple": triple} if triple else {})}))
+        ]
         close = difflib.get_close_matches(cpu, names, n=5, cutoff=0.6)
         where = triple or "this machine's triple"
         hint = f"; did you mean {', '.join(close)}?" if close else f"; LLVM knows {len(names)}, e.g. {', '.join(names[:8])}"

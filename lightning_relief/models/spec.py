@@ -60,7 +60,9 @@ def build_model(spec: dict[str, Any], key: str = "model") -> nn.Module:
     it is checked before anything is imported or called.
     """
     if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(f"{key}: a model spec needs 'class_path', got {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}")
+        raise ValueError(
+            f"{key}: a model spec needs 'class_path', got {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}"
+        )
     cls = resolve_class(spec["class_path"], nn.Module, key=f"{key}.class_path")
     init_args = spec.get("init_args") or {}
     if not isinstance(init_args, dict):

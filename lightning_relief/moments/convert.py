@@ -130,7 +130,9 @@ def unreached_random_layers(model: nn.Module, leaf_types: Sequence[type] = ()) -
             m.train(mode)
 
     def functional(g: fx.Graph) -> list[tuple[str, str]]:
-        return [(_module_path(n), _short(n, None)) for n in g.nodes if n.op == "call_function" and n.target in STOCHASTIC_FUNCTIONS]
+        return [
+            (_module_path(n), _short(n, None)) for n in g.nodes if n.op == "call_function" and n.target in STOCHASTIC_FUNCTIONS
+        ]
 
     reached = functional(graph)
     for path, name in functional(train_graph):
@@ -186,8 +188,7 @@ def _refuse_after_softmax(args: Any, kwargs: Any) -> None:
     def visit(v: Any) -> Any:
         if isinstance(v, Moments) and v.before_softmax:
             raise UnsupportedOperationError(
-                f"{v.before_softmax} is only supported at the output (the logits' moments are returned), "
-                "not inside the network"
+                f"{v.before_softmax} is only supported at the output (the logits' moments are returned), not inside the network"
             )
         return v
 

@@ -363,11 +363,7 @@ def _window_slices(x: Tensor, dims: int, kernel: Sequence[int], stride: Sequence
     for i in range(dims):
         lead = (slice(None),) * (x.dim() - dims + i)
         span = stride[i] * (out[i] - 1) + 1
-        views = [
-            v[lead + (slice(k * dilation[i], k * dilation[i] + span, stride[i]),)]
-            for v in views
-            for k in range(kernel[i])
-        ]
+        views = [v[lead + (slice(k * dilation[i], k * dilation[i] + span, stride[i]),)] for v in views for k in range(kernel[i])]
     return views
 
 
@@ -644,7 +640,9 @@ def avg_pool_moments(
     return out_mean, total * inv_divisor * inv_divisor
 
 
-def adaptive_avg_pool_moments(mean: Tensor, var: Tensor, output_size: int | Sequence[int | None], dims: int = 2) -> tuple[Tensor, Tensor]:
+def adaptive_avg_pool_moments(
+    mean: Tensor, var: Tensor, output_size: int | Sequence[int | None], dims: int = 2
+) -> tuple[Tensor, Tensor]:
     """Adaptive average pooling where every output averages an equal, non-overlapping block.
 
     This holds when each input size is a multiple of its output size (global
@@ -667,7 +665,9 @@ def _equal_windows(mean: Tensor, output_size: Any, dims: int, kind: str) -> tupl
     return tuple(s // t for s, t in zip(sizes, target))
 
 
-def mean_moments(mean: Tensor, var: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> tuple[Tensor, Tensor]:
+def mean_moments(
+    mean: Tensor, var: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False
+) -> tuple[Tensor, Tensor]:
     """``x.mean(dim)``: the mean of ``n`` independent units has variance ``sum(var) / n^2``."""
     if dim is None:
         out_mean = mean.mean()
@@ -820,9 +820,7 @@ def normalized_moments(mean: Tensor, var: Tensor, dims: Sequence[int], eps: floa
     s = (c * c).mean(dims, keepdim=True) + avg_var * (1.0 - 1.0 / d) + eps
     vc = (var * c).mean(dims, keepdim=True)
     vcc = (var * c * c).mean(dims, keepdim=True)
-    inner = (
-        var * (1.0 - 2.0 / d - 2.0 * c * c / (d * s)) + avg_var / d + 2.0 * c * vc / (d * s) + c * c * vcc / (d * s * s)
-    )
+    inner = var * (1.0 - 2.0 / d - 2.0 * c * c / (d * s)) + avg_var / d + 2.0 * c * vc / (d * s) + c * c * vcc / (d * s * s)
     return c * torch.rsqrt(s), inner.clamp_min(0.0) / s
 
 
@@ -962,10 +960,7 @@ def sampled_attention_moments(
     return (*result, *moments(weights, 0)) if need_weights else result
 
 
-
-def logit_uncertainty(
-    mean: Tensor, var: Tensor, dim: int = -1, factor: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def logit_uncertainty(mean: Tensor, var: Tensor, dim: int = -1, factor: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Predictive entropy, expected entropy and mutual information of Gaussian logits ``N(mean, var)``.
 
     Over ``UNCERTAINTY_SAMPLES`` fixed antithetic draws (as :func:`softmax_log_probs`'s

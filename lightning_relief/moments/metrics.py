@@ -44,7 +44,9 @@ class MomentUncertainty(Metric):
     total: Tensor
     count: Tensor
 
-    def __init__(self, score: Literal["mutual_information", "predictive_entropy", "expected_entropy"] = "mutual_information", **kwargs: Any) -> None:
+    def __init__(
+        self, score: Literal["mutual_information", "predictive_entropy", "expected_entropy"] = "mutual_information", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if score not in _SCORES:
             raise ValueError(f"score must be one of {_SCORES}, got {score!r}")

@@ -573,9 +573,7 @@ def _clamp_function(ctx, node, module, args, kwargs):
     _require_plain([low, high], "the bounds of clamp")
     if not all(b is None or isinstance(b, (int, float)) for b in (low, high)):
         raise UnsupportedOperationError("clamp with tensor bounds")
-    return ctx.rule(
-        MF.clamp_moments, x.mean, x.var, None if low is None else float(low), None if high is None else float(high)
-    )
+    return ctx.rule(MF.clamp_moments, x.mean, x.var, None if low is None else float(low), None if high is None else float(high))
 
 
 def _hardsigmoid(ctx, node, module, args, kwargs):
@@ -969,7 +967,9 @@ def _monotone(handler: Handler) -> Handler:
         x = args[0] if args else None
         if not (isinstance(out, Moments) and isinstance(x, Moments) and (x.cov is not None or x.tape is not None)):
             return out
-        if getattr(module, "negative_slope", 0.0) < 0 or (node.target is F.leaky_relu and _arg(args, kwargs, 1, "negative_slope", 0.01) < 0):
+        if getattr(module, "negative_slope", 0.0) < 0 or (
+            node.target is F.leaky_relu and _arg(args, kwargs, 1, "negative_slope", 0.01) < 0
+        ):
             return out
 
         def reapply(m: Moments) -> Any:
@@ -980,8 +980,34 @@ def _monotone(handler: Handler) -> Handler:
     return wrapped
 
 
-_MONOTONE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.ELU, nn.Softplus, nn.Hardsigmoid, nn.SELU, nn.CELU)
-_MONOTONE_FUNCTIONS = (F.relu, torch.relu, F.leaky_relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.relu6, F.elu, F.softplus, F.hardsigmoid, F.selu, torch.clamp)
+_MONOTONE_MODULES = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.ELU,
+    nn.Softplus,
+    nn.Hardsigmoid,
+    nn.SELU,
+    nn.CELU,
+)
+_MONOTONE_FUNCTIONS = (
+    F.relu,
+    torch.relu,
+    F.leaky_relu,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.hardtanh,
+    F.relu6,
+    F.elu,
+    F.softplus,
+    F.hardsigmoid,
+    F.selu,
+    torch.clamp,
+)
 for _cls in _MONOTONE_MODULES:
     MODULE_RULES[_cls] = _monotone(MODULE_RULES[_cls])
 for _fn in _MONOTONE_FUNCTIONS:

@@ -325,9 +325,7 @@ class PhotonicSamplerLayer(nn.Module):
         # before this one): compute on it once and fan out to the K samples here
         fan_out = k > 1 and self._raw_batch is not None and x.shape[0] == self._raw_batch
         if not fan_out and x.shape[0] % k:
-            raise ValueError(
-                f"inside photonic_samples(num_samples={k}) the batch must be a multiple of {k}, got {x.shape[0]}"
-            )
+            raise ValueError(f"inside photonic_samples(num_samples={k}) the batch must be a multiple of {k}, got {x.shape[0]}")
         if self.sampling == "exact":
             if fan_out:
                 x = _repeat(x, k)
@@ -436,8 +434,7 @@ class PhotonicConv2d(PhotonicSamplerLayer):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         if in_channels < 1 or out_channels < 1 or kh < 1 or kw < 1:
             raise ValueError(
-                f"bad PhotonicConv2d sizes: in_channels={in_channels}, out_channels={out_channels}, "
-                f"kernel_size={kernel_size}"
+                f"bad PhotonicConv2d sizes: in_channels={in_channels}, out_channels={out_channels}, kernel_size={kernel_size}"
             )
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")

@@ -23,14 +23,16 @@ from torch import nn
 from lightning_relief.trust import resolve_function
 
 STRUCTURE_KEY = "relief_structure"
-REBUILD_STEPS: frozenset[str] = frozenset({
-    "lightning_relief.bayes.convert:rebuild_bayesian",
-    "lightning_relief.compress.apply:replay_pruning",
-    "lightning_relief.compress.quantize:replay_quantization",
-    "lightning_relief.photonic.convert:rebuild_photonic",
-    "lightning_relief.uncertainty.stacking:stack_members",
-    "lightning_relief.uncertainty.temperature:rebuild_temperature",
-})
+REBUILD_STEPS: frozenset[str] = frozenset(
+    {
+        "lightning_relief.bayes.convert:rebuild_bayesian",
+        "lightning_relief.compress.apply:replay_pruning",
+        "lightning_relief.compress.quantize:replay_quantization",
+        "lightning_relief.photonic.convert:rebuild_photonic",
+        "lightning_relief.uncertainty.stacking:stack_members",
+        "lightning_relief.uncertainty.temperature:rebuild_temperature",
+    }
+)
 _ATTR = "_relief_structure"
 
 

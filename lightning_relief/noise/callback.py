@@ -121,7 +121,8 @@ class AnalogNoise(Callback):
         strategy that shards parameters (FSDP, ``ModelParallelStrategy``, DeepSpeed)."""
         if isinstance(strategy, _SHARDING) and any(p.site == "weights" for p in self.injector.placements):
             raise UnsupportedStrategyError(
-                type(self).__name__, strategy,
+                type(self).__name__,
+                strategy,
                 "weight noise needs each layer's full weight between steps, and this strategy keeps flat shards; "
                 "use placement 'outputs'/'activations' here, or DDP (AnalogNoiseStrategy) for weight noise",
             )
@@ -156,7 +157,9 @@ class AnalogNoise(Callback):
         self.injector.restore_weights()  # a backward outside the strategy (manual closures) skipped the hook
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.injector.end()  # also restores after a skipped step (no backward)
 
     # -- evaluation

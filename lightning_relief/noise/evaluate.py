@@ -167,7 +167,9 @@ def _accuracy(model: nn.Module, loader: Any, device: torch.device) -> float:
     return correct / total
 
 
-def _sweep(model, loader, device, injector: NoiseInjector, levels, repeats, seed, progress, task) -> tuple[list[float], list[float]]:
+def _sweep(
+    model, loader, device, injector: NoiseInjector, levels, repeats, seed, progress, task
+) -> tuple[list[float], list[float]]:
     means, stds = [], []
     for i, level in enumerate(levels):
         accs = []
@@ -230,7 +232,9 @@ def evaluate_robustness(
             raise ValueError(f"{type(noise).__name__} is swept over levels=, not times=")
         values = list(DEFAULT_LEVELS if levels is None else levels)
     if not values or any(not (math.isfinite(v) and v >= 0) for v in values):
-        raise ValueError(f"{'times' if kind == 'time' else 'levels'} must be a non-empty list of finite values >= 0, got {values}")
+        raise ValueError(
+            f"{'times' if kind == 'time' else 'levels'} must be a non-empty list of finite values >= 0, got {values}"
+        )
 
     model = copy.deepcopy(model).eval()  # never touch the caller's weights or hooks
     param = next(model.parameters(), None)

@@ -98,7 +98,9 @@ class Placement:
                 yield name, module
 
     def __repr__(self) -> str:
-        return f"Placement(site={self.site!r}, layers={list(self.layers)}, names={list(self.names)}, exclude={list(self.exclude)})"
+        return (
+            f"Placement(site={self.site!r}, layers={list(self.layers)}, names={list(self.names)}, exclude={list(self.exclude)})"
+        )
 
 
 def _is(module: nn.Module, names: Sequence[str]) -> bool:
@@ -115,7 +117,9 @@ def unsupported_layers(model: nn.Module, placement: Placement) -> Iterator[tuple
       ``out_proj`` of ``MultiheadAttention`` is a ``Linear`` whose forward is
       never called); reported as the outer layer.
     """
-    outer = [(name, m) for name, m in model.named_modules() if name and _is(m, UNREACHABLE_LAYERS) and not placement.excluded(name)]
+    outer = [
+        (name, m) for name, m in model.named_modules() if name and _is(m, UNREACHABLE_LAYERS) and not placement.excluded(name)
+    ]
     for name, module in outer:
         if placement.default_layers and (not placement.names or any(fnmatch(name, p) for p in placement.names)):
             yield name, module

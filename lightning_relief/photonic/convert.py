@@ -59,9 +59,7 @@ def _select(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     modules = dict(model.named_modules())
     if layers is None:
         _check_all_convertible(modules)
-        names = [
-            name for name, m in modules.items() if isinstance(m, _CONVERTIBLE) and not isinstance(m, PhotonicSamplerLayer)
-        ]
+        names = [name for name, m in modules.items() if isinstance(m, _CONVERTIBLE) and not isinstance(m, PhotonicSamplerLayer)]
         if not names:
             raise UnsupportedModelError("convert_to_photonic", model, "it has no nn.Linear or nn.Conv2d layer to convert")
         return names
@@ -84,8 +82,7 @@ def _select(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
 def _replace(model: nn.Module, names: list[str], options: dict[str, Any], copy_weights: bool) -> None:
     # every replacement is built (and its options validated) before the first swap
     replacements = {
-        name: PhotonicSamplerLayer.from_module(model.get_submodule(name), copy_weights=copy_weights, **options)
-        for name in names
+        name: PhotonicSamplerLayer.from_module(model.get_submodule(name), copy_weights=copy_weights, **options) for name in names
     }
     for name, layer in replacements.items():
         parent_name, _, child = name.rpartition(".")
@@ -96,9 +93,7 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def convert_to_photonic(
-    model: ModuleT, layers: Sequence[str] | None = None, *, inplace: bool = False, **options: Any
-) -> ModuleT:
+def convert_to_photonic(model: ModuleT, layers: Sequence[str] | None = None, *, inplace: bool = False, **options: Any) -> ModuleT:
     """Replace ``layers`` (qualified names; ``None``: every Linear and Conv2d) by photonic layers.
 
     The photonic layers start with mean weights equal to the old weights and

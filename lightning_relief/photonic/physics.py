@@ -92,9 +92,7 @@ def correlation_from_rates(detector_bandwidth_hz: float, sample_rate_hz: float) 
     0.73
     """
     if detector_bandwidth_hz <= 0 or sample_rate_hz <= 0:
-        raise ValueError(
-            f"detector_bandwidth_hz and sample_rate_hz must be > 0, got {detector_bandwidth_hz}, {sample_rate_hz}"
-        )
+        raise ValueError(f"detector_bandwidth_hz and sample_rate_hz must be > 0, got {detector_bandwidth_hz}, {sample_rate_hz}")
     return math.exp(-2.0 * math.pi * detector_bandwidth_hz / sample_rate_hz)
 
 

@@ -124,7 +124,9 @@ class AnalogNoiseStrategy(DDPStrategy):
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         strategy_registry.register(
-            cls.strategy_name, cls, description="DDP (or one device) with analog noise: AdditiveGaussian, σ = 0.1, on conv/linear outputs"
+            cls.strategy_name,
+            cls,
+            description="DDP (or one device) with analog noise: AdditiveGaussian, σ = 0.1, on conv/linear outputs",
         )
 
     def __repr__(self) -> str:
@@ -133,4 +135,3 @@ class AnalogNoiseStrategy(DDPStrategy):
 
 if AnalogNoiseStrategy.strategy_name not in StrategyRegistry:
     AnalogNoiseStrategy.register_strategies(StrategyRegistry)
-

@@ -86,16 +86,21 @@ def _conv(layer: nn.Conv1d | nn.Conv2d, members: int, grouped: bool | None) -> C
             # unbind, not weight[m]: its backward stacks the members' gradients once instead of
             # scattering each into a zero tensor of all members
             biases = [None] * members if bias is None else bias.unbind(0)
-            return torch.cat([
-                conv(rows, w, b, *options, layer.groups)  # type: ignore[arg-type]
-                for rows, w, b in zip(x.chunk(members), weight.unbind(0), biases)
-            ])
+            return torch.cat(
+                [
+                    conv(rows, w, b, *options, layer.groups)  # type: ignore[arg-type]
+                    for rows, w, b in zip(x.chunk(members), weight.unbind(0), biases)
+                ]
+            )
         # [M*N, C, ...] -> [N, M*C, ...]: member m's channels are group block m of one grouped convolution
         n, spatial = x.shape[0] // members, x.shape[2:]
         channels = x.reshape(members, n, -1, *spatial).transpose(0, 1).reshape(n, -1, *spatial)
         y = conv(
-            channels, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
-            *options, layer.groups * members,  # type: ignore[arg-type]
+            channels,
+            weight.reshape(-1, *weight.shape[2:]),
+            None if bias is None else bias.reshape(-1),
+            *options,  # type: ignore[arg-type]
+            layer.groups * members,
         )
         return y.reshape(n, members, -1, *y.shape[2:]).transpose(0, 1).reshape(members * n, -1, *y.shape[2:])
 
@@ -110,10 +115,12 @@ def _batch_norm(layer: nn.BatchNorm1d | nn.BatchNorm2d, members: int) -> Callabl
         assert mean is not None and var is not None  # foldable() admits tracked statistics only
         weights = [None] * members if weight is None else weight.unbind(0)
         biases = [None] * members if bias is None else bias.unbind(0)
-        return torch.cat([
-            F.batch_norm(rows, mean[m], var[m], w, b, layer.training, layer.momentum, layer.eps)  # type: ignore[arg-type]
-            for m, (rows, w, b) in enumerate(zip(x.chunk(members), weights, biases))
-        ])
+        return torch.cat(
+            [
+                F.batch_norm(rows, mean[m], var[m], w, b, layer.training, layer.momentum, layer.eps)  # type: ignore[arg-type]
+                for m, (rows, w, b) in enumerate(zip(x.chunk(members), weights, biases))
+            ]
+        )
 
     return forward
 

@@ -200,13 +200,9 @@ def disagreement(member_probs: Tensor, reduction: Literal["mean", "none"] = "mea
 
 def _ood_labels(score_in: Tensor, score_out: Tensor) -> tuple[Tensor, Tensor]:
     if score_in.ndim != 1 or score_out.ndim != 1:
-        raise ValueError(
-            f"score_in and score_out must be 1-D, got shapes {tuple(score_in.shape)} and {tuple(score_out.shape)}"
-        )
+        raise ValueError(f"score_in and score_out must be 1-D, got shapes {tuple(score_in.shape)} and {tuple(score_out.shape)}")
     if score_in.numel() == 0 or score_out.numel() == 0:
-        raise ValueError(
-            f"need at least one in-distribution and one OOD score, got {score_in.numel()} and {score_out.numel()}"
-        )
+        raise ValueError(f"need at least one in-distribution and one OOD score, got {score_in.numel()} and {score_out.numel()}")
     for name, scores in (("score_in", score_in), ("score_out", score_out)):
         if not torch.isfinite(scores).all():
             bad = int((~torch.isfinite(scores)).sum())

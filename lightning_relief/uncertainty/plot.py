@@ -53,8 +53,17 @@ def plot_reliability_diagram(
     top.bar(centres[filled], accuracy.numpy()[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
     gap_bottom = torch.minimum(accuracy, confidence).numpy()[filled]
     gap_height = (accuracy - confidence).abs().numpy()[filled]
-    top.bar(centres[filled], gap_height, bottom=gap_bottom, width=width, fill=False, edgecolor="tab:red",
-            hatch="//", linewidth=0.8, label="gap to confidence")
+    top.bar(
+        centres[filled],
+        gap_height,
+        bottom=gap_bottom,
+        width=width,
+        fill=False,
+        edgecolor="tab:red",
+        hatch="//",
+        linewidth=0.8,
+        label="gap to confidence",
+    )
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")

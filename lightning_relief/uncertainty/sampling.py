@@ -105,9 +105,7 @@ class _TensorBatches(Dataset):
         return [t[index] for t in self.dataset.tensors]
 
 
-def member_dataloader(
-    loader: DataLoader, members: Sequence[int], seed: int, bootstrap: bool
-) -> DataLoader | _RepeatedBatches:
+def member_dataloader(loader: DataLoader, members: Sequence[int], seed: int, bootstrap: bool) -> DataLoader | _RepeatedBatches:
     """``loader`` rebuilt to serve :class:`MemberBatchSampler` batches for ``members``.
 
     Keeps the loader's dataset, batch size, collate function and worker

@@ -89,9 +89,7 @@ class MemberForward:
         def one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> Tensor:
             out = functional_call(self.proxy, (p, b), (x, *args[1:]), kwargs)
             if not isinstance(out, Tensor):
-                raise TypeError(
-                    f"an ensemble member's forward must return a Tensor of logits, got {type(out).__name__}"
-                )
+                raise TypeError(f"an ensemble member's forward must return a Tensor of logits, got {type(out).__name__}")
             return out
 
         x = args[0]
@@ -228,9 +226,7 @@ def _check_untied(module: nn.Module) -> None:
     seen: dict[int, str] = {}
     for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
         if id(tensor) in seen:
-            raise ValueError(
-                f"tied tensors ({seen[id(tensor)]!r} and {name!r}) cannot be stacked into ensemble members"
-            )
+            raise ValueError(f"tied tensors ({seen[id(tensor)]!r} and {name!r}) cannot be stacked into ensemble members")
         seen[id(tensor)] = name
 
 
@@ -260,20 +256,20 @@ def stack_states(module: nn.Module, states: list[dict[str, Tensor]], execution: 
     if not states:
         raise ValueError("need at least one member state to stack")
     _check_untied(module)
-    _replace_tensors(module, {
-        name: torch.stack([s[name].detach().to(t.device, t.dtype) for s in states])
-        for name, t in [*module.named_parameters(), *module.named_buffers()]
-    })
+    _replace_tensors(
+        module,
+        {
+            name: torch.stack([s[name].detach().to(t.device, t.dtype) for s in states])
+            for name, t in [*module.named_parameters(), *module.named_buffers()]
+        },
+    )
     module.__dict__[STACK_ATTR] = len(states)
     _install_forward(module, MemberForward(module, execution))  # type: ignore[arg-type]
 
 
 def member_state(module: nn.Module, index: int) -> dict[str, Tensor]:
     """Member ``index``'s tensors (clones) from a module that holds stacked members."""
-    return {
-        n: t[index].detach().clone()
-        for n, t in [*module.named_parameters(), *module.named_buffers()]
-    }
+    return {n: t[index].detach().clone() for n, t in [*module.named_parameters(), *module.named_buffers()]}
 
 
 def stack_members(module: nn.Module, spec: dict[str, Any]) -> None:
@@ -337,7 +333,7 @@ def ensemble_model(module: nn.Module, submodule: str | None = None) -> EnsembleM
     for attr in (STACK_ATTR, RUNNER_ATTR, "forward"):
         template.__dict__.pop(attr, None)
     for index in range(count):
-        state = {n[len(prefix):]: t for n, t in member_state(module, index).items() if n.startswith(prefix)}
+        state = {n[len(prefix) :]: t for n, t in member_state(module, index).items() if n.startswith(prefix)}
         member = copy.deepcopy(template)
         _replace_tensors(member, state)
         members.append(member)

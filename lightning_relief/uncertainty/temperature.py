@@ -81,8 +81,9 @@ def fit_temperature(logits: Tensor, target: Tensor, max_iter: int = 200) -> Tens
     # finite stand-in for -inf: dividing -inf by T stays -inf, but its gradient would be NaN
     z = torch.where(torch.isneginf(z), torch.full_like(z, -1e4), z)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-12, tolerance_change=1e-14)
+    optimizer = torch.optim.LBFGS(
+        [log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-14
+    )
 
     def closure() -> Tensor:
         optimizer.zero_grad()

@@ -47,11 +47,21 @@ def check(zoo_model, tmp_path) -> None:
     module.eval()
     before = _macs(module, x1)
     module.train()
-    cb = SensitivityPruningCallback(target=0.5, metric="macs", start_epoch=1, calibration_batches=2,
-                                    prune_ratios=(0.25, 0.5, 0.75), bit_widths=(8,), candidates=2, max_rounds=2,
-                                    recovery_steps=5, verbose=False)
-    trainer = fit_briefly(module, zoo_model, steps=-1, max_epochs=3, limit_train_batches=30, callbacks=[cb],
-                          default_root_dir=tmp_path)
+    cb = SensitivityPruningCallback(
+        target=0.5,
+        metric="macs",
+        start_epoch=1,
+        calibration_batches=2,
+        prune_ratios=(0.25, 0.5, 0.75),
+        bit_widths=(8,),
+        candidates=2,
+        max_rounds=2,
+        recovery_steps=5,
+        verbose=False,
+    )
+    trainer = fit_briefly(
+        module, zoo_model, steps=-1, max_epochs=3, limit_train_batches=30, callbacks=[cb], default_root_dir=tmp_path
+    )
     assert cb.phase == "compressed"
     module.eval()
     assert _macs(module, x1) <= 0.5 * before * (1 + 1e-6), "MACs did not halve"

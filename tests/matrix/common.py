@@ -78,4 +78,3 @@ def sampling_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes.items():
             m.train(mode)
-

@@ -48,9 +48,7 @@ def render() -> str:
         lines.append(f"| {module.PLUGIN} | " + " | ".join(cells) + " |")
     total = sum(counts.values())
     lines.append("")
-    lines.append(
-        f"{total} cells: {counts['works']} works, {counts['typed error']} typed errors, {counts['pending']} pending."
-    )
+    lines.append(f"{total} cells: {counts['works']} works, {counts['typed error']} typed errors, {counts['pending']} pending.")
     return "\n".join(lines) + "\n"
 
 
