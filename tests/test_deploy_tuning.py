@@ -28,6 +28,9 @@ def test_tuned_compile_matches_and_reuses_its_database(tmp_path):
     again = TuningConfig(trials=2, work_dir=tmp_path / "db", population_size=16, genetic_iters=1)
     rebuilt = compile_for_target(model, x, tuning=again)
     assert again.tuned_tasks == 0
+    # an empty database with no budget: the untuned operators are named, not silently left at default loops
+    with pytest.warns(UserWarning, match=r"trials=0\): 1 operator\(s\) have no record for target"):
+        compile_for_target(model, x, tuning=TuningConfig(trials=0, work_dir=tmp_path / "empty"))
     # pre-packed weights survive save and load
     loaded = load_compiled(rebuilt.save(tmp_path / "artifact"))
     with torch.no_grad():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,13 @@ def _tune_missing(mod: tvm.IRModule, target: tvm.target.Target, config: TuningCo
         tasks = [t for t in tasks if any(k in t.task_name for k in _HEAVY)]
     if not config.retune:
         tasks = [t for t in tasks if database.query_tuning_record(t.dispatched[0], target, "main") is None]
+    if tasks and config.trials == 0 and not config.retune:
+        # records are filed per target: a database tuned on another CPU silently gives untuned code
+        warnings.warn(
+            f"TuningConfig(trials=0): {len(tasks)} operator(s) have no record for target {target.attrs.get('mcpu', target.kind.name)} "
+            f"in the tuning database {work_dir}; they run with default schedules (tune here with trials > 0)",
+            stacklevel=4,
+        )
     if not tasks or config.trials == 0:
         return 0
     per_task = min(config.trials_per_task or config.trials, config.trials)
