@@ -107,3 +107,22 @@ class UnsupportedStrategyError(ReliefError, TypeError):
         self.strategy_type = strategy if isinstance(strategy, str) else type(strategy).__name__
         self.reason = reason
         super().__init__(f"{plugin} does not support strategy {self.strategy_type}: {reason}")
+
+
+class UnsupportedCallbackError(ReliefError, TypeError):
+    """A plugin cannot run beside another callback of the same ``Trainer``.
+
+    Args:
+        plugin: who raises it.
+        callback: the callback, or its class name.
+        reason: why, in one sentence that says what works instead.
+
+    >>> print(UnsupportedCallbackError("compression", "WeightAveraging", "its average keeps the old shapes"))
+    compression does not support callback WeightAveraging: its average keeps the old shapes
+    """
+
+    def __init__(self, plugin: str, callback: object, reason: str) -> None:
+        self.plugin = plugin
+        self.callback_type = callback if isinstance(callback, str) else type(callback).__name__
+        self.reason = reason
+        super().__init__(f"{plugin} does not support callback {self.callback_type}: {reason}")

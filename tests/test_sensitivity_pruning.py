@@ -11,12 +11,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging, WeightAveraging
 from torch import nn
 
 from conftest import quiet_trainer
 from lightning_relief import ClassifierModule, SensitivityPruningCallback
 from lightning_relief.compress import load_compressed, quantized_bits
+from lightning_relief.errors import UnsupportedCallbackError
 from lightning_relief.models import LeNet5
 
 
@@ -232,6 +233,32 @@ def test_finetune_epochs_stop_training_and_uniform_search(digits, seed, tmp_path
     ratios = set(cb.policy.prune.values())
     assert len(ratios) == 1 and 0 < ratios.pop() < 1
     assert cb.chosen.measured_cost <= 0.5 * cb.original_cost
+
+
+@pytest.mark.parametrize("averaging", [WeightAveraging(), StochasticWeightAveraging(swa_lrs=1e-3)], ids=["ema", "swa"])
+def test_weight_averaging_is_refused_before_training_and_works_in_a_second_fit(digits, seed, tmp_path, averaging):
+    """Lightning's averaging callbacks copy the module at setup; after compression the first update failed
+    with a bare shape error, after the whole search. Now: a named error before any training step, and the
+    way the message gives (average the compressed model in a second fit) works."""
+    cb = SensitivityPruningCallback(
+        target=0.5, metric="macs", methods=("prune",), search="uniform", start_epoch=1, calibration_batches=1, verbose=False
+    )
+    module = ClassifierModule(LeNet5(input_size=8))
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(UnsupportedCallbackError, match=type(averaging).__name__):
+        quiet_trainer(max_epochs=2, callbacks=[cb, averaging]).fit(module, digits)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())  # nothing trained
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    cb = SensitivityPruningCallback(
+        target=0.5, metric="macs", methods=("prune",), search="uniform", start_epoch=1, calibration_batches=1, verbose=False
+    )
+    quiet_trainer(max_epochs=2, limit_train_batches=3, callbacks=[cb, ckpt], enable_checkpointing=True).fit(module, digits)
+    compressed = ClassifierModule.load_from_checkpoint(ckpt.last_model_path)
+    shapes = {k: v.shape for k, v in compressed.state_dict().items()}
+    quiet_trainer(max_epochs=2, limit_train_batches=3, callbacks=[averaging]).fit(compressed, digits)
+    assert {k: v.shape for k, v in compressed.state_dict().items()} == shapes
+    assert sum(p.numel() for p in compressed.parameters()) < sum(v.numel() for v in before.values() if v.dtype.is_floating_point)
 
 
 @pytest.mark.parametrize("recipe", ["compress_lenet_digits", "compress_resnet20_digits"])

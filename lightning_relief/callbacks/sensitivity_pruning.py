@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from typing_extensions import override
 
 from lightning_relief._rng import isolated_seed
@@ -19,6 +19,7 @@ from lightning_relief.compress.fit import exempt_quantizers, fit_batches, rebuil
 from lightning_relief.compress.meter import AnalyticMeter, Meter
 from lightning_relief.compress.report import Progress, pareto_plot, print_report, write_json
 from lightning_relief.compress.units import check_supported
+from lightning_relief.errors import UnsupportedCallbackError
 from lightning_relief.nn.structure import RestorableStructureMixin, rebuild_structure, save_structure
 
 
@@ -170,6 +171,7 @@ class SensitivityPruningCallback(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            _refuse_weight_averaging(trainer)
             self._compress_epoch = self._resolve_start(trainer)
             if self.phase == "waiting":
                 with uncompiled(pl_module):  # a layer it cannot handle fails the run now, not epochs later
@@ -306,3 +308,16 @@ class SensitivityPruningCallback(Callback):
 def _replaying_on_load_checkpoint(self: L.LightningModule, checkpoint: dict[str, Any]) -> None:
     rebuild_structure(self, checkpoint)
     type(self).on_load_checkpoint(self, checkpoint)
+
+
+def _refuse_weight_averaging(trainer: L.Trainer) -> None:
+    """Lightning's averaging callbacks copy the module at setup: after compression their average has the
+    old layer shapes, and the first update fails with a shape error (after the whole search)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, (StochasticWeightAveraging, WeightAveraging)):
+            raise UnsupportedCallbackError(
+                "SensitivityPruningCallback",
+                callback,
+                "its averaged copy keeps the uncompressed layer shapes; compress in one fit, then average in a "
+                "second fit of the compressed model loaded from its checkpoint",
+            )
