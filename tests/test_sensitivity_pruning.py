@@ -253,10 +253,12 @@ def test_weight_averaging_is_refused_before_training_and_works_in_a_second_fit(d
     cb = SensitivityPruningCallback(
         target=0.5, metric="macs", methods=("prune",), search="uniform", start_epoch=1, calibration_batches=1, verbose=False
     )
-    quiet_trainer(max_epochs=2, limit_train_batches=3, callbacks=[cb, ckpt], enable_checkpointing=True).fit(module, digits)
+    quiet_trainer(
+        max_epochs=2, limit_train_batches=3, callbacks=[cb, ckpt], enable_checkpointing=True, default_root_dir=tmp_path
+    ).fit(module, digits)
     compressed = ClassifierModule.load_from_checkpoint(ckpt.last_model_path)
     shapes = {k: v.shape for k, v in compressed.state_dict().items()}
-    quiet_trainer(max_epochs=2, limit_train_batches=3, callbacks=[averaging]).fit(compressed, digits)
+    quiet_trainer(max_epochs=2, limit_train_batches=3, callbacks=[averaging], default_root_dir=tmp_path).fit(compressed, digits)
     assert {k: v.shape for k, v in compressed.state_dict().items()} == shapes
     assert sum(p.numel() for p in compressed.parameters()) < sum(v.numel() for v in before.values() if v.dtype.is_floating_point)
 
