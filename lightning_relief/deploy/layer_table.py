@@ -131,22 +131,10 @@ class LayerSpec:
         """
         if isinstance(module, nn.Linear) or hasattr(module, "in_features"):
             return cls.make("linear", module.in_features, module.out_features, bits=bits, bias=module.bias is not None)
-        if isinstance(module, nn.Conv1d) or len(getattr(module, "kernel_size", ())) == 1:
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) or hasattr(module, "kernel_size"):
+            one_d = isinstance(module, nn.Conv1d) or len(getattr(module, "kernel_size", ())) == 1
             return cls.make(
-                "conv1d",
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,
-                module.stride,
-                module.padding,
-                module.groups,
-                input_size,
-                bits,
-                getattr(module, "bias", None) is not None,
-            )
-        if isinstance(module, nn.Conv2d) or hasattr(module, "kernel_size"):
-            return cls.make(
-                "conv2d",
+                "conv1d" if one_d else "conv2d",
                 module.in_channels,
                 module.out_channels,
                 module.kernel_size,
